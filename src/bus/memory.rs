@@ -1,0 +1,198 @@
+//! The embedded store: the same keys as Redis (tickets with a lifetime,
+//! ownership sets, status snapshots), held in process for a gateway without
+//! Redis. Answers synchronously; a mutex guards maps that are touched once per
+//! request, never per event.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Mutex, MutexGuard};
+
+use crate::auth::UserId;
+use crate::bus::store::{Job, Outcome, StreamFacts};
+use crate::time::epoch_ms;
+
+#[derive(Default)]
+struct Maps {
+    /// ticket id -> (owner, expiry in epoch ms)
+    tickets: HashMap<String, (Box<str>, u64)>,
+    /// user id -> owned device ids
+    devices: HashMap<Box<str>, HashSet<String>>,
+    /// device id -> status JSON
+    statuses: HashMap<String, String>,
+    puts_since_sweep: usize,
+}
+
+#[derive(Default)]
+pub struct Memory {
+    maps: Mutex<Maps>,
+}
+
+impl Memory {
+    fn lock(&self) -> MutexGuard<'_, Maps> {
+        self.maps.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `SADD user:<user>:devices <device>`.
+    pub fn grant(&self, user: &str, device: &str) {
+        self.lock()
+            .devices
+            .entry(user.into())
+            .or_default()
+            .insert(device.to_owned());
+    }
+
+    /// `SET machine:<device>:status <json>`.
+    pub fn set_status(&self, device: &str, json: String) {
+        self.lock().statuses.insert(device.to_owned(), json);
+    }
+
+    pub fn run(&self, job: Job) -> Outcome {
+        let now = epoch_ms();
+        let mut m = self.lock();
+        let alive = |m: &Maps, id: &str| m.tickets.get(id).is_some_and(|(_, exp)| *exp > now);
+        match job {
+            Job::PutTicket { id, user, ttl_secs } => {
+                m.puts_since_sweep += 1;
+                if m.puts_since_sweep >= 1024 {
+                    m.puts_since_sweep = 0;
+                    m.tickets.retain(|_, (_, exp)| *exp > now);
+                }
+                m.tickets.insert(id, (user.key, now + ttl_secs * 1000));
+                Outcome::TicketStored
+            }
+            Job::DeleteTicket { id, user } => match m.tickets.get(&id) {
+                Some((owner, exp)) if *exp > now => {
+                    if *owner != user.key {
+                        return Outcome::NotOwner;
+                    }
+                    m.tickets.remove(&id);
+                    Outcome::Deleted
+                }
+                _ => Outcome::NotFound,
+            },
+            Job::TicketAlive { id } => Outcome::TicketAlive(alive(&m, &id)),
+            Job::StreamFacts {
+                ticket_id,
+                user,
+                check,
+                status_of,
+            } => {
+                let owned_by = m.devices.get(&user.key);
+                let mut facts = StreamFacts {
+                    ticket_alive: alive(&m, &ticket_id),
+                    ..StreamFacts::default()
+                };
+                match check {
+                    Some(devices) => {
+                        facts.owned = devices
+                            .iter()
+                            .map(|d| owned_by.is_some_and(|s| s.contains(d)))
+                            .collect();
+                    }
+                    None => {
+                        facts.owned_set = owned_by
+                            .map(|s| s.iter().cloned().collect())
+                            .unwrap_or_default()
+                    }
+                }
+                facts.statuses = status_of
+                    .iter()
+                    .map(|d| m.statuses.get(d).cloned())
+                    .collect();
+                Outcome::Facts(facts)
+            }
+            // Embedded publishing goes straight to the hub, never here.
+            Job::Publish { .. } => Outcome::Unavailable,
+        }
+    }
+}
+
+pub fn user(key: &str) -> UserId {
+    UserId::named(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tickets_live_for_their_ttl_and_only_owners_delete_them() {
+        let m = Memory::default();
+        let put = |id: &str, who: &str| {
+            m.run(Job::PutTicket {
+                id: id.into(),
+                user: user(who),
+                ttl_secs: 60,
+            })
+        };
+        assert!(matches!(put("t1", "alice"), Outcome::TicketStored));
+        assert!(matches!(
+            m.run(Job::TicketAlive { id: "t1".into() }),
+            Outcome::TicketAlive(true)
+        ));
+        assert!(matches!(
+            m.run(Job::TicketAlive { id: "t2".into() }),
+            Outcome::TicketAlive(false)
+        ));
+        assert!(matches!(
+            m.run(Job::DeleteTicket {
+                id: "t1".into(),
+                user: user("bob")
+            }),
+            Outcome::NotOwner
+        ));
+        assert!(matches!(
+            m.run(Job::DeleteTicket {
+                id: "t1".into(),
+                user: user("alice")
+            }),
+            Outcome::Deleted
+        ));
+        assert!(matches!(
+            m.run(Job::DeleteTicket {
+                id: "t1".into(),
+                user: user("alice")
+            }),
+            Outcome::NotFound
+        ));
+        assert!(matches!(
+            m.run(Job::TicketAlive { id: "t1".into() }),
+            Outcome::TicketAlive(false)
+        ));
+        m.run(Job::PutTicket {
+            id: "t0".into(),
+            user: user("alice"),
+            ttl_secs: 0,
+        });
+        assert!(
+            matches!(
+                m.run(Job::TicketAlive { id: "t0".into() }),
+                Outcome::TicketAlive(false)
+            ),
+            "expired"
+        );
+    }
+
+    #[test]
+    fn stream_facts_report_ownership_and_statuses() {
+        let m = Memory::default();
+        m.grant("alice", "M1");
+        m.grant("alice", "M2");
+        m.set_status("M1", "{\"s\":1}".into());
+        let facts = |check| match m.run(Job::StreamFacts {
+            ticket_id: "none".into(),
+            user: user("alice"),
+            check,
+            status_of: vec!["M1".into(), "M3".into()],
+        }) {
+            Outcome::Facts(f) => f,
+            other => panic!("{other:?}"),
+        };
+        let f = facts(Some(vec!["M2".into(), "M3".into()]));
+        assert_eq!(f.owned, vec![true, false]);
+        assert!(!f.ticket_alive);
+        assert_eq!(f.statuses, vec![Some("{\"s\":1}".to_owned()), None]);
+        let mut set = facts(None).owned_set;
+        set.sort();
+        assert_eq!(set, vec!["M1", "M2"]);
+    }
+}

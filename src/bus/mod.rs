@@ -1,0 +1,171 @@
+//! The bus: where events come from and how they reach the reactors.
+//!
+//! Whatever the source (the Redis subscriber thread, `POST /sse/publish` in
+//! embedded mode, the demo machines), a message goes through [`Hub::publish`]:
+//! checked, given the next id, encoded once into an `Arc<Frame>`, appended to
+//! the replay window and sent to every reactor's mailbox. Id assignment and the
+//! sends happen under one lock, so every reactor sees frames in id order.
+//!
+//! - [`store`]: tickets, ownership and status snapshots, in memory or in Redis.
+//! - [`redis`]: the blocking subscriber thread and the store's worker pool.
+//! - [`demo`]: simulated machines for `--demo`.
+
+pub mod demo;
+pub mod memory;
+pub mod redis;
+pub mod store;
+
+use std::sync::atomic::AtomicU8;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::metrics::Metrics;
+use crate::reactor::mailbox::{Inbox, Mailboxes};
+use crate::stream::frame::{self, Event, EventId, Frame, Rejected};
+use crate::stream::replay::{ReplayWindow, Resume};
+use crate::time::epoch_ms;
+
+/// Where the bus stands with Redis, for `/health` and `/metrics`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RedisState {
+    Embedded = 0,
+    Up = 1,
+    Down = 2,
+}
+
+impl RedisState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RedisState::Embedded => "embedded",
+            RedisState::Up => "up",
+            RedisState::Down => "down",
+        }
+    }
+}
+
+struct Sequence {
+    last_ms: u64,
+    last_seq: u64,
+    replay: ReplayWindow,
+}
+
+pub struct Hub {
+    mailboxes: Mailboxes,
+    seq: Mutex<Sequence>,
+    redis: AtomicU8,
+    metrics: Arc<Metrics>,
+}
+
+impl Hub {
+    pub fn new(
+        mailboxes: Mailboxes,
+        replay: ReplayWindow,
+        redis: RedisState,
+        metrics: Arc<Metrics>,
+    ) -> Hub {
+        Hub {
+            mailboxes,
+            seq: Mutex::new(Sequence {
+                last_ms: 0,
+                last_seq: 0,
+                replay,
+            }),
+            redis: AtomicU8::new(redis as u8),
+            metrics,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Sequence> {
+        // A panic while holding this lock cannot leave the sequence torn (every
+        // field is written after the fallible work), so poisoning is ignored.
+        self.seq.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Publishes a message as if it arrived on Redis `channel`. Bad messages
+    /// are counted and refused; they never reach a stream.
+    pub fn publish(&self, channel: &str, payload: &[u8]) -> Result<EventId, Rejected> {
+        let now = epoch_ms();
+        let msg = match frame::message(channel, payload, now) {
+            Ok(m) => m,
+            Err(e) => {
+                match e {
+                    Rejected::NoDeviceId => self.metrics.dropped_no_device.fetch_add(1, Relaxed),
+                    _ => self.metrics.dropped_not_json.fetch_add(1, Relaxed),
+                };
+                return Err(e);
+            }
+        };
+        self.metrics.received(msg.event);
+        let mut s = self.lock();
+        s.last_ms = s.last_ms.max(now);
+        s.last_seq += 1;
+        let id = EventId {
+            ms: s.last_ms,
+            seq: s.last_seq,
+        };
+        let frame = Arc::new(Frame::encode(Some(id), msg.event, &msg.device, &msg.data));
+        s.replay.push(frame.clone(), now);
+        self.metrics
+            .replay_events
+            .store(s.replay.len() as u64, Relaxed);
+        self.metrics
+            .replay_bytes
+            .store(s.replay.bytes() as u64, Relaxed);
+        for mailbox in self.mailboxes.iter() {
+            mailbox.send(Inbox::Frame(frame.clone()));
+        }
+        Ok(id)
+    }
+
+    /// Sends a `system` frame to every stream of every reactor.
+    pub fn broadcast_system(&self, frame: Arc<Frame>) {
+        for mailbox in self.mailboxes.iter() {
+            mailbox.send(Inbox::System(frame.clone()));
+        }
+    }
+
+    /// Tells every reactor to drain.
+    pub fn drain(&self) {
+        for mailbox in self.mailboxes.iter() {
+            mailbox.send(Inbox::Drain);
+        }
+    }
+
+    /// What a stream resuming after `last` has missed, up to the newest frame
+    /// its reactor has routed (`upto`).
+    pub fn resume(&self, last: EventId, upto: u64) -> Resume {
+        self.lock().replay.since(last, upto, epoch_ms())
+    }
+
+    pub fn redis_state(&self) -> RedisState {
+        match self.redis.load(Relaxed) {
+            0 => RedisState::Embedded,
+            1 => RedisState::Up,
+            _ => RedisState::Down,
+        }
+    }
+
+    pub fn set_redis_state(&self, s: RedisState) {
+        self.redis.store(s as u8, Relaxed);
+        self.metrics
+            .redis_up
+            .store(u64::from(s != RedisState::Down), Relaxed);
+    }
+
+    pub fn mailboxes(&self) -> &Mailboxes {
+        &self.mailboxes
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Publishes an event already known by kind (demo machines).
+    pub fn publish_event(&self, event: Event, payload: &[u8]) -> Result<EventId, Rejected> {
+        let channel = frame::CHANNELS
+            .iter()
+            .find(|c| Event::from_channel(c) == Some(event))
+            .ok_or(Rejected::UnknownChannel)?;
+        self.publish(channel, payload)
+    }
+}

@@ -1,0 +1,104 @@
+//! The store: what a request needs to know that lives outside the process
+//! (Redis) or, in embedded mode, in it. A reactor describes what it needs as a
+//! [`Job`]; the embedded store answers at once (a map lookup under a mutex),
+//! the Redis store hands the job to a worker thread and the [`Outcome`] comes
+//! back through the reactor's mailbox. Either way the reactor never blocks on
+//! the network.
+
+use crate::auth::UserId;
+use crate::bus::memory::Memory;
+use crate::bus::redis::RedisPool;
+
+/// Where an outcome goes: connection `conn` of reactor `reactor`, if it is
+/// still the same request (`serial`).
+#[derive(Clone, Copy, Debug)]
+pub struct Reply {
+    pub reactor: usize,
+    pub conn: usize,
+    pub serial: u64,
+}
+
+#[derive(Debug)]
+pub enum Job {
+    /// `SET sse:ticket:<id> <user> EX <ttl>`.
+    PutTicket {
+        id: String,
+        user: UserId,
+        ttl_secs: u64,
+    },
+    /// Delete ticket `id` if `user` owns it.
+    DeleteTicket { id: String, user: UserId },
+    /// Does `sse:ticket:<id>` still exist?
+    TicketAlive { id: String },
+    /// Everything a stream needs before it opens, in one round trip.
+    StreamFacts {
+        ticket_id: String,
+        user: UserId,
+        /// Data stream: the devices whose ownership to check (empty: admin,
+        /// no check). Alerts stream: None, fetch the owned set.
+        check: Option<Vec<String>>,
+        /// Devices whose `machine:<id>:status` to fetch.
+        status_of: Vec<String>,
+    },
+    /// `PUBLISH channel payload` (Redis mode `/sse/publish`).
+    Publish { channel: String, payload: Vec<u8> },
+}
+
+#[derive(Debug)]
+pub enum Outcome {
+    /// The store could not answer (Redis down or overloaded): 503.
+    Unavailable,
+    TicketStored,
+    Deleted,
+    NotFound,
+    NotOwner,
+    TicketAlive(bool),
+    Facts(StreamFacts),
+    Published,
+}
+
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct StreamFacts {
+    pub ticket_alive: bool,
+    /// For a data stream: ownership of each checked device, in order.
+    pub owned: Vec<bool>,
+    /// For an alerts stream: the devices the user owns.
+    pub owned_set: Vec<String>,
+    /// `machine:<id>:status` for each device of `status_of` (None: absent).
+    pub statuses: Vec<Option<String>>,
+}
+
+pub enum Store {
+    Memory(Memory),
+    Redis(RedisPool),
+}
+
+impl Store {
+    /// Runs `job`: Some(outcome) now, or None when the outcome will arrive
+    /// later as `Inbox::Outcome` addressed by `reply`.
+    pub fn submit(&self, job: Job, reply: Reply) -> Option<Outcome> {
+        match self {
+            Store::Memory(m) => Some(m.run(job)),
+            Store::Redis(pool) => pool.submit(job, reply),
+        }
+    }
+
+    pub fn memory(&self) -> Option<&Memory> {
+        match self {
+            Store::Memory(m) => Some(m),
+            Store::Redis(_) => None,
+        }
+    }
+}
+
+pub fn ticket_key(id: &str) -> String {
+    format!("sse:ticket:{id}")
+}
+
+pub fn devices_key(user: &UserId) -> String {
+    format!("user:{}:devices", user.key)
+}
+
+pub fn status_key(device: &str) -> String {
+    format!("machine:{device}:status")
+}

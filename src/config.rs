@@ -1,0 +1,252 @@
+//! Command-line flags and their environment twins, exactly as contract §1
+//! lists them. clap gives `--help`, the env fallback (a flag beats its
+//! variable) and exit code 2 for an unknown or malformed flag.
+
+use std::net::{IpAddr, SocketAddr};
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::Parser;
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "sse-gateway",
+    version,
+    about = "Server-Sent Events gateway: Redis Pub/Sub in, EventSource streams out.",
+    after_help = "Every flag has an environment twin (shown in brackets); a flag beats its variable."
+)]
+pub struct Config {
+    /// Address to serve.
+    #[arg(long, env = "SSE_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Redis URL (redis://host:port/db). Unset: embedded mode, in-process bus and stores.
+    #[arg(long, env = "REDIS_URL")]
+    pub redis_url: Option<String>,
+
+    /// HS256 key of the access tokens the main app issues. Required unless --demo (then random).
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+
+    /// HS256 key of stream tickets [default: the jwt secret].
+    #[arg(long, env = "SSE_TICKET_SECRET", hide_env_values = true)]
+    pub ticket_secret: Option<String>,
+
+    /// Heartbeat period in seconds; fractions allowed (0.2).
+    #[arg(long, env = "SSE_HEARTBEAT_SECS", default_value = "25", value_parser = secs)]
+    pub heartbeat_secs: Duration,
+
+    /// Open streams per client IP.
+    #[arg(long, env = "SSE_MAX_CONNS_PER_IP", default_value_t = 5)]
+    pub max_conns_per_ip: u32,
+
+    /// Open alert streams per user.
+    #[arg(long, env = "SSE_MAX_ALERTS_PER_USER", default_value_t = 1)]
+    pub max_alerts_per_user: u32,
+
+    /// Open data streams per user.
+    #[arg(long, env = "SSE_MAX_DATA_PER_USER", default_value_t = 1)]
+    pub max_data_per_user: u32,
+
+    /// Devices on one data stream.
+    #[arg(long, env = "SSE_MAX_DEVICES", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub max_devices: u32,
+
+    /// CIDRs whose X-Forwarded-For names the client IP (comma-separated).
+    #[arg(long, env = "SSE_TRUSTED_PROXIES", value_delimiter = ',', value_parser = Cidr::from_str)]
+    pub trusted_proxies: Vec<Cidr>,
+
+    /// Allowed browser origins, credentials allowed (comma-separated).
+    #[arg(long, env = "SSE_CORS_ORIGINS", value_delimiter = ',')]
+    pub cors_origins: Vec<String>,
+
+    /// Reactor threads [default: CPU count].
+    #[arg(long, env = "SSE_WORKERS", value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub workers: Option<u32>,
+
+    /// Unsent bytes after which a stream is closed as a slow consumer.
+    #[arg(long, env = "SSE_MAX_BACKLOG_BYTES", default_value_t = 1_048_576)]
+    pub max_backlog_bytes: usize,
+
+    /// Events kept for Last-Event-ID replay.
+    #[arg(long, env = "SSE_REPLAY_EVENTS", default_value_t = 1024)]
+    pub replay_events: usize,
+
+    /// Age in seconds after which an event leaves the replay window.
+    #[arg(long, env = "SSE_REPLAY_SECS", default_value = "300", value_parser = secs)]
+    pub replay_secs: Duration,
+
+    /// Longest a SIGTERM drain may take, in seconds.
+    #[arg(long, env = "SSE_DRAIN_SECS", default_value = "5", value_parser = secs)]
+    pub drain_secs: Duration,
+
+    /// Embedded mode plus simulated machines `Machine 1`..`Machine 6` owned by user `demo`, and the demo page at `/`.
+    #[arg(long, env = "SSE_DEMO", value_parser = clap::builder::BoolishValueParser::new(), default_value = "false", num_args = 0, default_missing_value = "true")]
+    pub demo: bool,
+}
+
+impl Config {
+    pub fn workers(&self) -> usize {
+        self.workers.map(|w| w as usize).unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
+    }
+
+    /// Whether `ip` is one of the trusted proxies.
+    pub fn is_trusted_proxy(&self, ip: IpAddr) -> bool {
+        self.trusted_proxies.iter().any(|c| c.contains(ip))
+    }
+
+    /// The echoable CORS origin, when `origin` is allowed.
+    pub fn allowed_origin<'a>(&self, origin: Option<&'a str>) -> Option<&'a str> {
+        let origin = origin?;
+        self.cors_origins
+            .iter()
+            .any(|o| o == "*" || o.trim_end_matches('/') == origin)
+            .then_some(origin)
+    }
+}
+
+/// Seconds as a positive decimal (`25`, `0.2`).
+fn secs(s: &str) -> Result<Duration, String> {
+    let v: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of seconds"))?;
+    if !v.is_finite() || v <= 0.0 || v > 1e9 {
+        return Err(format!("`{s}` must be a positive number of seconds"));
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+/// An IP network, `10.0.0.0/8` or a bare address (a /32 or /128).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = canonical(ip);
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// IPv4-mapped IPv6 addresses (`::ffff:1.2.3.4`) as the IPv4 they are.
+pub fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr = canonical(
+            addr.parse::<IpAddr>()
+                .map_err(|_| format!("`{s}` is not an IP network"))?,
+        );
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("`{s}` has a bad prefix length"))?,
+            None => max,
+        };
+        Ok(Cidr { addr, prefix })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidrs_match_what_they_cover() {
+        let table = [
+            ("10.0.0.0/8", "10.1.2.3", true),
+            ("10.0.0.0/8", "11.0.0.1", false),
+            ("127.0.0.1", "127.0.0.1", true),
+            ("127.0.0.1", "127.0.0.2", false),
+            ("0.0.0.0/0", "8.8.8.8", true),
+            ("::1", "::1", true),
+            ("fd00::/8", "fd12::1", true),
+            ("fd00::/8", "fe80::1", false),
+            ("127.0.0.0/8", "::ffff:127.0.0.9", true),
+            ("10.0.0.0/8", "::1", false),
+        ];
+        for (net, ip, want) in table {
+            let c: Cidr = net.parse().unwrap();
+            assert_eq!(c.contains(ip.parse().unwrap()), want, "{net} {ip}");
+        }
+        for bad in ["", "10.0.0.0/33", "x/8", "10.0.0.0/-1", "::/129"] {
+            assert!(bad.parse::<Cidr>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn seconds_accept_fractions_and_refuse_nonsense() {
+        assert_eq!(secs("0.2").unwrap(), Duration::from_millis(200));
+        assert_eq!(secs("25").unwrap(), Duration::from_secs(25));
+        for bad in ["0", "-1", "abc", "NaN", "inf"] {
+            assert!(secs(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let c = Config::try_parse_from(["sse-gateway"]).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.heartbeat_secs, Duration::from_secs(25));
+        assert_eq!(
+            (
+                c.max_conns_per_ip,
+                c.max_alerts_per_user,
+                c.max_data_per_user,
+                c.max_devices
+            ),
+            (5, 1, 1, 10)
+        );
+        assert_eq!(c.max_backlog_bytes, 1_048_576);
+        assert_eq!(c.replay_events, 1024);
+        assert_eq!(c.replay_secs, Duration::from_secs(300));
+        assert_eq!(c.drain_secs, Duration::from_secs(5));
+        assert!(!c.demo && c.redis_url.is_none());
+        let c = Config::try_parse_from([
+            "sse-gateway",
+            "--demo",
+            "--cors-origins",
+            "http://a,http://b",
+        ])
+        .unwrap();
+        assert!(c.demo);
+        assert_eq!(c.allowed_origin(Some("http://b")), Some("http://b"));
+        assert_eq!(c.allowed_origin(Some("http://c")), None);
+        assert!(Config::try_parse_from(["sse-gateway", "--no-such-flag"]).is_err());
+    }
+}

@@ -1,0 +1,224 @@
+//! Startup and shutdown: builds the shared [`Gateway`] state, binds the
+//! listeners, starts the reactors, the bus threads and the signal thread,
+//! and waits for the drain to finish.
+
+use std::sync::Arc;
+use std::thread;
+use std::time::Instant;
+
+use log::{info, warn};
+use mio::{Poll, Waker};
+
+use crate::auth::ticket::TicketKey;
+use crate::auth::token::TokenKey;
+use crate::bus::memory::Memory;
+use crate::bus::redis::RedisPool;
+use crate::bus::store::Store;
+use crate::bus::{demo, Hub, RedisState};
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::reactor::mailbox::{Mailbox, Mailboxes};
+use crate::reactor::{listener, Reactor, WAKER};
+use crate::stream::registry::{Limits, Registry};
+use crate::stream::replay::ReplayWindow;
+use crate::time::epoch_ms;
+
+/// What every reactor shares.
+pub struct Gateway {
+    pub config: Config,
+    pub tokens: TokenKey,
+    pub tickets: TicketKey,
+    pub hub: Arc<Hub>,
+    pub store: Store,
+    pub registry: Registry,
+    pub metrics: Arc<Metrics>,
+    pub started: Instant,
+    /// `--demo`: an access token for user `demo`, served at `/demo/token`.
+    pub demo_token: Option<String>,
+}
+
+#[derive(Debug)]
+pub enum Fatal {
+    /// Bad configuration: exit 2.
+    Config(String),
+    /// Could not start (bind failed and the like): exit 1.
+    Io(String),
+}
+
+fn random_secret() -> String {
+    use rand::Rng;
+    let bytes: [u8; 32] = rand::rng().random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn run(config: Config) -> Result<(), Fatal> {
+    let jwt_secret = match (&config.jwt_secret, config.demo) {
+        (Some(s), _) if !s.is_empty() => s.clone(),
+        (_, true) => random_secret(),
+        _ => {
+            return Err(Fatal::Config(
+                "--jwt-secret (JWT_SECRET) is required unless --demo".into(),
+            ))
+        }
+    };
+    if config.demo && config.redis_url.is_some() {
+        return Err(Fatal::Config(
+            "--demo runs embedded: leave --redis-url (REDIS_URL) unset".into(),
+        ));
+    }
+    let ticket_secret = config
+        .ticket_secret
+        .clone()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| jwt_secret.clone());
+    let redis_client = match &config.redis_url {
+        Some(url) => Some(
+            redis::Client::open(url.as_str())
+                .map_err(|e| Fatal::Config(format!("--redis-url (REDIS_URL): {e}")))?,
+        ),
+        None => None,
+    };
+
+    let workers = config.workers();
+    let listeners = listener::bind_all(config.listen, workers)
+        .map_err(|e| Fatal::Io(format!("--listen {}: {e}", config.listen)))?;
+    let local = listeners[0]
+        .local_addr()
+        .map_err(|e| Fatal::Io(e.to_string()))?;
+
+    let mut polls = Vec::with_capacity(workers);
+    let mut mailboxes = Vec::with_capacity(workers);
+    let mut inboxes = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        let poll = Poll::new().map_err(|e| Fatal::Io(e.to_string()))?;
+        let waker = Waker::new(poll.registry(), WAKER).map_err(|e| Fatal::Io(e.to_string()))?;
+        let (mailbox, rx) = Mailbox::new(waker);
+        polls.push(poll);
+        mailboxes.push(mailbox);
+        inboxes.push(rx);
+    }
+    let mailboxes: Mailboxes = mailboxes.into();
+
+    let metrics = Arc::new(Metrics::default());
+    let replay = ReplayWindow::new(
+        config.replay_events,
+        config.replay_secs.as_millis() as u64,
+        epoch_ms(),
+    );
+    let initial = if redis_client.is_some() {
+        RedisState::Down
+    } else {
+        RedisState::Embedded
+    };
+    let hub = Arc::new(Hub::new(
+        mailboxes.clone(),
+        replay,
+        initial,
+        metrics.clone(),
+    ));
+    if initial == RedisState::Embedded {
+        metrics
+            .redis_up
+            .store(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    let store = match &redis_client {
+        Some(client) => Store::Redis(RedisPool::start(client.clone(), mailboxes.clone())),
+        None => Store::Memory(Memory::default()),
+    };
+    let tokens = TokenKey::new(jwt_secret.as_bytes());
+    let demo_token = config
+        .demo
+        .then(|| tokens.mint(demo::USER, None, 30 * 24 * 3600));
+    if let (true, Some(memory)) = (config.demo, store.memory()) {
+        demo::seed(memory);
+    }
+    let limits = Limits {
+        alerts: config.max_alerts_per_user,
+        data: config.max_data_per_user,
+        per_ip: config.max_conns_per_ip,
+    };
+    let gw = Arc::new(Gateway {
+        tickets: TicketKey::new(ticket_secret.as_bytes()),
+        tokens,
+        registry: Registry::new(limits, metrics.clone()),
+        hub: hub.clone(),
+        store,
+        metrics,
+        started: Instant::now(),
+        demo_token,
+        config,
+    });
+
+    let mut reactors = Vec::with_capacity(workers);
+    for (index, ((poll, listener), inbox)) in
+        polls.into_iter().zip(listeners).zip(inboxes).enumerate()
+    {
+        let reactor = Reactor::new(index, gw.clone(), poll, listener, inbox)
+            .map_err(|e| Fatal::Io(e.to_string()))?;
+        let handle = thread::Builder::new()
+            .name(format!("reactor-{index}"))
+            .spawn(move || reactor.run())
+            .map_err(|e| Fatal::Io(e.to_string()))?;
+        reactors.push(handle);
+    }
+    if let Some(client) = redis_client {
+        crate::bus::redis::subscribe(client, hub.clone()).map_err(|e| Fatal::Io(e.to_string()))?;
+    }
+    if gw.config.demo {
+        demo::start(hub.clone()).map_err(|e| Fatal::Io(e.to_string()))?;
+    }
+    watch_signals(hub.clone())?;
+
+    let mode = if gw.config.demo {
+        "demo"
+    } else if gw.config.redis_url.is_some() {
+        "redis"
+    } else {
+        "embedded"
+    };
+    info!("listening on http://{local} ({mode} mode, {workers} reactors)");
+    if let Some(token) = &gw.demo_token {
+        print_demo_help(local, token);
+    }
+
+    for handle in reactors {
+        match handle.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!("reactor stopped: {e}"),
+            Err(_) => warn!("reactor panicked"),
+        }
+    }
+    info!("drained, exiting");
+    Ok(())
+}
+
+/// SIGTERM and SIGINT start the drain; a second one exits at once.
+fn watch_signals(hub: Arc<Hub>) -> Result<(), Fatal> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+        .map_err(|e| Fatal::Io(e.to_string()))?;
+    thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut seen = 0;
+            for signal in signals.forever() {
+                seen += 1;
+                if seen == 1 {
+                    info!("signal {signal}: draining");
+                    hub.drain();
+                } else {
+                    warn!("second signal: exiting now");
+                    std::process::exit(1);
+                }
+            }
+        })
+        .map_err(|e| Fatal::Io(e.to_string()))?;
+    Ok(())
+}
+
+fn print_demo_help(addr: std::net::SocketAddr, token: &str) {
+    let base = format!("http://{addr}");
+    eprintln!(
+        "\n  Demo dashboard:  {base}/\n\n  Watch a live stream from a shell:\n\n    TOKEN={token}\n    T=$(curl -s -X POST -H \"Authorization: Bearer $TOKEN\" {base}/sse/stream-ticket | sed 's/.*\"ticket\":\"\\([^\"]*\\)\".*/\\1/'); curl -N \"{base}/sse/stream?deviceIds=Machine%201,Machine%202&ticket=$T\"\n"
+    );
+}

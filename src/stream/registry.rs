@@ -1,0 +1,226 @@
+//! Open streams, shared by every reactor: who holds which stream, from which
+//! IP. It enforces the per-user and per-IP limits and answers `/sse/status`.
+//! A stream takes its slot when it opens and gives it back the moment its
+//! socket closes, so a page reload never meets a 429.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde_json::{json, Value};
+
+use crate::auth::UserId;
+use crate::metrics::Metrics;
+use crate::stream::frame::Purpose;
+
+/// One open stream, as `/sse/status` lists it.
+#[derive(Clone, Debug)]
+pub struct ActiveStream {
+    pub id: String,
+    pub purpose: Purpose,
+    pub devices: Vec<String>,
+    pub connected_at_ms: u64,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub alerts: u32,
+    pub data: u32,
+}
+
+impl Counts {
+    pub fn get(&self, p: Purpose) -> u32 {
+        match p {
+            Purpose::Alerts => self.alerts,
+            Purpose::Data => self.data,
+        }
+    }
+
+    fn slot(&mut self, p: Purpose) -> &mut u32 {
+        match p {
+            Purpose::Alerts => &mut self.alerts,
+            Purpose::Data => &mut self.data,
+        }
+    }
+
+    pub fn to_json(self) -> Value {
+        json!({"alerts": self.alerts, "data": self.data, "total": self.alerts + self.data})
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub alerts: u32,
+    pub data: u32,
+    pub per_ip: u32,
+}
+
+impl Limits {
+    pub fn to_json(self) -> Value {
+        json!({"alerts": self.alerts, "data": self.data})
+    }
+}
+
+/// Why a stream may not open.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refusal {
+    User { purpose: Purpose, current: Counts },
+    Ip { current: Counts, ip_streams: u32 },
+}
+
+#[derive(Default)]
+struct User {
+    counts: Counts,
+    streams: Vec<ActiveStream>,
+}
+
+#[derive(Default)]
+struct Tables {
+    users: HashMap<Box<str>, User>,
+    ips: HashMap<IpAddr, u32>,
+    total: usize,
+}
+
+pub struct Registry {
+    tables: Mutex<Tables>,
+    pub limits: Limits,
+    metrics: Arc<Metrics>,
+}
+
+impl Registry {
+    pub fn new(limits: Limits, metrics: Arc<Metrics>) -> Registry {
+        Registry {
+            tables: Mutex::new(Tables::default()),
+            limits,
+            metrics,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Tables> {
+        self.tables.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes a slot for `stream`, or says which limit is reached.
+    pub fn open(&self, user: &UserId, ip: IpAddr, stream: ActiveStream) -> Result<(), Refusal> {
+        let mut t = self.lock();
+        let current = t.users.get(&user.key).map(|u| u.counts).unwrap_or_default();
+        let purpose = stream.purpose;
+        let limit = match purpose {
+            Purpose::Alerts => self.limits.alerts,
+            Purpose::Data => self.limits.data,
+        };
+        if current.get(purpose) >= limit {
+            return Err(Refusal::User { purpose, current });
+        }
+        let ip_streams = t.ips.get(&ip).copied().unwrap_or(0);
+        if ip_streams >= self.limits.per_ip {
+            return Err(Refusal::Ip {
+                current,
+                ip_streams,
+            });
+        }
+        *t.ips.entry(ip).or_default() += 1;
+        let u = t.users.entry(user.key.clone()).or_default();
+        *u.counts.slot(purpose) += 1;
+        u.streams.push(stream);
+        t.total += 1;
+        self.metrics.stream_gauge(purpose).fetch_add(1, Relaxed);
+        self.metrics.streams_opened.fetch_add(1, Relaxed);
+        Ok(())
+    }
+
+    /// Gives back the slot of stream `id`.
+    pub fn close(&self, user: &UserId, ip: IpAddr, id: &str) {
+        let mut t = self.lock();
+        let Some(u) = t.users.get_mut(&user.key) else {
+            return;
+        };
+        let Some(pos) = u.streams.iter().position(|s| s.id == id) else {
+            return;
+        };
+        let purpose = u.streams.swap_remove(pos).purpose;
+        *u.counts.slot(purpose) -= 1;
+        if u.streams.is_empty() {
+            t.users.remove(&user.key);
+        }
+        if let Some(n) = t.ips.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                t.ips.remove(&ip);
+            }
+        }
+        t.total -= 1;
+        self.metrics.stream_gauge(purpose).fetch_sub(1, Relaxed);
+    }
+
+    /// A user's counts and open streams.
+    pub fn of(&self, user: &UserId) -> (Counts, Vec<ActiveStream>) {
+        let t = self.lock();
+        t.users
+            .get(&user.key)
+            .map(|u| (u.counts, u.streams.clone()))
+            .unwrap_or_default()
+    }
+
+    pub fn total(&self) -> usize {
+        self.lock().total
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stream(id: &str, purpose: Purpose) -> ActiveStream {
+        ActiveStream {
+            id: id.into(),
+            purpose,
+            devices: vec![],
+            connected_at_ms: 0,
+        }
+    }
+
+    #[test]
+    fn limits_hold_and_closing_frees_the_slot_at_once() {
+        let r = Registry::new(
+            Limits {
+                alerts: 1,
+                data: 1,
+                per_ip: 3,
+            },
+            Arc::default(),
+        );
+        let (alice, bob) = (UserId::named("alice"), UserId::named("bob"));
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        assert_eq!(r.open(&alice, ip, stream("a1", Purpose::Data)), Ok(()));
+        assert_eq!(
+            r.open(&alice, ip, stream("a2", Purpose::Data)),
+            Err(Refusal::User {
+                purpose: Purpose::Data,
+                current: Counts { alerts: 0, data: 1 }
+            })
+        );
+        assert_eq!(r.open(&alice, ip, stream("a3", Purpose::Alerts)), Ok(()));
+        assert_eq!(r.open(&bob, ip, stream("b1", Purpose::Data)), Ok(()));
+        assert_eq!(
+            r.open(&bob, ip, stream("b2", Purpose::Alerts)),
+            Err(Refusal::Ip {
+                current: Counts { alerts: 0, data: 1 },
+                ip_streams: 3
+            })
+        );
+        assert_eq!(r.total(), 3);
+        r.close(&alice, ip, "a1");
+        r.close(&alice, ip, "a1"); // twice: harmless
+        assert_eq!(r.open(&alice, ip, stream("a4", Purpose::Data)), Ok(()));
+        let (counts, streams) = r.of(&alice);
+        assert_eq!(counts, Counts { alerts: 1, data: 1 });
+        assert_eq!(streams.len(), 2);
+        for (u, id) in [(&alice, "a3"), (&alice, "a4"), (&bob, "b1")] {
+            r.close(u, ip, id);
+        }
+        assert_eq!(r.total(), 0);
+        assert_eq!(r.of(&alice).0, Counts::default());
+    }
+}

@@ -1,0 +1,143 @@
+//! A reactor's index from device to the streams that want it, so routing a
+//! frame costs one hash lookup plus its subscribers, not a scan of every
+//! stream. Data and alert streams are indexed apart since the same device's
+//! events go to one kind or the other.
+
+use std::collections::HashMap;
+
+use crate::stream::frame::{Frame, Purpose};
+use crate::stream::routes::Filter;
+
+#[derive(Default)]
+pub struct Subscriptions {
+    data: HashMap<Box<str>, Vec<usize>>,
+    alerts: HashMap<Box<str>, Vec<usize>>,
+    /// Alert streams that receive every device (admins).
+    alerts_all: Vec<usize>,
+}
+
+impl Subscriptions {
+    fn table(&mut self, purpose: Purpose) -> &mut HashMap<Box<str>, Vec<usize>> {
+        match purpose {
+            Purpose::Data => &mut self.data,
+            Purpose::Alerts => &mut self.alerts,
+        }
+    }
+
+    pub fn add(&mut self, stream: usize, purpose: Purpose, filter: &Filter) {
+        match filter {
+            Filter::All => self.alerts_all.push(stream),
+            Filter::Devices(devices) => {
+                let table = self.table(purpose);
+                for d in devices {
+                    table.entry(d.clone()).or_default().push(stream);
+                }
+            }
+        }
+    }
+
+    pub fn remove(&mut self, stream: usize, purpose: Purpose, filter: &Filter) {
+        let drop_from = |list: &mut Vec<usize>| {
+            if let Some(i) = list.iter().position(|s| *s == stream) {
+                list.swap_remove(i);
+            }
+        };
+        match filter {
+            Filter::All => drop_from(&mut self.alerts_all),
+            Filter::Devices(devices) => {
+                let table = self.table(purpose);
+                for d in devices {
+                    if let Some(list) = table.get_mut(d) {
+                        drop_from(list);
+                        if list.is_empty() {
+                            table.remove(d);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Calls `f` with every stream that receives `frame`.
+    pub fn each(&self, frame: &Frame, mut f: impl FnMut(usize)) {
+        match frame.event.purpose() {
+            Some(Purpose::Data) => self
+                .data
+                .get(&frame.device)
+                .into_iter()
+                .flatten()
+                .for_each(|s| f(*s)),
+            Some(Purpose::Alerts) => {
+                self.alerts
+                    .get(&frame.device)
+                    .into_iter()
+                    .flatten()
+                    .for_each(|s| f(*s));
+                self.alerts_all.iter().for_each(|s| f(*s));
+            }
+            None => {}
+        }
+    }
+}
+
+/// Whether a stream of `purpose` with `filter` receives `frame` (for replay).
+pub fn wants(purpose: Purpose, filter: &Filter, frame: &Frame) -> bool {
+    frame.event.purpose() == Some(purpose)
+        && match filter {
+            Filter::All => true,
+            Filter::Devices(d) => d.iter().any(|d| **d == *frame.device),
+        }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stream::frame::Event;
+
+    fn frame(event: Event, device: &str) -> Frame {
+        Frame::encode(None, event, device, b"{}")
+    }
+
+    fn who(s: &Subscriptions, f: &Frame) -> Vec<usize> {
+        let mut v = vec![];
+        s.each(f, |k| v.push(k));
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn frames_reach_exactly_their_subscribers() {
+        let mut s = Subscriptions::default();
+        let devices = |d: &[&str]| Filter::Devices(d.iter().map(|x| (*x).into()).collect());
+        s.add(1, Purpose::Data, &devices(&["A", "B"]));
+        s.add(2, Purpose::Data, &devices(&["B"]));
+        s.add(3, Purpose::Alerts, &devices(&["A"]));
+        s.add(4, Purpose::Alerts, &Filter::All);
+        assert_eq!(who(&s, &frame(Event::RealtimeUpdate, "A")), vec![1]);
+        assert_eq!(who(&s, &frame(Event::SpcSeriesUpdate, "B")), vec![1, 2]);
+        assert_eq!(who(&s, &frame(Event::MachineAlert, "A")), vec![3, 4]);
+        assert_eq!(who(&s, &frame(Event::AlarmUpdate, "Z")), vec![4]);
+        assert_eq!(
+            who(&s, &frame(Event::RealtimeUpdate, "Z")),
+            Vec::<usize>::new()
+        );
+        assert!(wants(
+            Purpose::Data,
+            &devices(&["A"]),
+            &frame(Event::SpcUpdate, "A")
+        ));
+        assert!(!wants(
+            Purpose::Data,
+            &devices(&["A"]),
+            &frame(Event::MachineAlert, "A")
+        ));
+        s.remove(1, Purpose::Data, &devices(&["A", "B"]));
+        s.remove(4, Purpose::Alerts, &Filter::All);
+        assert_eq!(who(&s, &frame(Event::SpcSeriesUpdate, "B")), vec![2]);
+        assert_eq!(
+            who(&s, &frame(Event::AlarmUpdate, "Z")),
+            Vec::<usize>::new()
+        );
+        assert!(!s.data.contains_key("A"), "empty lists are dropped");
+    }
+}
