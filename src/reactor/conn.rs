@@ -77,6 +77,8 @@ pub struct Conn {
     pub serial: u64,
     /// In the reactor's flush list this turn.
     pub dirty: bool,
+    /// The socket buffer is full: wait for the writable edge before writing.
+    pub write_blocked: bool,
     /// Reading stopped at the buffer cap or mid-request; read again when
     /// the phase returns to `Reading`.
     pub read_blocked: bool,
@@ -104,6 +106,7 @@ impl Conn {
             timer: None,
             serial: 0,
             dirty: false,
+            write_blocked: false,
             read_blocked: false,
         }
     }

@@ -98,6 +98,9 @@ pub struct Reactor {
     heartbeat: Option<(u64, Arc<Frame>)>,
     draining: bool,
     expired: Vec<usize>,
+    /// Numbers store lookups, so an outcome for a connection that has since
+    /// closed (its slab slot reused) is recognised and dropped.
+    next_serial: u64,
 }
 
 impl Reactor {
@@ -126,6 +129,7 @@ impl Reactor {
             heartbeat: None,
             draining: false,
             expired: Vec::new(),
+            next_serial: 0,
         })
     }
 
@@ -163,6 +167,9 @@ impl Reactor {
                             self.on_readable(key);
                         }
                         if event.is_writable() {
+                            if let Some(conn) = self.conns.get_mut(key) {
+                                conn.write_blocked = false;
+                            }
                             self.mark_dirty(key);
                         }
                     }
@@ -408,7 +415,8 @@ impl Reactor {
                 let Some(conn) = self.conns.get_mut(key) else {
                     return;
                 };
-                conn.serial += 1;
+                self.next_serial += 1;
+                conn.serial = self.next_serial;
                 let reply = Reply {
                     reactor: self.index,
                     conn: key,
@@ -445,6 +453,12 @@ impl Reactor {
                 }
                 self.respond(key, &exchange, r);
             }
+            Resolution::Open(spec) if self.draining => {
+                let user = &spec.ticket.user;
+                self.gw.registry.close(user, spec.client, &spec.id);
+                let r = Response::error(503, "Shutting down, reconnect shortly");
+                self.respond(key, &exchange, r);
+            }
             Resolution::Open(spec) => self.open_stream(key, &exchange, spec),
         }
     }
@@ -456,7 +470,7 @@ impl Reactor {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
-        let close = r.close || !exchange.keep_alive;
+        let close = r.close || !exchange.keep_alive || self.draining;
         conn.outbox
             .push_bytes(r.encode(exchange.head_only, !close, exchange.cors.as_deref()));
         conn.phase = Phase::Responding { close };
@@ -542,7 +556,7 @@ impl Reactor {
             self.close(key, Cause::SlowConsumer);
             return false;
         }
-        if !conn.dirty {
+        if !conn.dirty && !conn.write_blocked {
             conn.dirty = true;
             self.dirty.push(key);
         }
@@ -571,7 +585,7 @@ impl Reactor {
                         delivered += 1;
                         if conn.outbox.queued() > max {
                             slow.push(key);
-                        } else if !conn.dirty {
+                        } else if !conn.dirty && !conn.write_blocked {
                             conn.dirty = true;
                             dirty.push(key);
                         }
@@ -645,7 +659,7 @@ impl Reactor {
 
     fn mark_dirty(&mut self, key: usize) {
         if let Some(conn) = self.conns.get_mut(key) {
-            if !conn.dirty {
+            if !conn.dirty && !conn.write_blocked {
                 conn.dirty = true;
                 self.dirty.push(key);
             }
@@ -661,7 +675,8 @@ impl Reactor {
             conn.dirty = false;
             match conn.flush() {
                 Ok(Flushed::All) => self.on_flushed(key),
-                Ok(Flushed::Blocked) => {}
+                // The writable edge will come; until then output only queues.
+                Ok(Flushed::Blocked) => conn.write_blocked = true,
                 Err(_) => self.close(key, Cause::WriteFailed),
             }
         }
