@@ -76,6 +76,10 @@ pub struct Config {
     #[arg(long, env = "SSE_REPLAY_SECS", default_value = "300", value_parser = secs)]
     pub replay_secs: Duration,
 
+    /// realtime-update events per second per device; above it the newest value wins [0: off].
+    #[arg(long, env = "SSE_MAX_RATE_PER_DEVICE", default_value_t = 0.0, value_parser = rate)]
+    pub max_rate_per_device: f64,
+
     /// Longest a SIGTERM drain may take, in seconds.
     #[arg(long, env = "SSE_DRAIN_SECS", default_value = "5", value_parser = secs)]
     pub drain_secs: Duration,
@@ -119,6 +123,16 @@ fn secs(s: &str) -> Result<Duration, String> {
         return Err(format!("`{s}` must be a positive number of seconds"));
     }
     Ok(Duration::from_secs_f64(v))
+}
+
+/// Events per second: 0 (off) or a positive number.
+fn rate(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && (0.0..=1e6).contains(&v) => Ok(v),
+        _ => Err(format!(
+            "`{s}` must be 0 (off) or a positive number of events per second"
+        )),
+    }
 }
 
 /// An IP network, `10.0.0.0/8` or a bare address (a /32 or /128).

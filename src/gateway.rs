@@ -2,6 +2,7 @@
 //! listeners, starts the reactors, the bus threads and the signal thread,
 //! and waits for the drain to finish.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::thread;
 use std::time::Instant;
@@ -11,17 +12,40 @@ use mio::{Poll, Waker};
 
 use crate::auth::ticket::TicketKey;
 use crate::auth::token::TokenKey;
+use crate::auth::UserId;
+use crate::bus::lease::{self, Leases};
 use crate::bus::memory::Memory;
 use crate::bus::redis::RedisPool;
+use crate::bus::store::Job;
 use crate::bus::store::Store;
 use crate::bus::{demo, Hub, RedisState};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::reactor::mailbox::{Mailbox, Mailboxes};
 use crate::reactor::{listener, Reactor, WAKER};
+use crate::stream::frame::Purpose;
 use crate::stream::registry::{Limits, Registry};
 use crate::stream::replay::ReplayWindow;
 use crate::time::epoch_ms;
+
+impl Gateway {
+    /// A stream ended (or never started after taking its slot): free its
+    /// limit slot here and its lease in Redis.
+    pub fn stream_closed(&self, user: &UserId, ip: IpAddr, purpose: Purpose, stream_id: &str) {
+        self.registry.close(user, ip, stream_id);
+        self.release_lease(user, purpose, stream_id);
+    }
+
+    /// Gives back a stream's cluster-wide lease (Redis mode).
+    pub fn release_lease(&self, user: &UserId, purpose: Purpose, stream_id: &str) {
+        if let Some(leases) = &self.leases {
+            self.store.fire(Job::ReleaseLease {
+                key: lease::key(&user.key, purpose),
+                member: leases.member(stream_id),
+            });
+        }
+    }
+}
 
 /// What every reactor shares.
 pub struct Gateway {
@@ -30,7 +54,9 @@ pub struct Gateway {
     pub tickets: TicketKey,
     pub hub: Arc<Hub>,
     pub store: Store,
-    pub registry: Registry,
+    pub registry: Arc<Registry>,
+    /// Redis mode: cluster-wide per-user limits.
+    pub leases: Option<Arc<Leases>>,
     pub metrics: Arc<Metrics>,
     pub started: Instant,
     /// `--demo`: an access token for user `demo`, served at `/demo/token`.
@@ -100,22 +126,32 @@ pub fn run(config: Config) -> Result<(), Fatal> {
     let mailboxes: Mailboxes = mailboxes.into();
 
     let metrics = Arc::new(Metrics::default());
+    // Sequence numbers start at a random base, so an id issued by another
+    // instance (or an earlier run) never lands inside this one's sequence:
+    // resuming from it is a replay-gap, never a silent loss.
+    let seq_base = rand::Rng::random_range(&mut rand::rng(), 1u64 << 32..1u64 << 44);
     let replay = ReplayWindow::new(
         config.replay_events,
         config.replay_secs.as_millis() as u64,
         epoch_ms(),
+        seq_base,
     );
     let initial = if redis_client.is_some() {
         RedisState::Down
     } else {
         RedisState::Embedded
     };
-    let hub = Arc::new(Hub::new(
-        mailboxes.clone(),
-        replay,
-        initial,
-        metrics.clone(),
-    ));
+    let mut hub = Hub::new(mailboxes.clone(), replay, initial, metrics.clone());
+    let conflator = (config.max_rate_per_device > 0.0)
+        .then(|| Hub::limit_rate(&mut hub, config.max_rate_per_device));
+    let hub = Arc::new(hub);
+    if let Some(conflator) = conflator {
+        let hub = hub.clone();
+        thread::Builder::new()
+            .name("rate-limit".into())
+            .spawn(move || hub.run_conflator(&conflator))
+            .map_err(|e| Fatal::Io(e.to_string()))?;
+    }
     if initial == RedisState::Embedded {
         metrics
             .redis_up
@@ -137,10 +173,22 @@ pub fn run(config: Config) -> Result<(), Fatal> {
         data: config.max_data_per_user,
         per_ip: config.max_conns_per_ip,
     };
+    let registry = Arc::new(Registry::new(limits, metrics.clone()));
+    let leases = redis_client.as_ref().map(|client| {
+        let leases = Arc::new(Leases::new(config.heartbeat_secs));
+        (leases, client.clone())
+    });
+    if let Some((leases, client)) = &leases {
+        leases
+            .start_renewing(client.clone(), registry.clone())
+            .map_err(|e| Fatal::Io(e.to_string()))?;
+    }
+    let leases = leases.map(|(l, _)| l);
     let gw = Arc::new(Gateway {
         tickets: TicketKey::new(ticket_secret.as_bytes()),
         tokens,
-        registry: Registry::new(limits, metrics.clone()),
+        registry: registry.clone(),
+        leases: leases.clone(),
         hub: hub.clone(),
         store,
         metrics,

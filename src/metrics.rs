@@ -28,6 +28,7 @@ pub struct Metrics {
     pub heartbeats: AtomicU64,
     rejections: [AtomicU64; REJECT_STATUSES.len()],
     pub slow_consumers: AtomicU64,
+    pub conflated: AtomicU64,
     pub redis_up: AtomicU64,
     pub redis_reconnects: AtomicU64,
     pub replay_events: AtomicU64,
@@ -167,6 +168,13 @@ impl Metrics {
             "Streams told replay-gap: their Last-Event-ID was unknown or older than the window.",
         );
         let _ = writeln!(o, "sse_replay_gaps_total {}", g(&self.replay_gaps));
+        family(
+            &mut o,
+            "sse_events_conflated_total",
+            "counter",
+            "realtime-update events replaced by a newer value under --max-rate-per-device.",
+        );
+        let _ = writeln!(o, "sse_events_conflated_total {}", g(&self.conflated));
         family(
             &mut o,
             "sse_events_received_total",

@@ -75,6 +75,7 @@ impl Memory {
                 user,
                 check,
                 status_of,
+                lease: _,
             } => {
                 let owned_by = m.devices.get(&user.key);
                 let mut facts = StreamFacts {
@@ -100,8 +101,9 @@ impl Memory {
                     .collect();
                 Outcome::Facts(facts)
             }
-            // Embedded publishing goes straight to the hub, never here.
-            Job::Publish { .. } => Outcome::Unavailable,
+            // Embedded publishing goes straight to the hub, and leases are
+            // for several instances on one Redis: neither comes here.
+            Job::Publish { .. } | Job::ReleaseLease { .. } => Outcome::Unavailable,
         }
     }
 }
@@ -183,6 +185,7 @@ mod tests {
             user: user("alice"),
             check,
             status_of: vec!["M1".into(), "M3".into()],
+            lease: None,
         }) {
             Outcome::Facts(f) => f,
             other => panic!("{other:?}"),

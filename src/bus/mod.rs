@@ -10,7 +10,9 @@
 //! - [`redis`]: the blocking subscriber thread and the store's worker pool.
 //! - [`demo`]: simulated machines for `--demo`.
 
+pub mod conflate;
 pub mod demo;
+pub mod lease;
 pub mod memory;
 pub mod redis;
 pub mod store;
@@ -21,9 +23,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::metrics::Metrics;
 use crate::reactor::mailbox::{Inbox, Mailboxes};
-use crate::stream::frame::{self, Event, EventId, Frame, Rejected};
+use crate::stream::frame::{self, Event, EventId, Frame, Message, Rejected};
 use crate::stream::replay::{ReplayWindow, Resume};
 use crate::time::epoch_ms;
+use conflate::{Conflator, Offer};
 
 /// Where the bus stands with Redis, for `/health` and `/metrics`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,6 +46,15 @@ impl RedisState {
     }
 }
 
+/// What [`Hub::publish`] did with a good message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Published {
+    /// Sent to the reactors with this id.
+    Sent(EventId),
+    /// Held by the per-device rate limit; the newest value goes out later.
+    Held,
+}
+
 struct Sequence {
     last_ms: u64,
     last_seq: u64,
@@ -54,6 +66,7 @@ pub struct Hub {
     seq: Mutex<Sequence>,
     redis: AtomicU8,
     metrics: Arc<Metrics>,
+    conflator: Option<Arc<Conflator>>,
 }
 
 impl Hub {
@@ -67,12 +80,28 @@ impl Hub {
             mailboxes,
             seq: Mutex::new(Sequence {
                 last_ms: 0,
-                last_seq: 0,
+                last_seq: replay.last_seq(),
                 replay,
             }),
             redis: AtomicU8::new(redis as u8),
             metrics,
+            conflator: None,
         }
+    }
+
+    /// Limits `realtime-update` to `per_second` events per device (newest
+    /// value wins); starts the thread that sends held values.
+    pub fn limit_rate(hub: &mut Hub, per_second: f64) -> Arc<Conflator> {
+        let c = Arc::new(Conflator::new(per_second));
+        hub.conflator = Some(c.clone());
+        c
+    }
+
+    /// The body of the thread that sends values the rate limit held.
+    pub fn run_conflator(self: &Arc<Hub>, conflator: &Conflator) {
+        conflator.run(|msg| {
+            self.emit(msg, epoch_ms());
+        });
     }
 
     fn lock(&self) -> MutexGuard<'_, Sequence> {
@@ -83,7 +112,7 @@ impl Hub {
 
     /// Publishes a message as if it arrived on Redis `channel`. Bad messages
     /// are counted and refused; they never reach a stream.
-    pub fn publish(&self, channel: &str, payload: &[u8]) -> Result<EventId, Rejected> {
+    pub fn publish(&self, channel: &str, payload: &[u8]) -> Result<Published, Rejected> {
         let now = epoch_ms();
         let msg = match frame::message(channel, payload, now) {
             Ok(m) => m,
@@ -96,6 +125,22 @@ impl Hub {
             }
         };
         self.metrics.received(msg.event);
+        let msg = match (&self.conflator, msg.event) {
+            (Some(c), Event::RealtimeUpdate) => match c.offer(msg, now) {
+                Offer::Send(m) => m,
+                Offer::Held => {
+                    self.metrics.conflated.fetch_add(1, Relaxed);
+                    return Ok(Published::Held);
+                }
+            },
+            _ => msg,
+        };
+        Ok(Published::Sent(self.emit(msg, now)))
+    }
+
+    /// Gives a checked message its id, encodes it once and sends it to every
+    /// reactor.
+    fn emit(&self, msg: Message, now: u64) -> EventId {
         let mut s = self.lock();
         s.last_ms = s.last_ms.max(now);
         s.last_seq += 1;
@@ -114,7 +159,7 @@ impl Hub {
         for mailbox in self.mailboxes.iter() {
             mailbox.send(Inbox::Frame(frame.clone()));
         }
-        Ok(id)
+        id
     }
 
     /// Sends a `system` frame to every stream of every reactor.
@@ -161,7 +206,7 @@ impl Hub {
     }
 
     /// Publishes an event already known by kind (demo machines).
-    pub fn publish_event(&self, event: Event, payload: &[u8]) -> Result<EventId, Rejected> {
+    pub fn publish_event(&self, event: Event, payload: &[u8]) -> Result<Published, Rejected> {
         let channel = frame::CHANNELS
             .iter()
             .find(|c| Event::from_channel(c) == Some(event))

@@ -17,6 +17,7 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use log::{info, warn};
 use rand::Rng;
 
+use crate::bus::lease::{self, LeaseAnswer};
 use crate::bus::store::{devices_key, status_key, ticket_key, Job, Outcome, Reply, StreamFacts};
 use crate::bus::{Hub, RedisState};
 use crate::reactor::mailbox::{Inbox, Mailboxes};
@@ -28,7 +29,7 @@ const QUEUE_BOUND: usize = 16_384;
 const WORKERS: usize = 4;
 
 pub struct RedisPool {
-    jobs: Sender<(Job, Reply)>,
+    jobs: Sender<(Job, Option<Reply>)>,
 }
 
 impl RedisPool {
@@ -46,7 +47,7 @@ impl RedisPool {
         RedisPool { jobs: tx }
     }
 
-    pub fn submit(&self, job: Job, reply: Reply) -> Option<Outcome> {
+    pub fn submit(&self, job: Job, reply: Option<Reply>) -> Option<Outcome> {
         match self.jobs.try_send((job, reply)) {
             Ok(()) => None,
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
@@ -63,7 +64,7 @@ fn connect(client: &redis::Client) -> redis::RedisResult<redis::Connection> {
     Ok(con)
 }
 
-fn worker(client: redis::Client, jobs: Receiver<(Job, Reply)>, mailboxes: Mailboxes) {
+fn worker(client: redis::Client, jobs: Receiver<(Job, Option<Reply>)>, mailboxes: Mailboxes) {
     let mut con: Option<redis::Connection> = None;
     for (job, reply) in jobs.iter() {
         if con.is_none() {
@@ -80,6 +81,7 @@ fn worker(client: redis::Client, jobs: Receiver<(Job, Reply)>, mailboxes: Mailbo
             },
             None => Outcome::Unavailable,
         };
+        let Some(reply) = reply else { continue };
         if let Some(mailbox) = mailboxes.get(reply.reactor) {
             mailbox.send(Inbox::Outcome {
                 conn: reply.conn,
@@ -127,6 +129,7 @@ fn run(con: &mut redis::Connection, job: Job) -> redis::RedisResult<Outcome> {
             user,
             check,
             status_of,
+            lease,
         } => {
             let mut pipe = redis::pipe();
             pipe.cmd("EXISTS").arg(ticket_key(&ticket_id));
@@ -165,7 +168,26 @@ fn run(con: &mut redis::Connection, job: Job) -> redis::RedisResult<Outcome> {
             if let Some(v) = statuses {
                 facts.statuses = redis::from_redis_value::<Vec<Option<String>>>(v)?;
             }
+            let checks_pass = facts.ticket_alive && facts.owned.iter().all(|o| *o);
+            if let (Some(ask), true) = (lease, checks_pass) {
+                let now = crate::time::epoch_ms();
+                let answer: i64 = redis::Script::new(lease::ACQUIRE)
+                    .key(&ask.key)
+                    .arg(now)
+                    .arg(now + ask.ttl_ms)
+                    .arg(&ask.member)
+                    .arg(&ask.prefix)
+                    .arg(ask.local)
+                    .arg(ask.limit)
+                    .arg(ask.ttl_ms)
+                    .invoke(con)?;
+                facts.lease = LeaseAnswer::from_script(answer);
+            }
             Outcome::Facts(facts)
+        }
+        Job::ReleaseLease { key, member } => {
+            redis::cmd("ZREM").arg(key).arg(member).query::<u64>(con)?;
+            Outcome::Published
         }
         Job::Publish { channel, payload } => {
             redis::cmd("PUBLISH")

@@ -6,6 +6,7 @@
 //! the network.
 
 use crate::auth::UserId;
+use crate::bus::lease::{LeaseAnswer, LeaseAsk};
 use crate::bus::memory::Memory;
 use crate::bus::redis::RedisPool;
 
@@ -39,7 +40,11 @@ pub enum Job {
         check: Option<Vec<String>>,
         /// Devices whose `machine:<id>:status` to fetch.
         status_of: Vec<String>,
+        /// Redis mode: take a cluster-wide lease once the checks pass.
+        lease: Option<LeaseAsk>,
     },
+    /// `ZREM` a closed stream's lease (no reply).
+    ReleaseLease { key: String, member: String },
     /// `PUBLISH channel payload` (Redis mode `/sse/publish`).
     Publish { channel: String, payload: Vec<u8> },
 }
@@ -66,6 +71,7 @@ pub struct StreamFacts {
     pub owned_set: Vec<String>,
     /// `machine:<id>:status` for each device of `status_of` (None: absent).
     pub statuses: Vec<Option<String>>,
+    pub lease: LeaseAnswer,
 }
 
 pub enum Store {
@@ -79,7 +85,19 @@ impl Store {
     pub fn submit(&self, job: Job, reply: Reply) -> Option<Outcome> {
         match self {
             Store::Memory(m) => Some(m.run(job)),
-            Store::Redis(pool) => pool.submit(job, reply),
+            Store::Redis(pool) => pool.submit(job, Some(reply)),
+        }
+    }
+
+    /// Runs `job` for its effect only; nobody waits for the outcome.
+    pub fn fire(&self, job: Job) {
+        match self {
+            Store::Memory(m) => {
+                m.run(job);
+            }
+            Store::Redis(pool) => {
+                pool.submit(job, None);
+            }
         }
     }
 

@@ -51,11 +51,9 @@ pub struct Stream {
 pub enum Phase {
     /// Waiting for (the rest of) a request head and body.
     Reading,
-    /// A store lookup is in flight for this request.
-    Waiting {
-        pending: Pending,
-        exchange: Exchange,
-    },
+    /// A store lookup is in flight for this request (boxed: most
+    /// connections are streams, and this keeps every slab entry small).
+    Waiting(Box<(Pending, Exchange)>),
     /// A response is queued; then `Reading` again or, if `close`, `Closing`.
     Responding { close: bool },
     /// An open SSE stream.

@@ -294,7 +294,7 @@ impl Reactor {
             }
             Phase::Reading => self.close(key, Cause::HeadTimeout),
             Phase::Closing { .. } => self.close(key, Cause::Done),
-            Phase::Waiting { .. } | Phase::Responding { .. } => {}
+            Phase::Waiting(_) | Phase::Responding { .. } => {}
         }
     }
 
@@ -340,7 +340,7 @@ impl Reactor {
                 }
             }
             // Leave bytes in the kernel until this request is answered.
-            Phase::Waiting { .. } | Phase::Responding { .. } => conn.read_blocked = true,
+            Phase::Waiting(_) | Phase::Responding { .. } => conn.read_blocked = true,
         }
     }
 
@@ -422,7 +422,7 @@ impl Reactor {
                     conn: key,
                     serial: conn.serial,
                 };
-                conn.phase = Phase::Waiting { pending, exchange };
+                conn.phase = Phase::Waiting(Box::new((pending, exchange)));
                 if let Some(outcome) = self.gw.store.submit(job, reply) {
                     self.on_outcome(key, reply.serial, outcome);
                 }
@@ -434,14 +434,13 @@ impl Reactor {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
-        if conn.serial != serial || !matches!(conn.phase, Phase::Waiting { .. }) {
+        if conn.serial != serial || !matches!(conn.phase, Phase::Waiting(_)) {
             return; // an answer for a connection that has moved on
         }
-        let Phase::Waiting { pending, exchange } =
-            std::mem::replace(&mut conn.phase, Phase::Reading)
-        else {
+        let Phase::Waiting(waiting) = std::mem::replace(&mut conn.phase, Phase::Reading) else {
             return;
         };
+        let (pending, exchange) = *waiting;
         let is_stream = matches!(pending, Pending::Stream(_));
         match routes::resolve(&self.gw, pending, outcome) {
             Resolution::Respond(r) => {
@@ -455,7 +454,8 @@ impl Reactor {
             }
             Resolution::Open(spec) if self.draining => {
                 let user = &spec.ticket.user;
-                self.gw.registry.close(user, spec.client, &spec.id);
+                self.gw
+                    .stream_closed(user, spec.client, spec.purpose, &spec.id);
                 let r = Response::error(503, "Shutting down, reconnect shortly");
                 self.respond(key, &exchange, r);
             }
@@ -483,9 +483,9 @@ impl Reactor {
         let now = self.now();
         let hub = self.gw.hub.clone();
         let Some(conn) = self.conns.get_mut(key) else {
+            let user = &spec.ticket.user;
             self.gw
-                .registry
-                .close(&spec.ticket.user, spec.client, &spec.id);
+                .stream_closed(user, spec.client, spec.purpose, &spec.id);
             return;
         };
         conn.outbox
@@ -729,8 +729,7 @@ impl Reactor {
         };
         self.subs.remove(key, stream.purpose, &stream.filter);
         self.gw
-            .registry
-            .close(&stream.user, stream.client, &stream.id);
+            .stream_closed(&stream.user, stream.client, stream.purpose, &stream.id);
         let secs = self.now().saturating_sub(stream.opened) as f64 / 1000.0;
         info!(
             "stream closed id={} user={} purpose={} after {secs:.1}s cause={cause:?}",

@@ -37,6 +37,10 @@ impl Counts {
         }
     }
 
+    pub fn add(&mut self, p: Purpose, n: u32) {
+        *self.slot(p) += n;
+    }
+
     fn slot(&mut self, p: Purpose) -> &mut u32 {
         match p {
             Purpose::Alerts => &mut self.alerts,
@@ -57,6 +61,13 @@ pub struct Limits {
 }
 
 impl Limits {
+    pub fn of(&self, p: Purpose) -> u32 {
+        match p {
+            Purpose::Alerts => self.alerts,
+            Purpose::Data => self.data,
+        }
+    }
+
     pub fn to_json(self) -> Value {
         json!({"alerts": self.alerts, "data": self.data})
     }
@@ -101,10 +112,18 @@ impl Registry {
         self.tables.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Takes a slot for `stream`, or says which limit is reached.
-    pub fn open(&self, user: &UserId, ip: IpAddr, stream: ActiveStream) -> Result<(), Refusal> {
+    /// Takes a slot for `stream`, or says which limit is reached. `elsewhere`
+    /// counts the user's streams of this purpose on other instances.
+    pub fn open(
+        &self,
+        user: &UserId,
+        ip: IpAddr,
+        stream: ActiveStream,
+        elsewhere: u32,
+    ) -> Result<(), Refusal> {
         let mut t = self.lock();
-        let current = t.users.get(&user.key).map(|u| u.counts).unwrap_or_default();
+        let mut current = t.users.get(&user.key).map(|u| u.counts).unwrap_or_default();
+        *current.slot(stream.purpose) += elsewhere;
         let purpose = stream.purpose;
         let limit = match purpose {
             Purpose::Alerts => self.limits.alerts,
@@ -163,6 +182,18 @@ impl Registry {
             .unwrap_or_default()
     }
 
+    /// Every open stream: (user, purpose, stream id), for lease renewal.
+    pub fn all(&self) -> Vec<(Box<str>, Purpose, String)> {
+        let t = self.lock();
+        let mut out = Vec::with_capacity(t.total);
+        for (user, u) in &t.users {
+            for s in &u.streams {
+                out.push((user.clone(), s.purpose, s.id.clone()));
+            }
+        }
+        out
+    }
+
     pub fn total(&self) -> usize {
         self.lock().total
     }
@@ -193,18 +224,18 @@ mod tests {
         );
         let (alice, bob) = (UserId::named("alice"), UserId::named("bob"));
         let ip: IpAddr = "127.0.0.1".parse().unwrap();
-        assert_eq!(r.open(&alice, ip, stream("a1", Purpose::Data)), Ok(()));
+        assert_eq!(r.open(&alice, ip, stream("a1", Purpose::Data), 0), Ok(()));
         assert_eq!(
-            r.open(&alice, ip, stream("a2", Purpose::Data)),
+            r.open(&alice, ip, stream("a2", Purpose::Data), 0),
             Err(Refusal::User {
                 purpose: Purpose::Data,
                 current: Counts { alerts: 0, data: 1 }
             })
         );
-        assert_eq!(r.open(&alice, ip, stream("a3", Purpose::Alerts)), Ok(()));
-        assert_eq!(r.open(&bob, ip, stream("b1", Purpose::Data)), Ok(()));
+        assert_eq!(r.open(&alice, ip, stream("a3", Purpose::Alerts), 0), Ok(()));
+        assert_eq!(r.open(&bob, ip, stream("b1", Purpose::Data), 0), Ok(()));
         assert_eq!(
-            r.open(&bob, ip, stream("b2", Purpose::Alerts)),
+            r.open(&bob, ip, stream("b2", Purpose::Alerts), 0),
             Err(Refusal::Ip {
                 current: Counts { alerts: 0, data: 1 },
                 ip_streams: 3
@@ -213,7 +244,7 @@ mod tests {
         assert_eq!(r.total(), 3);
         r.close(&alice, ip, "a1");
         r.close(&alice, ip, "a1"); // twice: harmless
-        assert_eq!(r.open(&alice, ip, stream("a4", Purpose::Data)), Ok(()));
+        assert_eq!(r.open(&alice, ip, stream("a4", Purpose::Data), 0), Ok(()));
         let (counts, streams) = r.of(&alice);
         assert_eq!(counts, Counts { alerts: 1, data: 1 });
         assert_eq!(streams.len(), 2);
@@ -222,5 +253,14 @@ mod tests {
         }
         assert_eq!(r.total(), 0);
         assert_eq!(r.of(&alice).0, Counts::default());
+        // A stream on another instance counts against the user's limit.
+        assert_eq!(
+            r.open(&alice, ip, stream("a5", Purpose::Data), 1),
+            Err(Refusal::User {
+                purpose: Purpose::Data,
+                current: Counts { alerts: 0, data: 1 }
+            })
+        );
+        assert_eq!(r.all().len(), 0);
     }
 }

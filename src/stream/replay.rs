@@ -35,14 +35,16 @@ pub enum Resume {
 }
 
 impl ReplayWindow {
-    pub fn new(max_events: usize, max_age_ms: u64, start_ms: u64) -> ReplayWindow {
+    /// A window for a process that started at `start_ms` and numbers its
+    /// first frame `seq_base + 1`.
+    pub fn new(max_events: usize, max_age_ms: u64, start_ms: u64, seq_base: u64) -> ReplayWindow {
         ReplayWindow {
             frames: VecDeque::with_capacity(max_events.min(4096)),
             max_events,
             max_age_ms,
             bytes: 0,
-            evicted_through: 0,
-            last_seq: 0,
+            evicted_through: seq_base,
+            last_seq: seq_base,
             start_ms,
         }
     }
@@ -107,6 +109,11 @@ impl ReplayWindow {
         Resume::Frames(frames)
     }
 
+    /// The sequence number of the newest frame pushed (the base when none).
+    pub fn last_seq(&self) -> u64 {
+        self.last_seq
+    }
+
     pub fn len(&self) -> usize {
         self.frames.len()
     }
@@ -143,7 +150,7 @@ mod tests {
 
     #[test]
     fn resumes_from_the_window_or_reports_a_gap() {
-        let mut w = ReplayWindow::new(3, 10_000, 100);
+        let mut w = ReplayWindow::new(3, 10_000, 100, 0);
         for seq in 1..=5 {
             w.push(frame(100 + seq, seq), 1000);
         }
@@ -166,7 +173,7 @@ mod tests {
 
     #[test]
     fn old_frames_age_out() {
-        let mut w = ReplayWindow::new(100, 1_000, 0);
+        let mut w = ReplayWindow::new(100, 1_000, 0, 0);
         w.push(frame(1, 1), 0);
         w.push(frame(2, 2), 500);
         assert_eq!(
@@ -187,8 +194,41 @@ mod tests {
     }
 
     #[test]
+    fn ids_of_another_process_are_a_gap_not_a_silent_loss() {
+        // Two processes number from random bases far apart: an id from one is
+        // never mistaken for a position in the other's sequence.
+        let base = 1 << 40;
+        let mut w = ReplayWindow::new(10, 10_000, 0, base);
+        w.push(frame(5, base + 1), 0);
+        w.push(frame(6, base + 2), 0);
+        assert_eq!(
+            seqs(w.since(
+                EventId {
+                    ms: 5,
+                    seq: base + 1
+                },
+                base + 2,
+                0
+            )),
+            Some(vec![base + 2])
+        );
+        assert_eq!(seqs(w.since(EventId { ms: 5, seq: 1 }, base + 2, 0)), None);
+        assert_eq!(
+            seqs(w.since(
+                EventId {
+                    ms: 5,
+                    seq: 7 << 40
+                },
+                base + 2,
+                0
+            )),
+            None
+        );
+    }
+
+    #[test]
     fn a_disabled_window_serves_only_the_newest_id() {
-        let mut w = ReplayWindow::new(0, 1_000, 0);
+        let mut w = ReplayWindow::new(0, 1_000, 0, 0);
         w.push(frame(1, 1), 0);
         w.push(frame(2, 2), 0);
         assert_eq!(seqs(w.since(EventId { ms: 2, seq: 2 }, 2, 0)), Some(vec![]));

@@ -11,8 +11,9 @@ use serde_json::{json, Value};
 
 use crate::auth::ticket::Ticket;
 use crate::auth::Identity;
-use crate::bus::store::{Job, Outcome};
-use crate::bus::RedisState;
+use crate::bus::lease::LeaseAnswer;
+use crate::bus::store::{Job, Outcome, StreamFacts};
+use crate::bus::{Published, RedisState};
 use crate::config::{canonical, Config};
 use crate::gateway::Gateway;
 use crate::http::head::{Head, Method};
@@ -32,6 +33,8 @@ pub struct Request<'a> {
     pub client: IpAddr,
 }
 
+// Lives on the stack for one call; not worth a box.
+#[allow(clippy::large_enum_variant)]
 pub enum Action {
     Respond(Response),
     Lookup(Job, Pending),
@@ -47,10 +50,12 @@ pub enum Pending {
 }
 
 pub struct StreamRequest {
+    /// The stream's id (a UUID), chosen before the lookup so its lease can
+    /// be taken in the same round trip.
+    pub id: String,
     pub ticket: Ticket,
     pub purpose: Purpose,
     pub devices: Vec<String>,
-    pub include_status: bool,
     pub last_event_id: Option<String>,
     pub client: IpAddr,
 }
@@ -388,6 +393,17 @@ fn stream_request(gw: &Gateway, req: &Request, purpose: Purpose) -> Action {
         (Purpose::Data, false) => Some(devices.clone()),
         (Purpose::Alerts, false) => None,
     };
+    let id = uuid::Uuid::new_v4().to_string();
+    let lease = gw.leases.as_ref().map(|leases| {
+        let local = gw.registry.of(&ticket.user).0.get(purpose);
+        leases.ask(
+            &ticket.user,
+            purpose,
+            &id,
+            local,
+            gw.registry.limits.of(purpose),
+        )
+    });
     let job = Job::StreamFacts {
         ticket_id: ticket.id.clone(),
         user: ticket.user.clone(),
@@ -397,12 +413,13 @@ fn stream_request(gw: &Gateway, req: &Request, purpose: Purpose) -> Action {
         } else {
             Vec::new()
         },
+        lease,
     };
     let pending = StreamRequest {
+        id,
         ticket,
         purpose,
         devices,
-        include_status,
         last_event_id,
         client: req.client,
     };
@@ -448,9 +465,13 @@ fn publish(gw: &Gateway, req: &Request) -> Action {
     }
     match gw.store.memory() {
         Some(_) => match gw.hub.publish(&body.channel, &payload) {
-            Ok(id) => Action::Respond(Response::json(
+            Ok(Published::Sent(id)) => Action::Respond(Response::json(
                 200,
                 &json!({"published": true, "id": id.to_string()}),
+            )),
+            Ok(Published::Held) => Action::Respond(Response::json(
+                200,
+                &json!({"published": true, "conflated": true}),
             )),
             Err(_) => Action::Respond(Response::error(400, "message was dropped")),
         },
@@ -493,7 +514,7 @@ pub fn resolve(gw: &Gateway, pending: Pending, outcome: Outcome) -> Resolution {
             if facts.owned.iter().any(|owned| !owned) {
                 return Respond(Response::error(403, "Access denied to one or more devices"));
             }
-            open(gw, s, facts.owned_set, facts.statuses)
+            open(gw, s, facts)
         }
         _ => Respond(Response::error(500, "Unexpected store answer")),
     }
@@ -527,17 +548,40 @@ fn status_body(gw: &Gateway, t: &Ticket) -> Response {
     )
 }
 
-fn open(
-    gw: &Gateway,
-    s: StreamRequest,
-    owned_set: Vec<String>,
-    statuses: Vec<Option<String>>,
-) -> Resolution {
-    let id = uuid::Uuid::new_v4().to_string();
+fn too_many(gw: &Gateway, refusal: Refusal) -> Response {
+    let limits = gw.registry.limits;
+    let (message, current) = match refusal {
+        Refusal::User {
+            purpose: Purpose::Data,
+            current,
+        } => ("Data stream connection limit exceeded", current),
+        Refusal::User { current, .. } => ("Alerts stream connection limit exceeded", current),
+        Refusal::Ip { current, .. } => ("Too many connections from this IP", current),
+    };
+    let extra = json!({
+        "currentConnections": current.to_json(),
+        "limits": limits.to_json(),
+        "maxConnectionsPerIp": limits.per_ip,
+    });
+    Response::with_extra(429, message, extra).header("Retry-After", "1")
+}
+
+fn open(gw: &Gateway, s: StreamRequest, facts: StreamFacts) -> Resolution {
+    let elsewhere = facts.lease.others();
+    if let LeaseAnswer::Refused { .. } = facts.lease {
+        let mut current = gw.registry.of(&s.ticket.user).0;
+        current.add(s.purpose, elsewhere);
+        let refusal = Refusal::User {
+            purpose: s.purpose,
+            current,
+        };
+        return Resolution::Respond(too_many(gw, refusal));
+    }
+    let id = s.id;
     let filter = match (s.purpose, s.ticket.admin) {
         (Purpose::Alerts, true) => Filter::All,
         (Purpose::Alerts, false) => {
-            Filter::Devices(owned_set.into_iter().map(Into::into).collect())
+            Filter::Devices(facts.owned_set.into_iter().map(Into::into).collect())
         }
         (Purpose::Data, _) => {
             Filter::Devices(s.devices.iter().map(|d| d.as_str().into()).collect())
@@ -549,28 +593,18 @@ fn open(
         devices: s.devices.clone(),
         connected_at_ms: epoch_ms(),
     };
-    if let Err(refusal) = gw.registry.open(&s.ticket.user, s.client, active) {
-        let limits = gw.registry.limits;
-        let (message, current) = match refusal {
-            Refusal::User {
-                purpose: Purpose::Data,
-                current,
-            } => ("Data stream connection limit exceeded", current),
-            Refusal::User { current, .. } => ("Alerts stream connection limit exceeded", current),
-            Refusal::Ip { current, .. } => ("Too many connections from this IP", current),
-        };
-        let extra = json!({
-            "currentConnections": current.to_json(),
-            "limits": limits.to_json(),
-            "maxConnectionsPerIp": limits.per_ip,
-        });
-        return Resolution::Respond(
-            Response::with_extra(429, message, extra).header("Retry-After", "1"),
-        );
+    if let Err(refusal) = gw
+        .registry
+        .open(&s.ticket.user, s.client, active, elsewhere)
+    {
+        if let LeaseAnswer::Granted { .. } = facts.lease {
+            gw.release_lease(&s.ticket.user, s.purpose, &id);
+        }
+        return Resolution::Respond(too_many(gw, refusal));
     }
     let mut snapshot = Vec::new();
     let now = iso8601(epoch_ms());
-    for (device, status) in s.devices.iter().zip(statuses) {
+    for (device, status) in s.devices.iter().zip(facts.statuses) {
         let Some(status) = status else { continue };
         let data = serde_json::from_str::<Value>(&status).unwrap_or(Value::String(status));
         let body = json!({"deviceId": device, "data": data, "source": "cache", "timestamp": now})
