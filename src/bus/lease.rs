@@ -4,11 +4,12 @@
 //! Each open stream holds a member `<instance>:<stream id>` in the sorted set
 //! `sse:lease:<user>:<purpose>`, scored by its expiry (epoch ms). A stream
 //! opening asks Redis, atomically (one Lua script): after dropping expired
-//! members, how many leases do *other* instances hold? If those plus this
-//! instance's own open streams reach the limit, the answer is 429; otherwise
-//! the lease is added. This instance's own streams are counted from its local
-//! registry, which forgets a closed stream at once, so a page reload on the
-//! same instance never waits for a lease release to reach Redis.
+//! members, how many leases do *other* instances hold? If those alone reach
+//! the limit, the answer is 429; otherwise the lease is added and the
+//! reactor adds this instance's own open streams from its local registry,
+//! at the moment the answer arrives. The local registry forgets a closed
+//! stream at once, so a page reload on the same instance never waits for a
+//! lease release to reach Redis.
 //!
 //! Leases are renewed by one thread per instance every third of their
 //! lifetime (two heartbeat periods, at least 1 s), released when a stream
@@ -34,9 +35,9 @@ local others = 0
 for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
   if string.sub(m, 1, #prefix) ~= prefix then others = others + 1 end
 end
-if others + tonumber(ARGV[5]) >= tonumber(ARGV[6]) then return -1 - others end
+if others >= tonumber(ARGV[5]) then return -1 - others end
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
-redis.call('PEXPIRE', KEYS[1], ARGV[7])
+redis.call('PEXPIRE', KEYS[1], ARGV[6])
 return others
 "#;
 
@@ -51,8 +52,6 @@ pub struct LeaseAsk {
     pub member: String,
     /// `<instance>:`, to tell this instance's leases apart.
     pub prefix: String,
-    /// This instance's open streams of the user and purpose.
-    pub local: u32,
     pub limit: u32,
     pub ttl_ms: u64,
 }
@@ -106,19 +105,11 @@ impl Leases {
         format!("{}:{stream_id}", self.instance)
     }
 
-    pub fn ask(
-        &self,
-        user: &UserId,
-        purpose: Purpose,
-        stream_id: &str,
-        local: u32,
-        limit: u32,
-    ) -> LeaseAsk {
+    pub fn ask(&self, user: &UserId, purpose: Purpose, stream_id: &str, limit: u32) -> LeaseAsk {
         LeaseAsk {
             key: key(&user.key, purpose),
             member: self.member(stream_id),
             prefix: format!("{}:", self.instance),
-            local,
             limit,
             ttl_ms: self.ttl.as_millis() as u64,
         }

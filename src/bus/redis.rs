@@ -9,7 +9,7 @@
 //!   sends each [`Outcome`] back to the asking reactor's mailbox. The job queue
 //!   is bounded: past it a request gets 503 rather than unbounded memory.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::thread;
 use std::time::Duration;
 
@@ -27,6 +27,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_millis(1000);
 const IO_TIMEOUT: Duration = Duration::from_secs(2);
 const QUEUE_BOUND: usize = 16_384;
 const WORKERS: usize = 4;
+
+/// The lease script, hashed once; `invoke` runs it by EVALSHA.
+static ACQUIRE: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(lease::ACQUIRE));
 
 pub struct RedisPool {
     jobs: Sender<(Job, Option<Reply>)>,
@@ -171,13 +174,12 @@ fn run(con: &mut redis::Connection, job: Job) -> redis::RedisResult<Outcome> {
             let checks_pass = facts.ticket_alive && facts.owned.iter().all(|o| *o);
             if let (Some(ask), true) = (lease, checks_pass) {
                 let now = crate::time::epoch_ms();
-                let answer: i64 = redis::Script::new(lease::ACQUIRE)
+                let answer: i64 = ACQUIRE
                     .key(&ask.key)
                     .arg(now)
                     .arg(now + ask.ttl_ms)
                     .arg(&ask.member)
                     .arg(&ask.prefix)
-                    .arg(ask.local)
                     .arg(ask.limit)
                     .arg(ask.ttl_ms)
                     .invoke(con)?;

@@ -18,7 +18,7 @@ use crate::auth::UserId;
 use crate::reactor::outbox::{Flushed, Outbox};
 use crate::reactor::timer::TimerKey;
 use crate::stream::frame::Purpose;
-use crate::stream::routes::{Filter, Pending};
+use crate::stream::routes::{Filter, Pending, StreamRequest};
 
 /// Bytes a connection may buffer while reading requests: a full head and
 /// body, plus room for a pipelined request behind them.
@@ -54,6 +54,9 @@ pub enum Phase {
     /// A store lookup is in flight for this request (boxed: most
     /// connections are streams, and this keeps every slab entry small).
     Waiting(Box<(Pending, Exchange)>),
+    /// A limit refused a stream once; a timer brings it back for a second
+    /// look (see `Resolution::Retry`).
+    Retrying(Box<(StreamRequest, Exchange)>),
     /// A response is queued; then `Reading` again or, if `close`, `Closing`.
     Responding { close: bool },
     /// An open SSE stream.

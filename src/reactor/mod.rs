@@ -37,7 +37,7 @@ use mio::{Events, Interest, Poll, Token};
 use rand::Rng;
 use slab::Slab;
 
-use crate::bus::store::{Outcome, Reply};
+use crate::bus::store::{Job, Outcome, Reply};
 use crate::gateway::Gateway;
 use crate::http::head::{self, Method, Parse};
 use crate::http::response::{self, Response};
@@ -61,6 +61,9 @@ const TIMER_DRAIN: usize = usize::MAX - 1;
 pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a closing connection waits for the client to close its side.
 const LINGER: Duration = Duration::from_secs(2);
+/// How long a stream refused by a limit waits before the one second look
+/// (time for another reactor or instance to process a reload's close).
+const LIMIT_RETRY: Duration = Duration::from_millis(100);
 /// How long accepting pauses after running out of descriptors.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// Mailbox messages handled per turn before flushing, so a flood of frames
@@ -294,6 +297,15 @@ impl Reactor {
             }
             Phase::Reading => self.close(key, Cause::HeadTimeout),
             Phase::Closing { .. } => self.close(key, Cause::Done),
+            Phase::Retrying(_) => {
+                let Phase::Retrying(retry) = std::mem::replace(&mut conn.phase, Phase::Reading)
+                else {
+                    return;
+                };
+                let (request, exchange) = *retry;
+                let job = routes::stream_job(&self.gw, &request);
+                self.lookup(key, job, Pending::Stream(request), exchange);
+            }
             Phase::Waiting(_) | Phase::Responding { .. } => {}
         }
     }
@@ -340,7 +352,9 @@ impl Reactor {
                 }
             }
             // Leave bytes in the kernel until this request is answered.
-            Phase::Waiting(_) | Phase::Responding { .. } => conn.read_blocked = true,
+            Phase::Waiting(_) | Phase::Retrying(_) | Phase::Responding { .. } => {
+                conn.read_blocked = true
+            }
         }
     }
 
@@ -410,23 +424,26 @@ impl Reactor {
         let request = Request { head, body, client };
         match routes::route(&self.gw, &request) {
             Action::Respond(r) => self.respond(key, &exchange, r),
-            Action::Lookup(job, pending) => {
-                self.disarm(key);
-                let Some(conn) = self.conns.get_mut(key) else {
-                    return;
-                };
-                self.next_serial += 1;
-                conn.serial = self.next_serial;
-                let reply = Reply {
-                    reactor: self.index,
-                    conn: key,
-                    serial: conn.serial,
-                };
-                conn.phase = Phase::Waiting(Box::new((pending, exchange)));
-                if let Some(outcome) = self.gw.store.submit(job, reply) {
-                    self.on_outcome(key, reply.serial, outcome);
-                }
-            }
+            Action::Lookup(job, pending) => self.lookup(key, job, pending, exchange),
+        }
+    }
+
+    /// Hands `job` to the store; the connection waits for its outcome.
+    fn lookup(&mut self, key: usize, job: Job, pending: Pending, exchange: Exchange) {
+        self.disarm(key);
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        self.next_serial += 1;
+        conn.serial = self.next_serial;
+        let reply = Reply {
+            reactor: self.index,
+            conn: key,
+            serial: conn.serial,
+        };
+        conn.phase = Phase::Waiting(Box::new((pending, exchange)));
+        if let Some(outcome) = self.gw.store.submit(job, reply) {
+            self.on_outcome(key, reply.serial, outcome);
         }
     }
 
@@ -460,6 +477,10 @@ impl Reactor {
                 self.respond(key, &exchange, r);
             }
             Resolution::Open(spec) => self.open_stream(key, &exchange, spec),
+            Resolution::Retry(request) => {
+                conn.phase = Phase::Retrying(Box::new((*request, exchange)));
+                self.arm(key, LIMIT_RETRY);
+            }
         }
     }
 

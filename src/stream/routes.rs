@@ -56,8 +56,11 @@ pub struct StreamRequest {
     pub ticket: Ticket,
     pub purpose: Purpose,
     pub devices: Vec<String>,
+    pub include_status: bool,
     pub last_event_id: Option<String>,
     pub client: IpAddr,
+    /// A limit refused this request once already (see [`Resolution::Retry`]).
+    pub retried: bool,
 }
 
 /// Which events a stream receives.
@@ -84,6 +87,10 @@ pub struct StreamSpec {
 pub enum Resolution {
     Respond(Response),
     Open(StreamSpec),
+    /// A limit is reached, maybe only because the close of the user's
+    /// previous stream (a page reload) has not been processed yet by another
+    /// reactor or instance: look again shortly, once, before answering 429.
+    Retry(Box<StreamRequest>),
 }
 
 /// The client IP: the peer, or, when the peer is a trusted proxy, the
@@ -388,42 +395,43 @@ fn stream_request(gw: &Gateway, req: &Request, purpose: Purpose) -> Action {
         .clone()
         .or_else(|| query::param(&head.query, "lastEventId").map(|c| c.into_owned()))
         .filter(|s| !s.is_empty());
-    let check = match (purpose, ticket.admin) {
-        (_, true) => Some(Vec::new()),
-        (Purpose::Data, false) => Some(devices.clone()),
-        (Purpose::Alerts, false) => None,
-    };
-    let id = uuid::Uuid::new_v4().to_string();
-    let lease = gw.leases.as_ref().map(|leases| {
-        let local = gw.registry.of(&ticket.user).0.get(purpose);
-        leases.ask(
-            &ticket.user,
-            purpose,
-            &id,
-            local,
-            gw.registry.limits.of(purpose),
-        )
-    });
-    let job = Job::StreamFacts {
-        ticket_id: ticket.id.clone(),
-        user: ticket.user.clone(),
-        check,
-        status_of: if include_status {
-            devices.clone()
-        } else {
-            Vec::new()
-        },
-        lease,
-    };
-    let pending = StreamRequest {
-        id,
+    let request = StreamRequest {
+        id: uuid::Uuid::new_v4().to_string(),
         ticket,
         purpose,
         devices,
+        include_status,
         last_event_id,
         client: req.client,
+        retried: false,
     };
-    Action::Lookup(job, Pending::Stream(pending))
+    Action::Lookup(stream_job(gw, &request), Pending::Stream(request))
+}
+
+/// The store lookup a stream needs before it opens: ticket alive, devices
+/// owned (or the owned set, for alerts), status snapshots, and in Redis mode
+/// a cluster-wide lease.
+pub fn stream_job(gw: &Gateway, r: &StreamRequest) -> Job {
+    let check = match (r.purpose, r.ticket.admin) {
+        (_, true) => Some(Vec::new()),
+        (Purpose::Data, false) => Some(r.devices.clone()),
+        (Purpose::Alerts, false) => None,
+    };
+    let limit = gw.registry.limits.of(r.purpose);
+    Job::StreamFacts {
+        ticket_id: r.ticket.id.clone(),
+        user: r.ticket.user.clone(),
+        check,
+        status_of: if r.include_status {
+            r.devices.clone()
+        } else {
+            Vec::new()
+        },
+        lease: gw
+            .leases
+            .as_ref()
+            .map(|leases| leases.ask(&r.ticket.user, r.purpose, &r.id, limit)),
+    }
 }
 
 fn publish(gw: &Gateway, req: &Request) -> Action {
@@ -566,16 +574,41 @@ fn too_many(gw: &Gateway, refusal: Refusal) -> Response {
     Response::with_extra(429, message, extra).header("Retry-After", "1")
 }
 
-fn open(gw: &Gateway, s: StreamRequest, facts: StreamFacts) -> Resolution {
+fn open(gw: &Gateway, mut s: StreamRequest, facts: StreamFacts) -> Resolution {
     let elsewhere = facts.lease.others();
-    if let LeaseAnswer::Refused { .. } = facts.lease {
-        let mut current = gw.registry.of(&s.ticket.user).0;
-        current.add(s.purpose, elsewhere);
-        let refusal = Refusal::User {
-            purpose: s.purpose,
-            current,
-        };
-        return Resolution::Respond(too_many(gw, refusal));
+    let refusal = match facts.lease {
+        LeaseAnswer::Refused { .. } => {
+            let mut current = gw.registry.of(&s.ticket.user).0;
+            current.add(s.purpose, elsewhere);
+            Some(Refusal::User {
+                purpose: s.purpose,
+                current,
+            })
+        }
+        _ => {
+            let active = ActiveStream {
+                id: s.id.clone(),
+                purpose: s.purpose,
+                devices: s.devices.clone(),
+                connected_at_ms: epoch_ms(),
+            };
+            let opened = gw
+                .registry
+                .open(&s.ticket.user, s.client, active, elsewhere);
+            if let (Err(_), LeaseAnswer::Granted { .. }) = (&opened, facts.lease) {
+                gw.release_lease(&s.ticket.user, s.purpose, &s.id);
+            }
+            opened.err()
+        }
+    };
+    if let Some(refusal) = refusal {
+        if s.retried {
+            return Resolution::Respond(too_many(gw, refusal));
+        }
+        // A fresh id, so the retry's lease can never race the release above.
+        s.retried = true;
+        s.id = uuid::Uuid::new_v4().to_string();
+        return Resolution::Retry(Box::new(s));
     }
     let id = s.id;
     let filter = match (s.purpose, s.ticket.admin) {
@@ -587,21 +620,6 @@ fn open(gw: &Gateway, s: StreamRequest, facts: StreamFacts) -> Resolution {
             Filter::Devices(s.devices.iter().map(|d| d.as_str().into()).collect())
         }
     };
-    let active = ActiveStream {
-        id: id.clone(),
-        purpose: s.purpose,
-        devices: s.devices.clone(),
-        connected_at_ms: epoch_ms(),
-    };
-    if let Err(refusal) = gw
-        .registry
-        .open(&s.ticket.user, s.client, active, elsewhere)
-    {
-        if let LeaseAnswer::Granted { .. } = facts.lease {
-            gw.release_lease(&s.ticket.user, s.purpose, &id);
-        }
-        return Resolution::Respond(too_many(gw, refusal));
-    }
     let mut snapshot = Vec::new();
     let now = iso8601(epoch_ms());
     for (device, status) in s.devices.iter().zip(facts.statuses) {
