@@ -188,6 +188,11 @@ function onSpc(p) {
   if (!p || typeof p !== 'object' || !p.deviceId) return;
   const d = p.data && typeof p.data === 'object' ? p.data : {};
   const src = { ...d, ...(d.Data && typeof d.Data === 'object' ? d.Data : {}) };
+  // spc-series-update may name its field: {"field": "ECYCT", "values": [...]} extends ECYCT's series
+  if (typeof src.field === 'string' && src.field && Array.isArray(src.values)) {
+    src[src.field] = src.values;
+    delete src.field; delete src.values;
+  }
   let fields = spc.get(p.deviceId);
   if (!fields) { fields = new Map(); spc.set(p.deviceId, fields); syncOptions(spcDevice, [...spc.keys()]); }
   for (const [k, v] of Object.entries(src)) {
