@@ -11,6 +11,7 @@ pub mod bus;
 pub mod config;
 pub mod gateway;
 pub mod http;
+pub mod log;
 pub mod metrics;
 pub mod reactor;
 pub mod stream;

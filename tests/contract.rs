@@ -27,19 +27,6 @@ fn embedded_gw(args: &[&str]) -> Gateway {
     Gateway::builder().args(args).start()
 }
 
-/// Percent-encodes a query value.
-fn enc(s: &str) -> String {
-    let mut out = String::new();
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 fn reason(status: u16) -> &'static [&'static str] {
     match status {
         400 => &["Bad Request"],
@@ -82,22 +69,6 @@ fn assert_refused(gw: &Gateway, path: &str, headers: &[(&str, &str)], status: u1
         ),
         Err(r) => assert_error(&r, status),
     }
-}
-
-fn data_path(ticket: &str, devices: &[&str]) -> String {
-    let list: Vec<String> = devices.iter().map(|d| enc(d)).collect();
-    format!("/sse/stream?ticket={ticket}&deviceIds={}", list.join(","))
-}
-
-fn alerts_path(ticket: &str) -> String {
-    format!("/sse/alerts?ticket={ticket}")
-}
-
-/// A data stream of `user` (granted `devices` in Redis) on `devices`.
-fn data_stream(redis: &Redis, gw: &Gateway, user: &str, devices: &[&str]) -> SseStream {
-    redis.grant(user, devices);
-    let (ticket, _) = gw.ticket_for(user, r#"{"purpose":"data"}"#);
-    SseStream::must_open(gw.addr(), &data_path(&ticket, devices), &[])
 }
 
 fn sign(secret: &str, claims: Value) -> String {

@@ -458,12 +458,19 @@ impl Reactor {
             return;
         };
         let (pending, exchange) = *waiting;
-        let is_stream = matches!(pending, Pending::Stream(_));
+        let user = match &pending {
+            Pending::Stream(s) => Some(s.ticket.user.clone()),
+            _ => None,
+        };
         match routes::resolve(&self.gw, pending, outcome) {
             Resolution::Respond(r) => {
-                if is_stream {
+                if let Some(user) = user {
+                    let reason = serde_json::from_slice::<serde_json::Value>(&r.body)
+                        .ok()
+                        .and_then(|v| v["message"].as_str().map(str::to_owned))
+                        .unwrap_or_default();
                     info!(
-                        "stream refused: {} {} from {}",
+                        "stream refused: {} {} user={user} from {} ({reason})",
                         r.status, exchange.path, conn.peer
                     );
                 }

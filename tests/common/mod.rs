@@ -25,6 +25,67 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 
+/// Percent-encodes a query value.
+pub fn enc(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// `/sse/stream` for `devices` with `ticket`.
+pub fn data_path(ticket: &str, devices: &[&str]) -> String {
+    let list: Vec<String> = devices.iter().map(|d| enc(d)).collect();
+    format!("/sse/stream?ticket={ticket}&deviceIds={}", list.join(","))
+}
+
+/// `/sse/alerts` with `ticket`.
+pub fn alerts_path(ticket: &str) -> String {
+    format!("/sse/alerts?ticket={ticket}")
+}
+
+/// A data stream of `user` (granted `devices` in Redis) on `devices`.
+pub fn data_stream(redis: &Redis, gw: &Gateway, user: &str, devices: &[&str]) -> SseStream {
+    redis.grant(user, devices);
+    let (ticket, _) = gw.ticket_for(user, r#"{"purpose":"data"}"#);
+    SseStream::must_open(gw.addr(), &data_path(&ticket, devices), &[])
+}
+
+/// What /proc says of a process: open descriptors, resident memory (KiB)
+/// and CPU time used (clock ticks, utime + stime).
+pub fn proc_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+pub fn proc_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+pub fn proc_cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the
+    // 14th and 15th fields of the whole line.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let field = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    field(11) + field(12)
+}
+
 /// Default bound of one HTTP exchange.
 pub const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
 /// The access-token secret every [`Gateway`] gets unless told otherwise.
@@ -270,6 +331,7 @@ pub struct GatewayBuilder {
     env: Vec<(String, String)>,
     secret: String,
     wait_healthy: bool,
+    max_open_files: Option<u64>,
 }
 
 impl GatewayBuilder {
@@ -300,6 +362,12 @@ impl GatewayBuilder {
         self
     }
 
+    /// Starts the gateway with RLIMIT_NOFILE = `n` (descriptor exhaustion).
+    pub fn max_open_files(mut self, n: u64) -> Self {
+        self.max_open_files = Some(n);
+        self
+    }
+
     /// Ready as soon as `/health` answers at all, not only with 200 (for a
     /// gateway started while Redis is down).
     pub fn any_health(mut self) -> Self {
@@ -325,6 +393,22 @@ impl GatewayBuilder {
             cmd.args(["--workers", "2"]);
         }
         cmd.args(&self.args);
+        if let Some(n) = self.max_open_files {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe and touches only the child.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let limit = libc::rlimit {
+                        rlim_cur: n,
+                        rlim_max: n,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
@@ -387,6 +471,7 @@ impl Gateway {
             env: Vec::new(),
             secret: SECRET.to_owned(),
             wait_healthy: true,
+            max_open_files: None,
         }
     }
 
