@@ -357,3 +357,53 @@ fn slow_consumer_backlog_is_bounded_and_counted() {
     let grown = proc_rss_kib(gw.pid()).saturating_sub(rss_before);
     assert!(grown < 8 * 1024, "RSS grew {grown} KiB");
 }
+
+#[test]
+fn closing_and_reopening_at_once_never_meets_429() {
+    // The old stream's close may reach its (busy) reactor after the new
+    // request reaches another one; the limit must still see the slot as free.
+    let (redis, gw) = redis_gw(&["--workers", "4", "--max-conns-per-ip", "1000"]);
+    redis.grant("reloader", &["D1"]);
+    // Keep the reactors busy: 200 streams on a device that gets a flood.
+    let busy: Vec<SseStream> = (0..200)
+        .map(|i| data_stream(&redis, &gw, &format!("b{i}"), &["HOT"]))
+        .collect();
+    let flood_redis = redis.url();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood_stop = stop.clone();
+    let flood = std::thread::spawn(move || {
+        let mut con = redis::Client::open(flood_redis)
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        let payload = json!({"deviceId": "HOT", "data": {"pad": "z".repeat(2000)}}).to_string();
+        while !flood_stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let mut pipe = redis::pipe();
+            for _ in 0..20 {
+                pipe.cmd("PUBLISH")
+                    .arg("mqtt:realtime:processed")
+                    .arg(&payload)
+                    .ignore();
+            }
+            let _ = pipe.query::<()>(&mut con);
+        }
+    });
+    let (ticket, _) = gw.ticket_for("reloader", r#"{"purpose":"data"}"#);
+    let path = data_path(&ticket, &["D1"]);
+    let mut stream = SseStream::must_open(gw.addr(), &path, &[]);
+    let mut refused = None;
+    for i in 0..200 {
+        drop(stream);
+        stream = match SseStream::open(gw.addr(), &path, &[]) {
+            Ok(s) => s,
+            Err(r) => {
+                refused = Some(format!("reload {i}: {} {}", r.status, r.text()));
+                break;
+            }
+        };
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = flood.join();
+    drop(busy);
+    assert!(refused.is_none(), "{}", refused.unwrap_or_default());
+}

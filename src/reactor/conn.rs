@@ -36,6 +36,13 @@ pub struct Exchange {
     pub path: String,
 }
 
+pub struct Retry {
+    pub request: StreamRequest,
+    pub exchange: Exchange,
+    /// Probes not answered yet.
+    pub probes: usize,
+}
+
 pub struct Stream {
     pub id: String,
     pub user: UserId,
@@ -54,9 +61,10 @@ pub enum Phase {
     /// A store lookup is in flight for this request (boxed: most
     /// connections are streams, and this keeps every slab entry small).
     Waiting(Box<(Pending, Exchange)>),
-    /// A limit refused a stream once; a timer brings it back for a second
-    /// look (see `Resolution::Retry`).
-    Retrying(Box<(StreamRequest, Exchange)>),
+    /// A limit refused a stream once; when the probes of the slots' holders
+    /// have all answered (or a timer fires) it gets a second look (see
+    /// `Resolution::Retry`).
+    Retrying(Box<Retry>),
     /// A response is queued; then `Reading` again or, if `close`, `Closing`.
     Responding { close: bool },
     /// An open SSE stream.

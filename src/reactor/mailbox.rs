@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender};
 
-use crate::bus::store::Outcome;
+use crate::bus::store::{Outcome, Reply};
 use crate::stream::frame::Frame;
 
 /// What a reactor can be told.
@@ -26,6 +26,12 @@ pub enum Inbox {
         serial: u64,
         outcome: Outcome,
     },
+    /// Another reactor's stream request was refused by a limit this
+    /// connection holds: look whether its client has gone, then answer with
+    /// `Probed` to `asker`.
+    Probe { conn: usize, asker: Reply },
+    /// A probe this connection asked for is done.
+    Probed { conn: usize, serial: u64 },
     /// SIGTERM/SIGINT: stop accepting, say goodbye to every stream, exit.
     Drain,
 }

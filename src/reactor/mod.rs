@@ -45,7 +45,7 @@ use crate::stream::frame::{EventId, Frame};
 use crate::stream::replay::Resume;
 use crate::stream::routes::{self, Action, Pending, Request, Resolution, StreamSpec};
 use crate::stream::subscriptions::{wants, Subscriptions};
-use conn::{Conn, Exchange, Phase, ReadOutcome, Stream, READ_BUFFER_CAP};
+use conn::{Conn, Exchange, Phase, ReadOutcome, Retry, Stream, READ_BUFFER_CAP};
 use mailbox::{Inbox, Mailbox};
 use outbox::Flushed;
 use timer::TimerWheel;
@@ -61,7 +61,7 @@ const TIMER_DRAIN: usize = usize::MAX - 1;
 pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a closing connection waits for the client to close its side.
 const LINGER: Duration = Duration::from_secs(2);
-/// How long a stream refused by a limit waits before the one second look
+/// How long a stream refused by a limit waits for its probes before the second look
 /// (time for another reactor or instance to process a reload's close).
 const LIMIT_RETRY: Duration = Duration::from_millis(100);
 /// How long accepting pauses after running out of descriptors.
@@ -297,15 +297,7 @@ impl Reactor {
             }
             Phase::Reading => self.close(key, Cause::HeadTimeout),
             Phase::Closing { .. } => self.close(key, Cause::Done),
-            Phase::Retrying(_) => {
-                let Phase::Retrying(retry) = std::mem::replace(&mut conn.phase, Phase::Reading)
-                else {
-                    return;
-                };
-                let (request, exchange) = *retry;
-                let job = routes::stream_job(&self.gw, &request);
-                self.lookup(key, job, Pending::Stream(request), exchange);
-            }
+            Phase::Retrying(_) => self.retry_now(key),
             Phase::Waiting(_) | Phase::Responding { .. } => {}
         }
     }
@@ -462,7 +454,7 @@ impl Reactor {
             Pending::Stream(s) => Some(s.ticket.user.clone()),
             _ => None,
         };
-        match routes::resolve(&self.gw, pending, outcome) {
+        match routes::resolve(&self.gw, pending, outcome, (self.index, key)) {
             Resolution::Respond(r) => {
                 if let Some(user) = user {
                     let reason = serde_json::from_slice::<serde_json::Value>(&r.body)
@@ -484,11 +476,76 @@ impl Reactor {
                 self.respond(key, &exchange, r);
             }
             Resolution::Open(spec) => self.open_stream(key, &exchange, spec),
-            Resolution::Retry(request) => {
-                conn.phase = Phase::Retrying(Box::new((*request, exchange)));
+            Resolution::Retry(request, holders) => {
+                conn.phase = Phase::Retrying(Box::new(Retry {
+                    request: *request,
+                    exchange,
+                    probes: holders.len(),
+                }));
+                let asker = Reply {
+                    reactor: self.index,
+                    conn: key,
+                    serial: conn.serial,
+                };
                 self.arm(key, LIMIT_RETRY);
+                for (reactor, conn) in holders {
+                    if reactor == self.index {
+                        self.probe(conn, asker);
+                    } else if let Some(mailbox) = self.gw.hub.mailboxes().get(reactor) {
+                        mailbox.send(Inbox::Probe { conn, asker });
+                    }
+                }
             }
         }
+    }
+
+    /// Looks at a stream whose slot another request wants: if its client has
+    /// gone (the FIN is waiting in the socket), it closes now and frees the
+    /// slot. Then tells the asker.
+    fn probe(&mut self, conn: usize, asker: Reply) {
+        if self.conns.get(conn).is_some_and(|c| c.stream().is_some()) {
+            self.on_readable(conn);
+        }
+        if asker.reactor == self.index {
+            self.on_probed(asker.conn, asker.serial);
+        } else if let Some(mailbox) = self.gw.hub.mailboxes().get(asker.reactor) {
+            mailbox.send(Inbox::Probed {
+                conn: asker.conn,
+                serial: asker.serial,
+            });
+        }
+    }
+
+    fn on_probed(&mut self, key: usize, serial: u64) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        let Phase::Retrying(retry) = &mut conn.phase else {
+            return;
+        };
+        if conn.serial != serial {
+            return;
+        }
+        retry.probes = retry.probes.saturating_sub(1);
+        if retry.probes == 0 {
+            self.disarm(key);
+            self.retry_now(key);
+        }
+    }
+
+    /// The second look at a stream a limit refused.
+    fn retry_now(&mut self, key: usize) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        let Phase::Retrying(retry) = std::mem::replace(&mut conn.phase, Phase::Reading) else {
+            return;
+        };
+        let Retry {
+            request, exchange, ..
+        } = *retry;
+        let job = routes::stream_job(&self.gw, &request);
+        self.lookup(key, job, Pending::Stream(request), exchange);
     }
 
     fn respond(&mut self, key: usize, exchange: &Exchange, r: Response) {
@@ -640,6 +697,8 @@ impl Reactor {
                     serial,
                     outcome,
                 } => self.on_outcome(conn, serial, outcome),
+                Inbox::Probe { conn, asker } => self.probe(conn, asker),
+                Inbox::Probed { conn, serial } => self.on_probed(conn, serial),
                 Inbox::Drain => self.drain(),
             }
         }

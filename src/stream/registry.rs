@@ -21,6 +21,8 @@ pub struct ActiveStream {
     pub purpose: Purpose,
     pub devices: Vec<String>,
     pub connected_at_ms: u64,
+    /// Where its socket lives: (reactor, connection key).
+    pub owner: (usize, usize),
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -182,6 +184,18 @@ impl Registry {
             .unwrap_or_default()
     }
 
+    /// Where the user's streams of `purpose` live: (reactor, connection).
+    pub fn holders(&self, user: &UserId, purpose: Purpose) -> Vec<(usize, usize)> {
+        let t = self.lock();
+        t.users.get(&user.key).map_or_else(Vec::new, |u| {
+            u.streams
+                .iter()
+                .filter(|s| s.purpose == purpose)
+                .map(|s| s.owner)
+                .collect()
+        })
+    }
+
     /// Every open stream: (user, purpose, stream id), for lease renewal.
     pub fn all(&self) -> Vec<(Box<str>, Purpose, String)> {
         let t = self.lock();
@@ -209,6 +223,7 @@ mod tests {
             purpose,
             devices: vec![],
             connected_at_ms: 0,
+            owner: (0, 0),
         }
     }
 

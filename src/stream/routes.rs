@@ -88,9 +88,11 @@ pub enum Resolution {
     Respond(Response),
     Open(StreamSpec),
     /// A limit is reached, maybe only because the close of the user's
-    /// previous stream (a page reload) has not been processed yet by another
-    /// reactor or instance: look again shortly, once, before answering 429.
-    Retry(Box<StreamRequest>),
+    /// previous stream (a page reload) has not been processed yet by the
+    /// reactor that holds it, or by another instance. The reactor asks the
+    /// holders (reactor, connection) to look at their sockets now, then looks
+    /// again, once, before answering 429.
+    Retry(Box<StreamRequest>, Vec<(usize, usize)>),
 }
 
 /// The client IP: the peer, or, when the peer is a trusted proxy, the
@@ -494,7 +496,14 @@ fn publish(gw: &Gateway, req: &Request) -> Action {
 }
 
 /// Turns a store outcome into the answer.
-pub fn resolve(gw: &Gateway, pending: Pending, outcome: Outcome) -> Resolution {
+/// `owner` is where the answer is going: (reactor, connection key), which
+/// becomes the stream's address in the registry if it opens.
+pub fn resolve(
+    gw: &Gateway,
+    pending: Pending,
+    outcome: Outcome,
+    owner: (usize, usize),
+) -> Resolution {
     use Resolution::Respond;
     if let Outcome::Unavailable = outcome {
         return Respond(
@@ -522,7 +531,7 @@ pub fn resolve(gw: &Gateway, pending: Pending, outcome: Outcome) -> Resolution {
             if facts.owned.iter().any(|owned| !owned) {
                 return Respond(Response::error(403, "Access denied to one or more devices"));
             }
-            open(gw, s, facts)
+            open(gw, s, facts, owner)
         }
         _ => Respond(Response::error(500, "Unexpected store answer")),
     }
@@ -574,7 +583,12 @@ fn too_many(gw: &Gateway, refusal: Refusal) -> Response {
     Response::with_extra(429, message, extra).header("Retry-After", "1")
 }
 
-fn open(gw: &Gateway, mut s: StreamRequest, facts: StreamFacts) -> Resolution {
+fn open(
+    gw: &Gateway,
+    mut s: StreamRequest,
+    facts: StreamFacts,
+    owner: (usize, usize),
+) -> Resolution {
     let elsewhere = facts.lease.others();
     let refusal = match facts.lease {
         LeaseAnswer::Refused { .. } => {
@@ -591,6 +605,7 @@ fn open(gw: &Gateway, mut s: StreamRequest, facts: StreamFacts) -> Resolution {
                 purpose: s.purpose,
                 devices: s.devices.clone(),
                 connected_at_ms: epoch_ms(),
+                owner,
             };
             let opened = gw
                 .registry
@@ -608,7 +623,8 @@ fn open(gw: &Gateway, mut s: StreamRequest, facts: StreamFacts) -> Resolution {
         // A fresh id, so the retry's lease can never race the release above.
         s.retried = true;
         s.id = uuid::Uuid::new_v4().to_string();
-        return Resolution::Retry(Box::new(s));
+        let holders = gw.registry.holders(&s.ticket.user, s.purpose);
+        return Resolution::Retry(Box::new(s), holders);
     }
     let id = s.id;
     let filter = match (s.purpose, s.ticket.admin) {
