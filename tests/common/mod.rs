@@ -378,9 +378,17 @@ impl GatewayBuilder {
     /// Spawns the gateway and waits (at most 10 s) until `GET /health`
     /// answers 200 (in Redis mode that means the subscriber is subscribed).
     pub fn start(self) -> Gateway {
-        let port = free_port();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let has = |flag: &str| self.args.iter().any(|a| a == flag);
+        // An explicit --listen (a shared port) is where the gateway answers.
+        let given = self
+            .args
+            .iter()
+            .position(|a| a == "--listen")
+            .and_then(|i| self.args.get(i + 1));
+        let addr: SocketAddr = match given {
+            Some(a) => a.parse().expect("--listen takes an address"),
+            None => format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+        };
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_sse-gateway"));
         cmd.env_clear().env("RUST_BACKTRACE", "1");
         if !has("--listen") {

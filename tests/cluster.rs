@@ -1,0 +1,205 @@
+//! Several gateways on one Redis (issue: scale out): every instance delivers
+//! every event to its own streams exactly once, per-user limits hold across
+//! instances through leases that outlive no instance by more than about two
+//! heartbeat periods, and a resume either replays exactly or says
+//! `replay-gap`, never silently loses.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::json;
+
+const T: Duration = Duration::from_secs(5);
+
+fn cluster(n: usize, args: &[&str]) -> (Redis, Vec<Gateway>) {
+    let redis = Redis::start();
+    let gws = (0..n)
+        .map(|_| Gateway::builder().redis(&redis).args(args).start())
+        .collect();
+    (redis, gws)
+}
+
+fn publish_n(redis: &Redis, device: &str, from: u64, to: u64) {
+    for n in from..to {
+        redis.publish(
+            "mqtt:realtime:processed",
+            &json!({"deviceId": device, "data": {"n": n}}).to_string(),
+        );
+    }
+}
+
+#[test]
+fn every_instance_delivers_every_event_to_its_streams_exactly_once() {
+    let (redis, gws) = cluster(3, &[]);
+    let mut streams: Vec<SseStream> = gws
+        .iter()
+        .enumerate()
+        .map(|(i, gw)| data_stream(&redis, gw, &format!("u{i}"), &["D1"]))
+        .collect();
+    publish_n(&redis, "D1", 0, 20);
+    for (i, s) in streams.iter_mut().enumerate() {
+        for n in 0..20 {
+            let f = s.expect_event("realtime-update", T);
+            assert_eq!(f.json()["data"]["n"], n, "instance {i}");
+        }
+        s.expect_no_event(Duration::from_millis(300));
+    }
+}
+
+#[test]
+fn a_users_second_data_stream_on_another_instance_gets_429() {
+    let (redis, gws) = cluster(2, &[]);
+    let first = data_stream(&redis, &gws[0], "alice", &["D1"]);
+    let (ticket, _) = gws[1].ticket_for("alice", r#"{"purpose":"data"}"#);
+    let refused = SseStream::open(gws[1].addr(), &data_path(&ticket, &["D1"]), &[])
+        .err()
+        .expect("a second data stream on another instance is refused");
+    assert_eq!(refused.status, 429, "{}", refused.text());
+    assert_eq!(
+        refused.json()["currentConnections"]["data"],
+        1,
+        "{}",
+        refused.text()
+    );
+    // Alerts are a separate limit, on any instance.
+    let (alerts, _) = gws[1].ticket_for("alice", r#"{"purpose":"alerts"}"#);
+    SseStream::must_open(gws[1].addr(), &alerts_path(&alerts), &[]);
+    // A clean close releases the lease: the other instance opens at once.
+    drop(first);
+    assert!(
+        wait_until(T, || SseStream::open(
+            gws[1].addr(),
+            &data_path(&ticket, &["D1"]),
+            &[]
+        )
+        .is_ok()),
+        "the lease was released:\n{}",
+        gws[0].log()
+    );
+}
+
+#[test]
+fn a_killed_instance_frees_its_users_slots_within_the_lease_time() {
+    // Heartbeat 0.5 s: leases live 1 s (two periods).
+    let (redis, mut gws) = cluster(2, &["--heartbeat-secs", "0.5"]);
+    let _held = data_stream(&redis, &gws[0], "bob", &["D1"]);
+    let (ticket, _) = gws[1].ticket_for("bob", r#"{"purpose":"data"}"#);
+    let path = data_path(&ticket, &["D1"]);
+    // Renewals keep the lease alive well past its lifetime while the holder lives.
+    let until = Instant::now() + Duration::from_millis(2500);
+    while Instant::now() < until {
+        let r = SseStream::open(gws[1].addr(), &path, &[])
+            .err()
+            .expect("still held");
+        assert_eq!(r.status, 429);
+    }
+    let killed = gws.remove(0); // SIGKILL: no cleanup
+    drop(killed);
+    let started = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(5), || SseStream::open(
+            gws[0].addr(),
+            &path,
+            &[]
+        )
+        .is_ok()),
+        "the dead instance's lease expired"
+    );
+    let freed_after = started.elapsed();
+    assert!(
+        freed_after < Duration::from_millis(2500),
+        "freed after {freed_after:?}"
+    );
+}
+
+#[test]
+fn resuming_on_the_same_instance_replays_exactly_and_on_another_says_replay_gap() {
+    let (redis, gws) = cluster(2, &[]);
+    redis.grant("carol", &["D1"]);
+    let (ticket_a, _) = gws[0].ticket_for("carol", r#"{"purpose":"data"}"#);
+    let path_a = data_path(&ticket_a, &["D1"]);
+    let mut s = SseStream::must_open(gws[0].addr(), &path_a, &[]);
+    publish_n(&redis, "D1", 0, 3);
+    let mut last_id = String::new();
+    for n in 0..3 {
+        let f = s.expect_event("realtime-update", T);
+        assert_eq!(f.json()["data"]["n"], n);
+        last_id = f.id.clone().expect("bus events carry ids");
+    }
+    drop(s);
+    assert!(wait_until(T, || get(gws[0].addr(), "/health", &[]).json()
+        ["connections"]
+        == 0));
+    publish_n(&redis, "D1", 3, 5);
+
+    // Same instance: exactly the two missed events, then live ones.
+    let mut again = SseStream::must_open(gws[0].addr(), &path_a, &[("Last-Event-ID", &last_id)]);
+    for n in 3..5 {
+        assert_eq!(
+            again.expect_event("realtime-update", T).json()["data"]["n"],
+            n
+        );
+    }
+    publish_n(&redis, "D1", 5, 6);
+    assert_eq!(
+        again.expect_event("realtime-update", T).json()["data"]["n"],
+        5
+    );
+    drop(again);
+    assert!(wait_until(T, || get(gws[0].addr(), "/health", &[]).json()
+        ["connections"]
+        == 0));
+
+    // Another instance cannot vouch for that id: replay-gap first, never a
+    // silent loss, then live events.
+    let (ticket_b, _) = gws[1].ticket_for("carol", r#"{"purpose":"data"}"#);
+    let path_b = format!(
+        "{}&lastEventId={}",
+        data_path(&ticket_b, &["D1"]),
+        enc(&last_id)
+    );
+    let mut other = SseStream::must_open(gws[1].addr(), &path_b, &[]);
+    let f = other.expect_event("system", T);
+    assert!(f.is_system("replay-gap"), "{:?}", f.raw);
+    publish_n(&redis, "D1", 6, 7);
+    assert_eq!(
+        other.expect_event("realtime-update", T).json()["data"]["n"],
+        6
+    );
+}
+
+#[test]
+fn instances_can_share_one_port() {
+    let redis = Redis::start();
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let gws: Vec<Gateway> = (0..2)
+        .map(|_| {
+            Gateway::builder()
+                .redis(&redis)
+                .args(&["--listen", &listen])
+                .start()
+        })
+        .collect();
+    // Streams opened on the shared port land on either process; each gets events.
+    let mut streams: Vec<SseStream> = (0..8)
+        .map(|i| data_stream(&redis, &gws[0], &format!("p{i}"), &["D1"]))
+        .collect();
+    publish_n(&redis, "D1", 0, 1);
+    for s in streams.iter_mut() {
+        s.expect_event("realtime-update", T);
+    }
+    let total: u64 = gws
+        .iter()
+        .map(|g| {
+            metric_sum(
+                &g.metrics(),
+                |n| n == "sse_streams_open",
+                &["purpose=\"data\""],
+            ) as u64
+        })
+        .sum();
+    assert!(total >= 8, "{total}");
+}
