@@ -1,0 +1,122 @@
+//! The gateway's hot paths, one benchmark each: parsing a request head,
+//! turning a bus message into an encoded frame, fanning one frame out to
+//! 10,000 outboxes, the timer wheel at 100,000 timers, and verifying a ticket.
+//!
+//! `cargo bench --bench hot_paths`; results go to `target/criterion/`.
+
+use std::hint::black_box;
+use std::sync::Arc;
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use sse_gateway::auth::ticket::TicketKey;
+use sse_gateway::auth::{Identity, UserId};
+use sse_gateway::http::head;
+use sse_gateway::reactor::outbox::Outbox;
+use sse_gateway::reactor::timer::TimerWheel;
+use sse_gateway::stream::frame::{self, EventId, Frame, Purpose};
+
+const REQUEST: &[u8] = b"GET /sse/stream?ticket=eyJ0eXAiOiJKV1QiLCJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ1MSJ9.sig&deviceIds=Machine%201,Machine%202 HTTP/1.1\r\nHost: gateway.example\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\nLast-Event-ID: 1795307831033-7\r\nOrigin: https://dashboard.example\r\nUser-Agent: Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 Chrome/156.0 Safari/537.36\r\nX-Forwarded-For: 203.0.113.7\r\n\r\n";
+
+const MESSAGE: &[u8] = br#"{"deviceId":"Machine 1","data":{"devId":"Machine 1","Data":{"T1":204.3,"OT":55.0,"RPM":1249,"OPM":4}}}"#;
+
+fn head_parse(c: &mut Criterion) {
+    let mut g = c.benchmark_group("head");
+    g.throughput(Throughput::Bytes(REQUEST.len() as u64));
+    g.bench_function("parse_stream_request", |b| {
+        b.iter(|| match head::parse(black_box(REQUEST)) {
+            head::Parse::Complete(h) => h.head_len,
+            _ => 0,
+        })
+    });
+    g.finish();
+}
+
+fn frame_encode(c: &mut Criterion) {
+    c.bench_function("frame/message_to_encoded_frame", |b| {
+        b.iter(|| {
+            let m = frame::message(
+                "mqtt:realtime:processed",
+                black_box(MESSAGE),
+                1_795_307_831_033,
+            )
+            .ok()?;
+            let id = EventId {
+                ms: 1_795_307_831_033,
+                seq: 7,
+            };
+            Some(Frame::encode(Some(id), m.event, &m.device, &m.data).len())
+        })
+    });
+}
+
+fn fanout(c: &mut Criterion) {
+    let m = frame::message("mqtt:realtime:processed", MESSAGE, 1).ok();
+    let f = m.map(|m| Arc::new(Frame::encode(None, m.event, &m.device, &m.data)));
+    let Some(f) = f else { return };
+    let mut g = c.benchmark_group("fanout");
+    g.throughput(Throughput::Elements(10_000));
+    g.bench_function("one_frame_to_10k_outboxes", |b| {
+        b.iter_batched_ref(
+            || (0..10_000).map(|_| Outbox::default()).collect::<Vec<_>>(),
+            |outboxes| {
+                for o in outboxes.iter_mut() {
+                    o.push_frame(&f);
+                }
+            },
+            BatchSize::LargeInput,
+        )
+    });
+    g.finish();
+}
+
+fn timers(c: &mut Criterion) {
+    let mut g = c.benchmark_group("timer_wheel");
+    g.throughput(Throughput::Elements(100_000));
+    g.bench_function("insert_100k", |b| {
+        b.iter_batched_ref(
+            || TimerWheel::new(0),
+            |w| {
+                for i in 0..100_000u64 {
+                    w.insert(25_000 + (i * 7919) % 25_000, i as usize);
+                }
+            },
+            BatchSize::LargeInput,
+        )
+    });
+    g.bench_function("expire_100k", |b| {
+        b.iter_batched_ref(
+            || {
+                let mut w = TimerWheel::new(0);
+                for i in 0..100_000u64 {
+                    w.insert(25_000 + (i * 7919) % 25_000, i as usize);
+                }
+                (w, Vec::with_capacity(100_000))
+            },
+            |(w, out)| {
+                // Advance the way the reactor does: to each next deadline.
+                while let Some(at) = w.next_deadline() {
+                    w.poll(at, out);
+                }
+                out.len()
+            },
+            BatchSize::LargeInput,
+        )
+    });
+    g.finish();
+}
+
+fn tickets(c: &mut Criterion) {
+    let key = TicketKey::new(b"bench-ticket-secret");
+    let who = Identity {
+        user: UserId::named("u1"),
+        admin: false,
+    };
+    let now = sse_gateway::time::epoch_ms() / 1000;
+    let minted = key.mint(&who, Some(Purpose::Data), 3600, now);
+    c.bench_function("ticket/verify", |b| {
+        b.iter(|| key.verify(black_box(&minted.token)).is_some())
+    });
+}
+
+criterion_group!(benches, head_parse, frame_encode, fanout, timers, tickets);
+criterion_main!(benches);
