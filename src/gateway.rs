@@ -24,20 +24,20 @@ use crate::metrics::Metrics;
 use crate::reactor::mailbox::{Mailbox, Mailboxes};
 use crate::reactor::{listener, Reactor, WAKER};
 use crate::stream::frame::Purpose;
-use crate::stream::registry::{Limits, Registry};
+use crate::stream::registry::{Limits, Registry, StreamId};
 use crate::stream::replay::ReplayWindow;
 use crate::time::epoch_ms;
 
 impl Gateway {
     /// A stream ended (or never started after taking its slot): free its
     /// limit slot here and its lease in Redis.
-    pub fn stream_closed(&self, user: &UserId, ip: IpAddr, purpose: Purpose, stream_id: &str) {
+    pub fn stream_closed(&self, user: &UserId, ip: IpAddr, purpose: Purpose, stream_id: StreamId) {
         self.registry.close(user, ip, stream_id);
         self.release_lease(user, purpose, stream_id);
     }
 
     /// Gives back a stream's cluster-wide lease (Redis mode).
-    pub fn release_lease(&self, user: &UserId, purpose: Purpose, stream_id: &str) {
+    pub fn release_lease(&self, user: &UserId, purpose: Purpose, stream_id: StreamId) {
         if let Some(leases) = &self.leases {
             self.store.fire(Job::ReleaseLease {
                 key: lease::key(&user.key, purpose),

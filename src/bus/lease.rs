@@ -23,7 +23,7 @@ use log::warn;
 
 use crate::auth::UserId;
 use crate::stream::frame::Purpose;
-use crate::stream::registry::Registry;
+use crate::stream::registry::{Registry, StreamId};
 use crate::time::epoch_ms;
 
 /// Returns the number of other instances' live leases; negative
@@ -101,11 +101,17 @@ impl Leases {
         }
     }
 
-    pub fn member(&self, stream_id: &str) -> String {
+    pub fn member(&self, stream_id: StreamId) -> String {
         format!("{}:{stream_id}", self.instance)
     }
 
-    pub fn ask(&self, user: &UserId, purpose: Purpose, stream_id: &str, limit: u32) -> LeaseAsk {
+    pub fn ask(
+        &self,
+        user: &UserId,
+        purpose: Purpose,
+        stream_id: StreamId,
+        limit: u32,
+    ) -> LeaseAsk {
         LeaseAsk {
             key: key(&user.key, purpose),
             member: self.member(stream_id),
@@ -152,7 +158,7 @@ impl Leases {
                     .arg(&key)
                     .arg("XX")
                     .arg(expiry)
-                    .arg(self.member(id))
+                    .arg(self.member(*id))
                     .ignore();
                 pipe.cmd("PEXPIRE")
                     .arg(&key)

@@ -44,7 +44,7 @@ pub struct Retry {
 }
 
 pub struct Stream {
-    pub id: String,
+    pub id: crate::stream::registry::StreamId,
     pub user: UserId,
     pub client: std::net::IpAddr,
     pub purpose: Purpose,

@@ -471,7 +471,7 @@ impl Reactor {
             Resolution::Open(spec) if self.draining => {
                 let user = &spec.ticket.user;
                 self.gw
-                    .stream_closed(user, spec.client, spec.purpose, &spec.id);
+                    .stream_closed(user, spec.client, spec.purpose, spec.id);
                 let r = Response::error(503, "Shutting down, reconnect shortly");
                 self.respond(key, &exchange, r);
             }
@@ -570,7 +570,7 @@ impl Reactor {
         let Some(conn) = self.conns.get_mut(key) else {
             let user = &spec.ticket.user;
             self.gw
-                .stream_closed(user, spec.client, spec.purpose, &spec.id);
+                .stream_closed(user, spec.client, spec.purpose, spec.id);
             return;
         };
         conn.outbox
@@ -816,7 +816,7 @@ impl Reactor {
         };
         self.subs.remove(key, stream.purpose, &stream.filter);
         self.gw
-            .stream_closed(&stream.user, stream.client, stream.purpose, &stream.id);
+            .stream_closed(&stream.user, stream.client, stream.purpose, stream.id);
         let secs = self.now().saturating_sub(stream.opened) as f64 / 1000.0;
         info!(
             "stream closed id={} user={} purpose={} after {secs:.1}s cause={cause:?}",

@@ -105,6 +105,10 @@ impl Outbox {
                 Err(e) => return Err(e),
             }
         }
+        // An idle stream keeps no buffer: most streams spend most of their
+        // life between a heartbeat and the next, and the allocation is cheap
+        // next to the writev that follows it.
+        self.chunks = VecDeque::new();
         Ok(Flushed::All)
     }
 

@@ -14,12 +14,16 @@ use crate::auth::UserId;
 use crate::metrics::Metrics;
 use crate::stream::frame::Purpose;
 
+/// A stream's id: a random (v4) UUID, kept as its 16 bytes.
+pub type StreamId = uuid::Uuid;
+
 /// One open stream, as `/sse/status` lists it.
 #[derive(Clone, Debug)]
 pub struct ActiveStream {
-    pub id: String,
+    pub id: StreamId,
     pub purpose: Purpose,
-    pub devices: Vec<String>,
+    /// The data stream's devices (shared with its filter; empty for alerts).
+    pub devices: Arc<[Box<str>]>,
     pub connected_at_ms: u64,
     /// Where its socket lives: (reactor, connection key).
     pub owner: (usize, usize),
@@ -142,7 +146,11 @@ impl Registry {
             });
         }
         *t.ips.entry(ip).or_default() += 1;
-        let u = t.users.entry(user.key.clone()).or_default();
+        // Most users hold one or two streams: no room for four up front.
+        let u = t.users.entry(user.key.clone()).or_insert_with(|| User {
+            counts: Counts::default(),
+            streams: Vec::with_capacity(1),
+        });
         *u.counts.slot(purpose) += 1;
         u.streams.push(stream);
         t.total += 1;
@@ -152,7 +160,7 @@ impl Registry {
     }
 
     /// Gives back the slot of stream `id`.
-    pub fn close(&self, user: &UserId, ip: IpAddr, id: &str) {
+    pub fn close(&self, user: &UserId, ip: IpAddr, id: StreamId) {
         let mut t = self.lock();
         let Some(u) = t.users.get_mut(&user.key) else {
             return;
@@ -197,12 +205,12 @@ impl Registry {
     }
 
     /// Every open stream: (user, purpose, stream id), for lease renewal.
-    pub fn all(&self) -> Vec<(Box<str>, Purpose, String)> {
+    pub fn all(&self) -> Vec<(Box<str>, Purpose, StreamId)> {
         let t = self.lock();
         let mut out = Vec::with_capacity(t.total);
         for (user, u) in &t.users {
             for s in &u.streams {
-                out.push((user.clone(), s.purpose, s.id.clone()));
+                out.push((user.clone(), s.purpose, s.id));
             }
         }
         out
@@ -219,12 +227,17 @@ mod tests {
 
     fn stream(id: &str, purpose: Purpose) -> ActiveStream {
         ActiveStream {
-            id: id.into(),
+            id: sid(id),
             purpose,
-            devices: vec![],
+            devices: Arc::from(Vec::new()),
             connected_at_ms: 0,
             owner: (0, 0),
         }
+    }
+
+    /// A test id from a short name.
+    fn sid(name: &str) -> StreamId {
+        uuid::Uuid::from_u128(name.bytes().fold(1, |h, b| h * 131 + u128::from(b)))
     }
 
     #[test]
@@ -257,14 +270,14 @@ mod tests {
             })
         );
         assert_eq!(r.total(), 3);
-        r.close(&alice, ip, "a1");
-        r.close(&alice, ip, "a1"); // twice: harmless
+        r.close(&alice, ip, sid("a1"));
+        r.close(&alice, ip, sid("a1")); // twice: harmless
         assert_eq!(r.open(&alice, ip, stream("a4", Purpose::Data), 0), Ok(()));
         let (counts, streams) = r.of(&alice);
         assert_eq!(counts, Counts { alerts: 1, data: 1 });
         assert_eq!(streams.len(), 2);
         for (u, id) in [(&alice, "a3"), (&alice, "a4"), (&bob, "b1")] {
-            r.close(u, ip, id);
+            r.close(u, ip, sid(id));
         }
         assert_eq!(r.total(), 0);
         assert_eq!(r.of(&alice).0, Counts::default());

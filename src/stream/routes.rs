@@ -5,6 +5,7 @@
 //! contract's endpoint list.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -20,7 +21,7 @@ use crate::http::head::{Head, Method};
 use crate::http::query;
 use crate::http::response::Response;
 use crate::stream::frame::{self, Event, Purpose};
-use crate::stream::registry::{ActiveStream, Refusal};
+use crate::stream::registry::{ActiveStream, Refusal, StreamId};
 use crate::time::{epoch_ms, iso8601};
 
 pub const MAX_DEVICE_ID_BYTES: usize = 128;
@@ -50,9 +51,9 @@ pub enum Pending {
 }
 
 pub struct StreamRequest {
-    /// The stream's id (a UUID), chosen before the lookup so its lease can
-    /// be taken in the same round trip.
-    pub id: String,
+    /// The stream's id, chosen before the lookup so its lease can be taken
+    /// in the same round trip.
+    pub id: StreamId,
     pub ticket: Ticket,
     pub purpose: Purpose,
     pub devices: Vec<String>,
@@ -67,14 +68,14 @@ pub struct StreamRequest {
 #[derive(Debug, Clone)]
 pub enum Filter {
     /// Events of these devices.
-    Devices(Vec<Box<str>>),
+    Devices(Arc<[Box<str>]>),
     /// Every device (an admin's alerts stream).
     All,
 }
 
 /// Everything a reactor needs to open a stream whose slot is already taken.
 pub struct StreamSpec {
-    pub id: String,
+    pub id: StreamId,
     pub ticket: Ticket,
     pub purpose: Purpose,
     pub filter: Filter,
@@ -398,7 +399,7 @@ fn stream_request(gw: &Gateway, req: &Request, purpose: Purpose) -> Action {
         .or_else(|| query::param(&head.query, "lastEventId").map(|c| c.into_owned()))
         .filter(|s| !s.is_empty());
     let request = StreamRequest {
-        id: uuid::Uuid::new_v4().to_string(),
+        id: StreamId::new_v4(),
         ticket,
         purpose,
         devices,
@@ -432,7 +433,7 @@ pub fn stream_job(gw: &Gateway, r: &StreamRequest) -> Job {
         lease: gw
             .leases
             .as_ref()
-            .map(|leases| leases.ask(&r.ticket.user, r.purpose, &r.id, limit)),
+            .map(|leases| leases.ask(&r.ticket.user, r.purpose, r.id, limit)),
     }
 }
 
@@ -544,10 +545,10 @@ fn status_body(gw: &Gateway, t: &Ticket) -> Response {
         .iter()
         .map(|s| {
             json!({
-                "id": s.id,
+                "id": s.id.to_string(),
                 "purpose": s.purpose.as_str(),
                 "deviceCount": s.devices.len(),
-                "devices": s.devices,
+                "devices": s.devices.iter().map(|d| &**d).collect::<Vec<&str>>(),
                 "connectedAt": iso8601(s.connected_at_ms),
                 "uptime": now.saturating_sub(s.connected_at_ms) / 1000,
             })
@@ -590,6 +591,8 @@ fn open(
     owner: (usize, usize),
 ) -> Resolution {
     let elsewhere = facts.lease.others();
+    // One copy of the device list, shared by the registry and the filter.
+    let devices: Arc<[Box<str>]> = s.devices.iter().map(|d| d.as_str().into()).collect();
     let refusal = match facts.lease {
         LeaseAnswer::Refused { .. } => {
             let mut current = gw.registry.of(&s.ticket.user).0;
@@ -601,9 +604,12 @@ fn open(
         }
         _ => {
             let active = ActiveStream {
-                id: s.id.clone(),
+                id: s.id,
                 purpose: s.purpose,
-                devices: s.devices.clone(),
+                devices: match s.purpose {
+                    Purpose::Data => devices.clone(),
+                    Purpose::Alerts => Arc::from(Vec::new()),
+                },
                 connected_at_ms: epoch_ms(),
                 owner,
             };
@@ -611,7 +617,7 @@ fn open(
                 .registry
                 .open(&s.ticket.user, s.client, active, elsewhere);
             if let (Err(_), LeaseAnswer::Granted { .. }) = (&opened, facts.lease) {
-                gw.release_lease(&s.ticket.user, s.purpose, &s.id);
+                gw.release_lease(&s.ticket.user, s.purpose, s.id);
             }
             opened.err()
         }
@@ -622,7 +628,7 @@ fn open(
         }
         // A fresh id, so the retry's lease can never race the release above.
         s.retried = true;
-        s.id = uuid::Uuid::new_v4().to_string();
+        s.id = StreamId::new_v4();
         let holders = gw.registry.holders(&s.ticket.user, s.purpose);
         return Resolution::Retry(Box::new(s), holders);
     }
@@ -632,9 +638,7 @@ fn open(
         (Purpose::Alerts, false) => {
             Filter::Devices(facts.owned_set.into_iter().map(Into::into).collect())
         }
-        (Purpose::Data, _) => {
-            Filter::Devices(s.devices.iter().map(|d| d.as_str().into()).collect())
-        }
+        (Purpose::Data, _) => Filter::Devices(devices),
     };
     let mut snapshot = Vec::new();
     let now = iso8601(epoch_ms());

@@ -29,8 +29,15 @@ impl Subscriptions {
             Filter::All => self.alerts_all.push(stream),
             Filter::Devices(devices) => {
                 let table = self.table(purpose);
-                for d in devices {
-                    table.entry(d.clone()).or_default().push(stream);
+                for d in devices.iter() {
+                    // Look up before inserting: the key is cloned only for a
+                    // device nobody here watched yet.
+                    match table.get_mut(&**d) {
+                        Some(list) => list.push(stream),
+                        None => {
+                            table.insert(d.clone(), vec![stream]);
+                        }
+                    }
                 }
             }
         }
@@ -46,11 +53,11 @@ impl Subscriptions {
             Filter::All => drop_from(&mut self.alerts_all),
             Filter::Devices(devices) => {
                 let table = self.table(purpose);
-                for d in devices {
-                    if let Some(list) = table.get_mut(d) {
+                for d in devices.iter() {
+                    if let Some(list) = table.get_mut(&**d) {
                         drop_from(list);
                         if list.is_empty() {
-                            table.remove(d);
+                            table.remove(&**d);
                         }
                     }
                 }
