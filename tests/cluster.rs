@@ -198,3 +198,50 @@ fn instances_can_share_one_port() {
         .sum();
     assert_eq!(opened, 8);
 }
+
+#[test]
+fn max_rate_per_device_sends_the_newest_value_and_nothing_stale() {
+    let (redis, gws) = cluster(1, &["--max-rate-per-device", "2"]);
+    let mut s = data_stream(&redis, &gws[0], "dave", &["D1", "D2"]);
+    // A burst of 10 on D1: the first goes at once, the rest conflate into the
+    // newest, sent when D1's next slot opens (500 ms later).
+    publish_n(&redis, "D1", 0, 10);
+    // Other event kinds and other devices are not held back.
+    redis.publish(
+        "mqtt:spc:processed",
+        r#"{"deviceId":"D1","data":{"spc":1}}"#,
+    );
+    redis.publish(
+        "mqtt:realtime:processed",
+        r#"{"deviceId":"D2","data":{"n":100}}"#,
+    );
+    let mut realtime = Vec::new();
+    let mut spc = 0;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline && realtime.len() < 3 {
+        let Some(f) = s.next_event(Duration::from_millis(200)) else {
+            continue;
+        };
+        match f.event.as_deref() {
+            Some("realtime-update") => realtime.push(f.json()["data"]["n"].as_u64().unwrap()),
+            Some("spc-update") => spc += 1,
+            _ => {}
+        }
+    }
+    assert_eq!(spc, 1);
+    assert_eq!(
+        realtime,
+        vec![0, 100, 9],
+        "first at once, other device at once, then the newest"
+    );
+    s.expect_no_event(Duration::from_millis(800));
+    let conflated = metric_sum(
+        &gws[0].metrics(),
+        |n| n == "sse_events_conflated_total",
+        &[],
+    );
+    assert_eq!(
+        conflated, 8.0,
+        "values 1..=8 were replaced before they were sent"
+    );
+}

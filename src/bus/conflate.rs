@@ -41,7 +41,8 @@ pub enum Offer {
     /// Send it now.
     Send(Message),
     /// Held; it (or a newer value) goes out when the device's slot opens.
-    Held,
+    /// `replaced`: an older held value was dropped for it.
+    Held { replaced: bool },
 }
 
 impl Conflator {
@@ -71,11 +72,12 @@ impl Conflator {
         }
         let due = slot.next_free;
         let device = msg.device.clone();
-        if slot.pending.replace(msg).is_none() {
+        let replaced = slot.pending.replace(msg).is_some();
+        if !replaced {
             s.due.push(Reverse((due, device)));
             self.wake.notify_one();
         }
-        Offer::Held
+        Offer::Held { replaced }
     }
 
     /// The held messages due by `now`, each device's slot moved on.
@@ -152,7 +154,7 @@ mod tests {
     fn sent(o: Offer) -> Option<String> {
         match o {
             Offer::Send(m) => Some(String::from_utf8(m.data).unwrap()),
-            Offer::Held => None,
+            Offer::Held { .. } => None,
         }
     }
 

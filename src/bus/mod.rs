@@ -128,8 +128,10 @@ impl Hub {
         let msg = match (&self.conflator, msg.event) {
             (Some(c), Event::RealtimeUpdate) => match c.offer(msg, now) {
                 Offer::Send(m) => m,
-                Offer::Held => {
-                    self.metrics.conflated.fetch_add(1, Relaxed);
+                Offer::Held { replaced } => {
+                    if replaced {
+                        self.metrics.conflated.fetch_add(1, Relaxed);
+                    }
                     return Ok(Published::Held);
                 }
             },
