@@ -105,10 +105,12 @@ impl Outbox {
                 Err(e) => return Err(e),
             }
         }
-        // An idle stream keeps no buffer: most streams spend most of their
-        // life between a heartbeat and the next, and the allocation is cheap
-        // next to the writev that follows it.
-        self.chunks = VecDeque::new();
+        // Keep room for one chunk, no more: most streams spend their life
+        // between one frame and the next, so this is all an idle stream holds,
+        // and a stream that gets one frame per turn never allocates for it.
+        if self.chunks.capacity() > 1 {
+            self.chunks.shrink_to(1);
+        }
         Ok(Flushed::All)
     }
 
