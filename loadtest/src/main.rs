@@ -1,1 +1,90 @@
-fn main() {}
+//! `loadtest`: the load-test harness of sse-gateway.
+//!
+//! - `loadtest compare`: every scenario against the gateway, the NestJS
+//!   baseline and the floor; writes `loadtest/RESULTS.md` and `results.json`.
+//! - `loadtest smoke --gateway PATH`: the CI check (exactly-once delivery).
+//! - `loadtest worker <i>` and `loadtest floor-server <port> <devices>`: the
+//!   processes the harness starts itself.
+//!
+//! Only loopback addresses are ever contacted, every loop is bounded, and the
+//! processes it starts are ended by PID.
+
+mod auth;
+mod charts;
+mod client;
+mod compare;
+mod fleet;
+mod floor;
+mod hist;
+mod lab;
+mod proc;
+mod protocol;
+mod publisher;
+mod report;
+mod resp;
+mod scenario;
+mod services;
+mod smoke;
+mod sse;
+mod worker;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "loadtest", about = "Load-test harness of sse-gateway")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Every scenario against the gateway, the NestJS baseline and the floor.
+    Compare(Box<compare::CompareOpts>),
+    /// Rewrites RESULTS.md and the charts from a results.json (no measuring).
+    Report {
+        #[arg(long, default_value = "loadtest/results.json")]
+        json: std::path::PathBuf,
+        #[arg(long, default_value = "loadtest/RESULTS.md")]
+        out: std::path::PathBuf,
+    },
+    /// Exactly-once check against the gateway only, for CI.
+    Smoke(smoke::SmokeOpts),
+    /// (internal) a client worker process.
+    #[command(hide = true)]
+    Worker { index: u32 },
+    /// (internal) the floor server.
+    #[command(hide = true)]
+    FloorServer {
+        port: u16,
+        #[arg(default_value_t = 100)]
+        devices: usize,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let code = match cli.command {
+        Cmd::Worker { index } => worker::run(index),
+        Cmd::FloorServer { port, devices } => floor::run(port, devices, "d"),
+        Cmd::Smoke(opts) => smoke::run(&opts),
+        Cmd::Report { json, out } => match compare::rerender(&json, &out) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("report: {e}");
+                1
+            }
+        },
+        Cmd::Compare(opts) => {
+            let command = std::env::args().collect::<Vec<_>>().join(" ");
+            match compare::run(&opts, command) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("compare: {e}");
+                    1
+                }
+            }
+        }
+    };
+    std::process::exit(code);
+}

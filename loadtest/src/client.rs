@@ -1,0 +1,700 @@
+//! The many-stream client that runs inside each worker process: one mio
+//! `Poll`, one non-blocking socket per stream, each bound to its own source
+//! address in 127.0.0.0/8 before connecting (so neither the ephemeral port
+//! range nor any per-IP limit binds), driven through the real flow:
+//!
+//! ```text
+//! connect ─▶ POST /sse/stream-ticket (Bearer) ─▶ GET /sse/stream?deviceId&ticket ─▶ streaming
+//!                                   (same keep-alive connection)
+//! ```
+//! A reconnect reuses the ticket, as EventSource reuses its URL. Streaming
+//! bytes are de-chunked when the server chunks them, parsed as SSE, and each
+//! data/alert event's `seq` and `t_pub_ns` feed the loss/duplicate counters
+//! and the latency histogram.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use mio::net::TcpStream;
+use mio::{Interest, Poll, Token};
+use serde::Deserialize;
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::auth::Minter;
+use crate::hist::Histogram;
+use crate::protocol::{Check, Clients, Stats, StreamKind, TargetKind};
+use crate::sse::{self, Dechunker, HeadParse, SseParser};
+
+/// A handshake (connect, ticket, stream head) must finish within this.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// New handshakes started per loop turn, so events keep being served.
+const STARTS_PER_TURN: usize = 256;
+/// Response bytes buffered before the head or ticket body is complete.
+const MAX_RESPONSE: usize = 64 * 1024;
+
+pub fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// One simulated browser tab.
+struct Slot {
+    user: String,
+    device: String,
+    token: Option<String>,
+    ticket: Option<String>,
+    conn: Option<usize>,
+    attempt: u32,
+    open: bool,
+    /// Highest `seq` seen and how many distinct events arrived in order.
+    highest: u64,
+    unique: u64,
+    dups: u64,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Phase {
+    Connecting,
+    /// The ticket request is out; waiting for its response.
+    Ticket,
+    /// The stream request is out; waiting for its head.
+    Stream,
+    Streaming,
+}
+
+struct Conn {
+    sock: TcpStream,
+    slot: usize,
+    phase: Phase,
+    out: Vec<u8>,
+    out_pos: usize,
+    input: Vec<u8>,
+    chunked: Option<Dechunker>,
+    sse: SseParser,
+    deadline: Instant,
+}
+
+struct Target {
+    kind: TargetKind,
+    addr: SocketAddr,
+    host: String,
+    minter: Minter,
+}
+
+pub struct Client {
+    index: u32,
+    target: Option<Target>,
+    clients: Option<Clients>,
+    slots: Vec<Slot>,
+    conns: Vec<Option<Conn>>,
+    free: Vec<usize>,
+    queue: VecDeque<usize>,
+    retry: Vec<(Instant, usize)>,
+    inflight: usize,
+    concurrency: usize,
+    attempts: u32,
+    /// Source addresses handed out so far.
+    sources: u64,
+    stats: Stats,
+    hist: Histogram,
+    total_dups: u64,
+    scratch: Vec<u8>,
+    rng: u64,
+    /// Sockets whose read loop stopped at its bound with data possibly left:
+    /// read again next turn (no new readiness edge will come for it).
+    more: Vec<usize>,
+}
+
+#[derive(Deserialize)]
+struct TicketResponse {
+    ticket: String,
+}
+
+impl Client {
+    pub fn new(index: u32) -> Client {
+        Client {
+            index,
+            target: None,
+            clients: None,
+            slots: Vec::new(),
+            conns: Vec::new(),
+            free: Vec::new(),
+            queue: VecDeque::new(),
+            retry: Vec::new(),
+            inflight: 0,
+            concurrency: 1,
+            attempts: 1,
+            sources: 0,
+            stats: Stats::default(),
+            hist: Histogram::default(),
+            total_dups: 0,
+            scratch: Vec::with_capacity(64 * 1024),
+            rng: 0x9E37_79B9_7F4A_7C15 ^ u64::from(index),
+            more: Vec::new(),
+        }
+    }
+
+    /// Something is waiting to start, or to be read.
+    pub fn has_queued(&self) -> bool {
+        (!self.queue.is_empty() && self.inflight < self.concurrency) || !self.more.is_empty()
+    }
+
+    /// Continues the reads that stopped at their bound last turn.
+    pub fn read_more(&mut self, poll: &Poll) {
+        for key in std::mem::take(&mut self.more) {
+            self.read(poll, key);
+        }
+    }
+
+    pub fn open(
+        &mut self,
+        kind: TargetKind,
+        addr: &str,
+        secret: &str,
+        clients: Clients,
+        concurrency: usize,
+        attempts: u32,
+    ) -> Result<(), String> {
+        if self.clients.is_some() {
+            return Err("clients already opened in this worker".into());
+        }
+        let addr: SocketAddr = addr.parse().map_err(|e| format!("addr {addr}: {e}"))?;
+        if !is_loopback(&addr) {
+            return Err(format!("{addr} is not a loopback address"));
+        }
+        self.target = Some(Target {
+            kind,
+            addr,
+            host: addr.to_string(),
+            minter: Minter::new(secret),
+        });
+        for i in clients.first..clients.first + clients.count {
+            self.slots.push(Slot {
+                user: clients.user(i),
+                device: clients.device(i),
+                token: None,
+                ticket: None,
+                conn: None,
+                attempt: 0,
+                open: false,
+                highest: 0,
+                unique: 0,
+                dups: 0,
+            });
+        }
+        self.clients = Some(clients);
+        self.stats.clients = self.slots.len() as u64;
+        self.concurrency = concurrency.max(1);
+        self.attempts = attempts.max(1);
+        self.queue.extend(0..self.slots.len());
+        Ok(())
+    }
+
+    pub fn reconnect(&mut self, concurrency: usize, attempts: u32) {
+        self.concurrency = concurrency.max(1);
+        self.attempts = attempts.max(1);
+        self.queue.clear();
+        self.retry.clear();
+        for (i, slot) in self.slots.iter_mut().enumerate() {
+            if slot.conn.is_none() {
+                slot.attempt = 0;
+                self.queue.push_back(i);
+            }
+        }
+    }
+
+    /// Closes every connection, as tabs that all go away at once.
+    pub fn drop_all(&mut self, poll: &Poll) {
+        self.queue.clear();
+        self.retry.clear();
+        for key in 0..self.conns.len() {
+            if let Some(mut conn) = self.conns[key].take() {
+                let _ = poll.registry().deregister(&mut conn.sock);
+                self.free.push(key);
+                if let Some(slot) = self.slots.get_mut(conn.slot) {
+                    slot.conn = None;
+                    slot.open = false;
+                }
+            }
+        }
+        self.inflight = 0;
+        self.stats.open_now = 0;
+    }
+
+    pub fn stats(&self) -> Stats {
+        let mut s = self.stats.clone();
+        s.pending = (self.queue.len() + self.retry.len() + self.inflight) as u64;
+        s.latency = self.hist.sparse();
+        s
+    }
+
+    pub fn reset(&mut self) {
+        let (clients, open_now) = (self.stats.clients, self.stats.open_now);
+        self.stats = Stats {
+            clients,
+            open_now,
+            ..Stats::default()
+        };
+        self.hist.clear();
+    }
+
+    pub fn check(&self, published: &BTreeMap<String, u64>) -> Check {
+        let mut c = Check {
+            dups: self.total_dups,
+            ..Check::default()
+        };
+        for slot in &self.slots {
+            let p = published.get(&slot.device).copied().unwrap_or(0);
+            c.expected += p;
+            c.unique += slot.unique.min(p);
+            c.lost += p.saturating_sub(slot.unique);
+        }
+        c
+    }
+
+    // ----- the loop's work ---------------------------------------------------
+
+    /// Starts queued handshakes and due retries; fails handshakes that are late.
+    pub fn tick(&mut self, poll: &Poll) {
+        let now = Instant::now();
+        if !self.retry.is_empty() {
+            let mut due = Vec::new();
+            self.retry.retain(|(at, slot)| {
+                if *at <= now {
+                    due.push(*slot);
+                    false
+                } else {
+                    true
+                }
+            });
+            self.queue.extend(due);
+        }
+        let mut started = 0;
+        while self.inflight < self.concurrency && started < STARTS_PER_TURN {
+            let Some(slot) = self.queue.pop_front() else {
+                break;
+            };
+            started += 1;
+            self.start(poll, slot);
+        }
+    }
+
+    pub fn expire(&mut self, poll: &Poll) {
+        let now = Instant::now();
+        let late: Vec<usize> = self
+            .conns
+            .iter()
+            .enumerate()
+            .filter_map(|(k, c)| {
+                c.as_ref()
+                    .filter(|c| c.phase != Phase::Streaming && c.deadline <= now)
+                    .map(|_| k)
+            })
+            .collect();
+        for key in late {
+            self.fail(poll, key, "timeout");
+        }
+    }
+
+    /// Next source address: 127.(10+worker).x.y, spread over 250 x 250 hosts.
+    fn source(&mut self) -> SocketAddr {
+        let k = self.sources;
+        self.sources += 1;
+        let b = 10 + (self.index % 200) as u8;
+        let c = ((k / 250) % 250) as u8;
+        let d = (k % 250) as u8 + 1;
+        SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(127, b, c, d), 0))
+    }
+
+    fn start(&mut self, poll: &Poll, slot_idx: usize) {
+        let Some(target) = self.target.as_ref() else {
+            return;
+        };
+        let addr = target.addr;
+        let request = match self.first_request(slot_idx) {
+            Ok(r) => r,
+            Err(e) => {
+                *self.stats.errors.entry(e).or_default() += 1;
+                self.stats.failed += 1;
+                return;
+            }
+        };
+        let src = self.source();
+        let sock = match connect_from(src, addr) {
+            Ok(s) => s,
+            Err(e) => {
+                self.note_error(&format!("socket_{}", errno_name(&e)));
+                self.retry_or_fail(slot_idx);
+                return;
+            }
+        };
+        let key = self.free.pop().unwrap_or_else(|| {
+            self.conns.push(None);
+            self.conns.len() - 1
+        });
+        let mut conn = Conn {
+            sock,
+            slot: slot_idx,
+            phase: Phase::Connecting,
+            out: request,
+            out_pos: 0,
+            input: Vec::new(),
+            chunked: None,
+            sse: SseParser::default(),
+            deadline: Instant::now() + HANDSHAKE_TIMEOUT,
+        };
+        if let Err(e) = poll.registry().register(
+            &mut conn.sock,
+            Token(key),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            self.free.push(key);
+            self.note_error(&format!("register_{}", errno_name(&e)));
+            self.retry_or_fail(slot_idx);
+            return;
+        }
+        self.conns[key] = Some(conn);
+        self.slots[slot_idx].conn = Some(key);
+        self.inflight += 1;
+    }
+
+    /// The ticket request, or the stream request when a ticket is at hand.
+    fn first_request(&mut self, slot_idx: usize) -> Result<Vec<u8>, String> {
+        let Some(target) = self.target.as_ref() else {
+            return Err("no_target".into());
+        };
+        let kind = self.clients.as_ref().map(|c| c.kind);
+        let slot = &mut self.slots[slot_idx];
+        if target.kind == TargetKind::Floor {
+            return Ok(format!(
+                "GET /floor?deviceId={} HTTP/1.1\r\nHost: {}\r\n\r\n",
+                slot.device, target.host
+            )
+            .into_bytes());
+        }
+        if slot.ticket.is_some() {
+            return Ok(stream_request(target, slot, kind));
+        }
+        if slot.token.is_none() {
+            slot.token = Some(target.minter.token(&slot.user)?);
+        }
+        let purpose = match kind {
+            Some(StreamKind::Alerts) => "alerts",
+            _ => "data",
+        };
+        let body = format!(r#"{{"purpose":"{purpose}","ttlSeconds":3600}}"#);
+        Ok(format!(
+            "POST /sse/stream-ticket HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{}",
+            target.host,
+            slot.token.as_deref().unwrap_or(""),
+            body.len(),
+            body
+        )
+        .into_bytes())
+    }
+
+    fn note_error(&mut self, kind: &str) {
+        *self.stats.errors.entry(kind.to_owned()).or_default() += 1;
+    }
+
+    fn retry_or_fail(&mut self, slot_idx: usize) {
+        let slot = &mut self.slots[slot_idx];
+        slot.attempt += 1;
+        if slot.attempt < self.attempts {
+            // 100 ms doubling to 1.6 s, with jitter, as a browser would back off.
+            let base = 100u64 << slot.attempt.min(4);
+            self.rng ^= self.rng << 13;
+            self.rng ^= self.rng >> 7;
+            self.rng ^= self.rng << 17;
+            let wait = base / 2 + self.rng % (base / 2 + 1);
+            self.retry
+                .push((Instant::now() + Duration::from_millis(wait), slot_idx));
+        } else {
+            self.stats.failed += 1;
+        }
+    }
+
+    /// Ends a handshake or stream with error `kind`, retrying handshakes.
+    fn fail(&mut self, poll: &Poll, key: usize, kind: &str) {
+        let Some(mut conn) = self.conns.get_mut(key).and_then(Option::take) else {
+            return;
+        };
+        let _ = poll.registry().deregister(&mut conn.sock);
+        self.free.push(key);
+        let slot_idx = conn.slot;
+        if let Some(slot) = self.slots.get_mut(slot_idx) {
+            slot.conn = None;
+        }
+        if conn.phase == Phase::Streaming {
+            self.stats.open_now = self.stats.open_now.saturating_sub(1);
+            self.stats.closed_by_server += 1;
+            if let Some(slot) = self.slots.get_mut(slot_idx) {
+                slot.open = false;
+            }
+            return;
+        }
+        self.inflight = self.inflight.saturating_sub(1);
+        self.note_error(kind);
+        self.retry_or_fail(slot_idx);
+    }
+
+    pub fn on_event(&mut self, poll: &Poll, key: usize, readable: bool, writable: bool) {
+        let Some(Some(conn)) = self.conns.get_mut(key) else {
+            return;
+        };
+        if conn.phase == Phase::Connecting && (writable || readable) {
+            match conn.sock.take_error() {
+                Ok(None) => {}
+                Ok(Some(e)) | Err(e) => {
+                    let kind = format!("connect_{}", errno_name(&e));
+                    return self.fail(poll, key, &kind);
+                }
+            }
+            match conn.sock.peer_addr() {
+                Ok(_) => {
+                    conn.phase = if conn.out.starts_with(b"POST") {
+                        Phase::Ticket
+                    } else {
+                        Phase::Stream
+                    };
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => return,
+                Err(e) => {
+                    let kind = format!("connect_{}", errno_name(&e));
+                    return self.fail(poll, key, &kind);
+                }
+            }
+        }
+        if writable || conn.out_pos < conn.out.len() {
+            if let Err(e) = flush(conn) {
+                let kind = format!("write_{}", errno_name(&e));
+                return self.fail(poll, key, &kind);
+            }
+        }
+        if readable {
+            self.read(poll, key);
+        }
+    }
+
+    fn read(&mut self, poll: &Poll, key: usize) {
+        let mut buf = [0u8; 64 * 1024];
+        // Bounded: a socket that keeps delivering yields after 64 reads and
+        // is read again on the next turn.
+        for _ in 0..64 {
+            let Some(Some(conn)) = self.conns.get_mut(key) else {
+                return;
+            };
+            match conn.sock.read(&mut buf) {
+                Ok(0) => {
+                    return self.fail(poll, key, "eof");
+                }
+                Ok(n) => {
+                    if let Err(kind) = self.on_bytes(key, &buf[..n]) {
+                        return self.fail(poll, key, &kind);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    let kind = format!("read_{}", errno_name(&e));
+                    return self.fail(poll, key, &kind);
+                }
+            }
+        }
+        self.more.push(key);
+    }
+
+    fn on_bytes(&mut self, key: usize, bytes: &[u8]) -> Result<(), String> {
+        let Some(Some(conn)) = self.conns.get_mut(key) else {
+            return Ok(());
+        };
+        if conn.phase == Phase::Streaming {
+            let slot = &mut self.slots[conn.slot];
+            return body(
+                conn,
+                slot,
+                &mut self.stats,
+                &mut self.hist,
+                &mut self.total_dups,
+                &mut self.scratch,
+                bytes,
+            );
+        }
+        conn.input.extend_from_slice(bytes);
+        if conn.input.len() > MAX_RESPONSE {
+            return Err("response_too_large".into());
+        }
+        let head = match sse::parse_head(&conn.input) {
+            HeadParse::Partial => return Ok(()),
+            HeadParse::Bad => return Err("bad_response".into()),
+            HeadParse::Done(h) => h,
+        };
+        match conn.phase {
+            Phase::Ticket => {
+                let need = head.len + head.content_length.unwrap_or(0);
+                if conn.input.len() < need {
+                    return Ok(());
+                }
+                if head.status != 200 {
+                    return Err(format!("ticket_{}", head.status));
+                }
+                let parsed: Result<TicketResponse, _> =
+                    serde_json::from_slice(&conn.input[head.len..need]);
+                let Ok(t) = parsed else {
+                    return Err("ticket_body".into());
+                };
+                conn.input.clear();
+                let slot = &mut self.slots[conn.slot];
+                slot.ticket = Some(t.ticket);
+                let Some(target) = self.target.as_ref() else {
+                    return Err("no_target".into());
+                };
+                let kind = self.clients.as_ref().map(|c| c.kind);
+                conn.out = stream_request(target, slot, kind);
+                conn.out_pos = 0;
+                conn.phase = Phase::Stream;
+                flush(conn).map_err(|e| format!("write_{}", errno_name(&e)))?;
+                Ok(())
+            }
+            Phase::Stream => {
+                if head.status != 200 {
+                    return Err(format!("http_{}", head.status));
+                }
+                let rest = conn.input.split_off(head.len);
+                conn.input = Vec::new();
+                conn.phase = Phase::Streaming;
+                if head.chunked {
+                    conn.chunked = Some(Dechunker::default());
+                }
+                self.inflight = self.inflight.saturating_sub(1);
+                self.stats.opened += 1;
+                self.stats.open_now += 1;
+                self.stats.last_open_ns = now_ns();
+                let slot = &mut self.slots[conn.slot];
+                slot.open = true;
+                slot.attempt = 0;
+                body(
+                    conn,
+                    slot,
+                    &mut self.stats,
+                    &mut self.hist,
+                    &mut self.total_dups,
+                    &mut self.scratch,
+                    &rest,
+                )
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Streaming bytes: de-chunk, parse, count.
+fn body(
+    conn: &mut Conn,
+    slot: &mut Slot,
+    stats: &mut Stats,
+    hist: &mut Histogram,
+    total_dups: &mut u64,
+    scratch: &mut Vec<u8>,
+    bytes: &[u8],
+) -> Result<(), String> {
+    let data: &[u8] = match conn.chunked.as_mut() {
+        Some(d) => {
+            scratch.clear();
+            let done = d
+                .feed(bytes, scratch)
+                .map_err(|_| "bad_chunk".to_string())?;
+            if done {
+                return Err("stream_ended".into());
+            }
+            scratch
+        }
+        None => bytes,
+    };
+    let now = now_ns();
+    conn.sse
+        .feed(data, |ev| match ev.name {
+            b"realtime-update" | b"machine-alert" => {
+                stats.events += 1;
+                if let Some(t) = sse::json_u64(ev.data, b"\"t_pub_ns\":") {
+                    hist.record_ns(now.saturating_sub(t));
+                }
+                if let Some(seq) = sse::json_u64(ev.data, b"\"seq\":") {
+                    if seq > slot.highest {
+                        slot.highest = seq;
+                        slot.unique += 1;
+                    } else {
+                        slot.dups += 1;
+                        stats.dups += 1;
+                        *total_dups += 1;
+                    }
+                }
+            }
+            b"system" => stats.heartbeats += 1,
+            _ => {}
+        })
+        .map_err(|_| "event_too_large".to_string())
+}
+
+fn stream_request(target: &Target, slot: &Slot, kind: Option<StreamKind>) -> Vec<u8> {
+    let ticket = slot.ticket.as_deref().unwrap_or("");
+    let path = match kind {
+        Some(StreamKind::Alerts) => format!("/sse/alerts?ticket={ticket}"),
+        _ => format!("/sse/stream?deviceId={}&ticket={ticket}", slot.device),
+    };
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\n\r\n",
+        target.host
+    )
+    .into_bytes()
+}
+
+fn flush(conn: &mut Conn) -> io::Result<()> {
+    while conn.out_pos < conn.out.len() && conn.phase != Phase::Connecting {
+        match conn.sock.write(&conn.out[conn.out_pos..]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => conn.out_pos += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+pub fn is_loopback(addr: &SocketAddr) -> bool {
+    addr.ip().is_loopback()
+}
+
+/// A non-blocking socket bound to `src`, connecting to `dst`.
+fn connect_from(src: SocketAddr, dst: SocketAddr) -> io::Result<TcpStream> {
+    let sock = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    sock.set_nonblocking(true)?;
+    sock.set_tcp_nodelay(true)?;
+    sock.bind(&src.into())?;
+    match sock.connect(&dst.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    Ok(TcpStream::from_std(sock.into()))
+}
+
+/// A short name for an I/O error, for the error table.
+fn errno_name(e: &io::Error) -> String {
+    match e.raw_os_error() {
+        Some(libc::ECONNREFUSED) => "refused".into(),
+        Some(libc::ECONNRESET) => "reset".into(),
+        Some(libc::EADDRNOTAVAIL) => "addrnotavail".into(),
+        Some(libc::EADDRINUSE) => "addrinuse".into(),
+        Some(libc::EMFILE) | Some(libc::ENFILE) => "nofile".into(),
+        Some(libc::ETIMEDOUT) => "timedout".into(),
+        Some(libc::EPIPE) => "pipe".into(),
+        Some(n) => format!("errno{n}"),
+        None => format!("{:?}", e.kind()).to_lowercase(),
+    }
+}

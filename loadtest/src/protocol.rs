@@ -1,0 +1,137 @@
+//! What the coordinator and its worker processes say to each other: one JSON
+//! object per line, commands on the worker's stdin, one reply per command on
+//! its stdout.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::hist::Sparse;
+
+/// Which kind of server the workers talk to, which decides the handshake.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TargetKind {
+    /// sse-gateway: ticket, then stream.
+    Gateway,
+    /// The NestJS baseline: same contract.
+    Nestjs,
+    /// The floor server: a bare GET, no ticket.
+    Floor,
+}
+
+impl TargetKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            TargetKind::Gateway => "gateway",
+            TargetKind::Nestjs => "nestjs",
+            TargetKind::Floor => "floor",
+        }
+    }
+}
+
+/// Which stream a client opens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StreamKind {
+    Data,
+    Alerts,
+}
+
+/// Clients `first..first+count` of a scenario: client `i` is user
+/// `{user_prefix}{i}` and streams device `{device_prefix}{i % devices}`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Clients {
+    pub first: u64,
+    pub count: u64,
+    pub user_prefix: String,
+    pub device_prefix: String,
+    pub devices: u64,
+    pub kind: StreamKind,
+}
+
+impl Clients {
+    pub fn user(&self, i: u64) -> String {
+        format!("{}{}", self.user_prefix, i)
+    }
+
+    pub fn device(&self, i: u64) -> String {
+        format!("{}{}", self.device_prefix, i % self.devices.max(1))
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Command {
+    /// Open these clients through the full flow, at most `concurrency`
+    /// handshakes in flight, each retried up to `attempts` times.
+    Open {
+        target: TargetKind,
+        addr: String,
+        jwt_secret: String,
+        clients: Clients,
+        concurrency: usize,
+        attempts: u32,
+    },
+    /// Close every stream (the client side drops).
+    Drop,
+    /// Reopen every client with the ticket it already has, as EventSource does.
+    Reconnect {
+        concurrency: usize,
+        attempts: u32,
+    },
+    /// Counters and the latency histogram since the last reset.
+    Stats,
+    /// Zero the counters and the histogram (sequence tracking is kept).
+    Reset,
+    /// Count what is missing given how many events were published per device.
+    Check {
+        published: BTreeMap<String, u64>,
+    },
+    Quit,
+}
+
+/// A worker's counters.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Stats {
+    pub clients: u64,
+    pub open_now: u64,
+    /// Successful opens since the last reset.
+    pub opened: u64,
+    /// Clients that gave up after their last attempt.
+    pub failed: u64,
+    /// Handshakes in flight or waiting to retry.
+    pub pending: u64,
+    /// Errors by kind (`http_429`, `ticket_401`, `connect`, `reset`, `timeout`...).
+    pub errors: BTreeMap<String, u64>,
+    /// Wall-clock ns (UNIX epoch) of the newest successful open.
+    pub last_open_ns: u64,
+    /// Data and alert events received.
+    pub events: u64,
+    pub heartbeats: u64,
+    /// Events whose sequence number was not above the stream's highest.
+    pub dups: u64,
+    /// Streams that ended without the client asking.
+    pub closed_by_server: u64,
+    pub latency: Sparse,
+}
+
+/// The answer to [`Command::Check`].
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Check {
+    /// Published events that never reached a stream that wanted them.
+    pub lost: u64,
+    /// Deliveries that were expected (published x subscribers).
+    pub expected: u64,
+    pub unique: u64,
+    pub dups: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+pub enum Reply {
+    Ok,
+    Stats(Stats),
+    Check(Check),
+    Error { message: String },
+}

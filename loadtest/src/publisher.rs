@@ -1,0 +1,174 @@
+//! The event source of a scenario. Against the gateway and the baseline it is
+//! a paced stream of pipelined `PUBLISH` commands on the contract's Redis
+//! channels, each payload carrying the device's next sequence number and the
+//! wall-clock publish time in ns:
+//! `{"deviceId":"d17","data":{"seq":N,"t_pub_ns":T}}`. Against the floor the
+//! floor process generates the same events itself ([`crate::floor`]).
+
+use std::collections::BTreeMap;
+use std::io::{BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::client::now_ns;
+use crate::resp::{self, Value};
+
+/// What one publishing step did.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Step {
+    pub sent: u64,
+    /// Wall time the publishing took.
+    pub secs: f64,
+}
+
+pub trait Publish {
+    /// Publishes `rate` events/s for `secs`, round-robin over the devices.
+    fn step(&mut self, rate: u64, secs: f64) -> Result<Step, String>;
+    /// Events published so far, by device.
+    fn published(&self) -> BTreeMap<String, u64>;
+}
+
+/// Writes more than this many commands in one go only when far behind.
+const MAX_BATCH: u64 = 2_000;
+
+pub struct RedisPublisher {
+    writer: TcpStream,
+    replies: Arc<AtomicU64>,
+    errors: Arc<AtomicU64>,
+    channel: String,
+    /// `"data"` for realtime updates, `"alert"` for machine alerts.
+    field: &'static str,
+    devices: Vec<String>,
+    seq: Vec<u64>,
+    next: usize,
+    sent: u64,
+}
+
+impl RedisPublisher {
+    pub fn connect(
+        addr: SocketAddr,
+        channel: &str,
+        field: &'static str,
+        devices: Vec<String>,
+    ) -> Result<RedisPublisher, String> {
+        if !addr.ip().is_loopback() || devices.is_empty() {
+            return Err("publisher needs a loopback Redis and at least one device".into());
+        }
+        let writer = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+            .map_err(|e| format!("redis {addr}: {e}"))?;
+        let _ = writer.set_nodelay(true);
+        let reader = writer.try_clone().map_err(|e| e.to_string())?;
+        let replies = Arc::new(AtomicU64::new(0));
+        let errors = Arc::new(AtomicU64::new(0));
+        let (r, e) = (replies.clone(), errors.clone());
+        std::thread::Builder::new()
+            .name("publish-replies".into())
+            .spawn(move || {
+                let mut reader = BufReader::new(reader);
+                while let Ok(v) = resp::read_value(&mut reader) {
+                    if matches!(v, Value::Error(_)) {
+                        e.fetch_add(1, Relaxed);
+                    }
+                    r.fetch_add(1, Relaxed);
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        Ok(RedisPublisher {
+            writer,
+            replies,
+            errors,
+            channel: channel.to_owned(),
+            field,
+            seq: vec![0; devices.len()],
+            devices,
+            next: 0,
+            sent: 0,
+        })
+    }
+
+    fn push_event(&mut self, out: &mut Vec<u8>) {
+        let d = self.next;
+        self.next = (self.next + 1) % self.devices.len();
+        self.seq[d] += 1;
+        let payload = format!(
+            r#"{{"deviceId":"{}","{}":{{"seq":{},"t_pub_ns":{}}}}}"#,
+            self.devices[d],
+            self.field,
+            self.seq[d],
+            now_ns()
+        );
+        resp::encode(
+            out,
+            &[b"PUBLISH", self.channel.as_bytes(), payload.as_bytes()],
+        );
+        self.sent += 1;
+    }
+
+    /// Waits (bounded) until Redis has answered every PUBLISH sent.
+    fn settle(&self, limit: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + limit;
+        while self.replies.load(Relaxed) < self.sent {
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "redis answered {} of {} PUBLISH within {limit:?}",
+                    self.replies.load(Relaxed),
+                    self.sent
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        match self.errors.load(Relaxed) {
+            0 => Ok(()),
+            n => Err(format!("redis refused {n} PUBLISH")),
+        }
+    }
+}
+
+impl Publish for RedisPublisher {
+    fn step(&mut self, rate: u64, secs: f64) -> Result<Step, String> {
+        let total = (rate as f64 * secs).round() as u64;
+        let start = Instant::now();
+        let limit = secs * 3.0 + 5.0;
+        let mut done = 0u64;
+        let mut buf = Vec::with_capacity(256 * 1024);
+        while done < total {
+            let elapsed = start.elapsed().as_secs_f64();
+            if elapsed > limit {
+                break;
+            }
+            let due = ((elapsed * rate as f64) as u64).min(total);
+            if due <= done {
+                std::thread::sleep(Duration::from_micros(200));
+                continue;
+            }
+            let n = (due - done).min(MAX_BATCH);
+            buf.clear();
+            for _ in 0..n {
+                self.push_event(&mut buf);
+            }
+            self.writer
+                .write_all(&buf)
+                .map_err(|e| format!("publish: {e}"))?;
+            done += n;
+        }
+        let secs = start.elapsed().as_secs_f64();
+        self.settle(Duration::from_secs(10))?;
+        Ok(Step { sent: done, secs })
+    }
+
+    fn published(&self) -> BTreeMap<String, u64> {
+        self.devices
+            .iter()
+            .cloned()
+            .zip(self.seq.iter().copied())
+            .collect()
+    }
+}
+
+impl Drop for RedisPublisher {
+    fn drop(&mut self) {
+        let _ = self.writer.shutdown(std::net::Shutdown::Both);
+    }
+}

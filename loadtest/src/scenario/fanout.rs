@@ -1,0 +1,196 @@
+//! `fanout`: S streams, each on one of D devices, while the publisher steps
+//! its rate up. Per step: deliveries/s, events lost or duplicated (per-device
+//! sequence numbers), latency from publish to parsed at the client, and the
+//! server's CPU-seconds per million deliveries. Stepping stops at the first
+//! step the server could not keep up with.
+
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::{clients, open, open_limit, seed, wait_open, workers_for, Opened, Ramp, Target};
+use crate::fleet::Fleet;
+use crate::proc::{self, Foreign, Sampler};
+use crate::protocol::StreamKind;
+use crate::publisher::Publish;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Step {
+    /// Events/s asked of the publisher.
+    pub rate: u64,
+    pub sent: u64,
+    pub publish_secs: f64,
+    pub expected: u64,
+    pub delivered: u64,
+    /// Deliveries counted during the publishing window, per second.
+    pub deliveries_per_sec: f64,
+    pub lost: u64,
+    pub dups: u64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub max_ms: f64,
+    pub server_cpu_secs: f64,
+    pub cpu_secs_per_m: f64,
+    pub server_rss_kib: u64,
+    /// Streams the server closed during the step.
+    pub closed_by_server: u64,
+    /// CPU used meanwhile by processes outside this run, % of one core.
+    pub foreign_cpu_pct: f64,
+    /// Server and load-client (all workers) CPU over the step, % of one core:
+    /// near 200 together, the machine was the limit, not the server alone.
+    #[serde(default)]
+    pub server_cpu_pct: f64,
+    #[serde(default)]
+    pub client_cpu_pct: f64,
+    /// Kept up: nothing lost, rate reached, p99 under a second.
+    pub clean: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FanoutResult {
+    pub target: String,
+    pub streams: u64,
+    pub devices: u64,
+    pub open: Opened,
+    pub steps: Vec<Step>,
+    /// Highest rate whose step was clean.
+    pub max_clean_rate: u64,
+}
+
+/// After a step, how long deliveries may stop before the rest counts as lost...
+const SETTLE_QUIET: Duration = Duration::from_secs(2);
+/// ...and the longest the harness waits for stragglers at all.
+const SETTLE_MAX: Duration = Duration::from_secs(15);
+
+pub struct Plan<'a> {
+    pub streams: u64,
+    pub devices: u64,
+    pub rates: &'a [u64],
+    pub step_secs: f64,
+}
+
+pub fn run(
+    target: &Target,
+    publisher: &mut dyn Publish,
+    run_id: &str,
+    plan: &Plan,
+    ramp: Ramp,
+) -> Result<FanoutResult, String> {
+    let all = clients(run_id, plan.streams, plan.devices, "d", StreamKind::Data);
+    if let Some(redis) = target.redis {
+        seed(redis, &all)?;
+    }
+    let mut fleet = Fleet::spawn(workers_for(plan.streams, ramp.per_worker))?;
+    let t0 = open(&mut fleet, target, &all, ramp)?;
+    let label = format!("{} fanout {}", target.kind.name(), plan.streams);
+    let opened = wait_open(
+        &mut fleet,
+        &label,
+        plan.streams,
+        t0,
+        open_limit(plan.streams),
+    )?;
+    if opened.opened == 0 {
+        return Err(format!("{label}: no stream opened: {:?}", opened.errors));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let mut steps = Vec::new();
+    let mut prev_lost = fleet.check(&publisher.published())?.lost;
+    let mut max_clean = 0;
+    for &rate in plan.rates {
+        fleet.reset()?;
+        let sampler = Sampler::start(target.pid);
+        let clients: Vec<Sampler> = fleet.pids().into_iter().map(Sampler::start).collect();
+        let foreign = Foreign::start();
+        let published = publisher.step(rate, plan.step_secs)?;
+        let during = fleet.stats()?.stats.events;
+        // Let what is in flight arrive: until every stream has every event,
+        // or nothing new came for SETTLE_QUIET, or SETTLE_MAX passed.
+        let mut last = during;
+        let mut quiet_since = Instant::now();
+        let settle_start = Instant::now();
+        while settle_start.elapsed() < SETTLE_MAX && quiet_since.elapsed() < SETTLE_QUIET {
+            if fleet.check(&publisher.published())?.lost <= prev_lost {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            let now = fleet.stats()?.stats.events;
+            if now != last {
+                last = now;
+                quiet_since = Instant::now();
+            }
+        }
+        let (cpu, wall) = sampler.read();
+        let client_cpu: f64 = clients.iter().map(|c| c.read().0).sum();
+        let foreign_pct = foreign.pct();
+        let t = fleet.stats()?;
+        let check = fleet.check(&publisher.published())?;
+        let lost = check.lost.saturating_sub(prev_lost);
+        prev_lost = check.lost;
+        let subscribers = opened.opened as f64 / plan.devices as f64;
+        let expected = (published.sent as f64 * subscribers).round() as u64;
+        let delivered = t.stats.events;
+        let dps = during as f64 / published.secs.max(1e-9);
+        let p99 = t.hist.quantile_ms(0.99);
+        let clean = lost == 0
+            && t.stats.dups == 0
+            && t.stats.closed_by_server == 0
+            && published.sent as f64 >= 0.9 * rate as f64 * plan.step_secs
+            && published.secs <= plan.step_secs * 1.2
+            && p99 < 1000.0;
+        let step = Step {
+            rate,
+            sent: published.sent,
+            publish_secs: published.secs,
+            expected,
+            delivered,
+            deliveries_per_sec: dps,
+            lost,
+            dups: t.stats.dups,
+            p50_ms: t.hist.quantile_ms(0.5),
+            p99_ms: p99,
+            p999_ms: t.hist.quantile_ms(0.999),
+            max_ms: t.hist.max_ns() as f64 / 1e6,
+            server_cpu_secs: cpu,
+            cpu_secs_per_m: if delivered > 0 {
+                cpu / delivered as f64 * 1e6
+            } else {
+                0.0
+            },
+            server_rss_kib: proc::rss_kib(target.pid).unwrap_or(0),
+            closed_by_server: t.stats.closed_by_server,
+            foreign_cpu_pct: foreign_pct,
+            server_cpu_pct: cpu / wall.max(1e-9) * 100.0,
+            client_cpu_pct: client_cpu / wall.max(1e-9) * 100.0,
+            clean,
+        };
+        eprintln!(
+            "  {label}: {rate} ev/s -> {:.0} deliveries/s, lost {}, dup {}, p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms, {:.2} cpu-s/M, server {:.0}% client {:.0}% other {:.0}% of a core{}",
+            step.deliveries_per_sec,
+            step.lost,
+            step.dups,
+            step.p50_ms,
+            step.p99_ms,
+            step.max_ms,
+            step.cpu_secs_per_m,
+            step.server_cpu_pct,
+            step.client_cpu_pct,
+            step.foreign_cpu_pct,
+            if clean { "" } else { "  (not clean: stepping stops)" }
+        );
+        steps.push(step);
+        if !clean {
+            break;
+        }
+        max_clean = rate;
+    }
+    Ok(FanoutResult {
+        target: target.kind.name().into(),
+        streams: plan.streams,
+        devices: plan.devices,
+        open: opened,
+        steps,
+        max_clean_rate: max_clean,
+    })
+}

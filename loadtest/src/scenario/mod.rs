@@ -1,0 +1,171 @@
+//! What every scenario shares: the target under test, seeding ownership sets,
+//! spreading clients over worker processes, and opening them with a progress
+//! line while the ramp runs.
+//!
+//! - [`idle`]: many quiet streams: open time, RSS and CPU per stream.
+//! - [`fanout`]: a publish rate that steps up: throughput, loss, latency, CPU.
+//! - [`broadcast`]: one alert to every alert stream at once.
+//! - [`storm`]: everyone connects at once, drops, and reconnects at once.
+
+pub mod broadcast;
+pub mod fanout;
+pub mod idle;
+pub mod storm;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::client::now_ns;
+use crate::fleet::Fleet;
+use crate::protocol::{Clients, Command, StreamKind, TargetKind};
+use crate::resp::{Redis, Value};
+
+/// The server under test.
+pub struct Target<'a> {
+    pub kind: TargetKind,
+    pub addr: SocketAddr,
+    pub pid: u32,
+    pub jwt_secret: &'a str,
+    /// None for the floor, which needs no Redis.
+    pub redis: Option<SocketAddr>,
+}
+
+/// How clients are spread and opened.
+#[derive(Clone, Copy, Debug)]
+pub struct Ramp {
+    /// Streams per worker process at most.
+    pub per_worker: usize,
+    /// Handshakes in flight over all workers.
+    pub concurrency: usize,
+    /// Tries per client.
+    pub attempts: u32,
+}
+
+/// How an opening went.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Opened {
+    pub clients: u64,
+    pub opened: u64,
+    pub failed: u64,
+    /// From the command to the last successful open.
+    pub secs: f64,
+    pub errors: BTreeMap<String, u64>,
+}
+
+pub fn workers_for(n: u64, per_worker: usize) -> usize {
+    (n as usize).div_ceil(per_worker.max(1)).max(2)
+}
+
+/// `SADD user:<u>:devices <device>` for every client, pipelined.
+pub fn seed(redis: SocketAddr, clients: &Clients) -> Result<(), String> {
+    let mut r = Redis::connect(redis)?;
+    let ids: Vec<u64> = (clients.first..clients.first + clients.count).collect();
+    for batch in ids.chunks(2000) {
+        let cmds: Vec<Vec<Vec<u8>>> = batch
+            .iter()
+            .map(|&i| {
+                vec![
+                    b"SADD".to_vec(),
+                    format!("user:{}:devices", clients.user(i)).into_bytes(),
+                    clients.device(i).into_bytes(),
+                ]
+            })
+            .collect();
+        for v in r.pipeline(&cmds)? {
+            if let Value::Error(e) = v {
+                return Err(format!("SADD: {e}"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Clients of one scenario run: user ids unique to the run so per-user limits
+/// never bind across runs.
+pub fn clients(
+    run: &str,
+    count: u64,
+    devices: u64,
+    device_prefix: &str,
+    kind: StreamKind,
+) -> Clients {
+    Clients {
+        first: 0,
+        count,
+        user_prefix: format!("lt-{run}-"),
+        device_prefix: device_prefix.to_owned(),
+        devices,
+        kind,
+    }
+}
+
+/// Splits `all` over the fleet and sends each worker its share.
+pub fn open(fleet: &mut Fleet, target: &Target, all: &Clients, ramp: Ramp) -> Result<u64, String> {
+    let n = fleet.len() as u64;
+    let per = all.count.div_ceil(n);
+    let concurrency = ramp.concurrency.div_ceil(n as usize).max(1);
+    let t0 = now_ns();
+    fleet.each(Duration::from_secs(30), |i| {
+        let first = all.first + i as u64 * per;
+        let count = per.min((all.first + all.count).saturating_sub(first));
+        Command::Open {
+            target: target.kind,
+            addr: target.addr.to_string(),
+            jwt_secret: target.jwt_secret.to_owned(),
+            clients: Clients {
+                first,
+                count,
+                ..all.clone()
+            },
+            concurrency,
+            attempts: ramp.attempts,
+        }
+    })?;
+    Ok(t0)
+}
+
+/// Waits until every client is open or has given up (bounded by `limit`),
+/// printing a progress line each second.
+pub fn wait_open(
+    fleet: &mut Fleet,
+    label: &str,
+    total: u64,
+    t0_ns: u64,
+    limit: Duration,
+) -> Result<Opened, String> {
+    let start = Instant::now();
+    let mut last_print = Instant::now();
+    loop {
+        let t = fleet.stats()?;
+        let s = &t.stats;
+        let done = s.pending == 0 && s.open_now + s.failed >= total;
+        if done || start.elapsed() > limit || last_print.elapsed() >= Duration::from_secs(1) {
+            let errors: u64 = s.errors.values().sum();
+            eprintln!(
+                "  {label}: {}/{total} open, {} failed, {errors} errors, {:.1}s",
+                s.open_now,
+                s.failed,
+                start.elapsed().as_secs_f64()
+            );
+            last_print = Instant::now();
+        }
+        if done || start.elapsed() > limit {
+            return Ok(Opened {
+                clients: total,
+                opened: s.open_now,
+                failed: s.failed + total.saturating_sub(s.open_now + s.failed),
+                secs: s.last_open_ns.saturating_sub(t0_ns) as f64 / 1e9,
+                errors: s.errors.clone(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// How long an opening of `n` clients may take before it is given up.
+pub fn open_limit(n: u64) -> Duration {
+    Duration::from_secs(60 + n / 100)
+}
