@@ -246,6 +246,21 @@ impl Reactor {
     /// (Re)arms the connection's one timer.
     fn arm(&mut self, key: usize, after: Duration) {
         let at = self.now() + after.as_millis() as u64;
+        self.arm_at(key, at);
+    }
+
+    /// Arms the next heartbeat, its deadline rounded up to a tick of an
+    /// eighth of the period (at most 100 ms): streams opened close together
+    /// then share a wake-up and a heartbeat frame instead of waking the loop
+    /// one by one. A heartbeat is never early, at most one tick late.
+    fn arm_heartbeat(&mut self, key: usize) {
+        let period = self.gw.config.heartbeat_secs.as_millis() as u64;
+        let tick = (period / 8).clamp(1, 100);
+        let at = (self.now() + period).div_ceil(tick) * tick;
+        self.arm_at(key, at);
+    }
+
+    fn arm_at(&mut self, key: usize, at: u64) {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
@@ -293,7 +308,7 @@ impl Reactor {
                 let frame = self.heartbeat_frame();
                 self.push_frame(key, &frame);
                 self.gw.metrics.heartbeats.fetch_add(1, Relaxed);
-                self.arm(key, self.gw.config.heartbeat_secs);
+                self.arm_heartbeat(key);
             }
             Phase::Reading => self.close(key, Cause::HeadTimeout),
             Phase::Closing { .. } => self.close(key, Cause::Done),
@@ -623,7 +638,7 @@ impl Reactor {
         }));
         conn.input = Vec::new();
         self.mark_dirty(key);
-        self.arm(key, self.gw.config.heartbeat_secs);
+        self.arm_heartbeat(key);
         // The client may have gone while the lookup ran: its FIN's readiness
         // edge was spent then, so look now.
         self.on_readable(key);
