@@ -145,6 +145,17 @@ mod tests {
         calls: usize,
     }
 
+    impl Pipe {
+        fn unbounded() -> Pipe {
+            Pipe {
+                got: vec![],
+                room: usize::MAX,
+                budget: usize::MAX,
+                calls: 0,
+            }
+        }
+    }
+
     impl Write for Pipe {
         fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
             self.write_vectored(&[IoSlice::new(buf)])
@@ -180,12 +191,7 @@ mod tests {
         for _ in 0..3 {
             o.push_frame(&f);
         }
-        let mut pipe = Pipe {
-            got: vec![],
-            room: usize::MAX,
-            budget: usize::MAX,
-            calls: 0,
-        };
+        let mut pipe = Pipe::unbounded();
         assert_eq!(o.flush(&mut pipe).unwrap(), Flushed::All);
         assert_eq!(pipe.calls, 1);
         let mut want = b"head;".to_vec();
@@ -248,12 +254,7 @@ mod tests {
         for _ in 0..(MAX_IOVECS * 2 + 1) {
             o.push_frame(&f);
         }
-        let mut pipe = Pipe {
-            got: vec![],
-            room: usize::MAX,
-            budget: usize::MAX,
-            calls: 0,
-        };
+        let mut pipe = Pipe::unbounded();
         assert_eq!(o.flush(&mut pipe).unwrap(), Flushed::All);
         assert_eq!(pipe.calls, 3);
         assert_eq!(pipe.got.len(), f.len() * (MAX_IOVECS * 2 + 1));
