@@ -208,35 +208,44 @@ pub fn subscribe(client: redis::Client, hub: Arc<Hub>) -> std::io::Result<thread
         .spawn(move || subscriber(client, hub))
 }
 
+/// Where the subscriber stands in an outage.
+#[derive(Default)]
+struct Outage {
+    /// Streams were told `degraded` and not yet `recovered`.
+    degraded: bool,
+    /// Failed connects since the last good one: the backoff's exponent.
+    failures: u32,
+}
+
 fn subscriber(client: redis::Client, hub: Arc<Hub>) {
-    let mut failures: u32 = 0;
-    let mut degraded = false;
+    let mut outage = Outage::default();
     loop {
-        match listen(&client, &hub, &mut degraded) {
+        match listen(&client, &hub, &mut outage) {
             Ok(()) => return,
             Err(e) => {
                 if hub.redis_state() != RedisState::Down {
                     warn!("redis subscriber lost Redis: {e}");
                 }
                 hub.set_redis_state(RedisState::Down);
-                if !degraded {
-                    degraded = true;
+                if !outage.degraded {
+                    outage.degraded = true;
                     hub.broadcast_system(Frame::system(r#"{"kind":"degraded"}"#));
                 }
-                failures = failures.saturating_add(1);
-                thread::sleep(backoff(failures));
+                outage.failures = outage.failures.saturating_add(1);
+                thread::sleep(backoff(outage.failures));
             }
         }
     }
 }
 
-/// Capped exponential backoff with full jitter: 100 ms doubling to 5 s.
+/// Capped exponential backoff with jitter: a random wait between half and
+/// all of 100 ms doubling per failure, capped at 5 s.
 pub fn backoff(failures: u32) -> Duration {
     let cap_ms = 100u64.saturating_mul(1 << failures.min(6)).min(5_000);
     Duration::from_millis(rand::rng().random_range(cap_ms / 2..=cap_ms))
 }
 
-fn listen(client: &redis::Client, hub: &Hub, degraded: &mut bool) -> redis::RedisResult<()> {
+fn listen(client: &redis::Client, hub: &Hub, outage: &mut Outage) -> redis::RedisResult<()> {
     let mut con = client.get_connection_with_timeout(CONNECT_TIMEOUT)?;
     let mut pubsub = con.as_pubsub();
     pubsub.subscribe(&CHANNELS[..])?;
@@ -250,8 +259,10 @@ fn listen(client: &redis::Client, hub: &Hub, degraded: &mut bool) -> redis::Redi
         );
     }
     hub.set_redis_state(RedisState::Up);
-    if *degraded {
-        *degraded = false;
+    // The next outage starts its backoff from the beginning again.
+    outage.failures = 0;
+    if outage.degraded {
+        outage.degraded = false;
         hub.metrics()
             .redis_reconnects
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -267,6 +278,27 @@ fn listen(client: &redis::Client, hub: &Hub, degraded: &mut bool) -> redis::Redi
                 pubsub.ping::<redis::Value>()?;
             }
             Err(e) => return Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter_up_to_five_seconds() {
+        for (failures, lo, hi) in [
+            (1, 100, 200),
+            (2, 200, 400),
+            (5, 1600, 3200),
+            (6, 2500, 5000),
+            (60, 2500, 5000),
+        ] {
+            for _ in 0..50 {
+                let d = backoff(failures).as_millis() as u64;
+                assert!((lo..=hi).contains(&d), "{failures}: {d}");
+            }
         }
     }
 }
