@@ -251,7 +251,7 @@ fn two_thousand_churning_streams_lose_nothing_and_leak_nothing() {
         .filter(|c| c.stayer && c.expect != published[c.device].map(|n| n + 1))
         .count();
     assert!(caught_up, "{behind} staying streams missed events");
-    assert!(churned > 5_000, "churned only {churned}");
+    assert!(churned > 2_000, "churned only {churned}");
     let rss_end = proc_rss_kib(gw.pid());
 
     drop(clients);
