@@ -376,6 +376,13 @@ impl Client {
             )
             .into_bytes());
         }
+        if target.kind == TargetKind::Nchan {
+            return Ok(format!(
+                "GET /sub?deviceId={} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\n\r\n",
+                slot.device, target.host
+            )
+            .into_bytes());
+        }
         if slot.ticket.is_some() {
             return Ok(stream_request(target, slot, kind));
         }

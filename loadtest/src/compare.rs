@@ -1,7 +1,12 @@
 //! `loadtest compare`: one command for the whole comparison. Starts Redis,
-//! then for every scenario and size a fresh gateway, a fresh NestJS baseline
-//! and (for idle and fanout) a fresh floor server in turn, and writes
-//! `RESULTS.md` and `results.json`.
+//! then for every scenario and size a fresh gateway (for each `--instances`
+//! count: that many processes on one port), a fresh NestJS baseline and (for
+//! idle and fanout) a fresh floor server and a fresh nginx + nchan in turn,
+//! and writes `RESULTS.md` and `results.json`.
+//!
+//! A run is stored under its `--section` name: `results.json` keeps one run
+//! per section (a rerun replaces its own section, the others stay), and
+//! `RESULTS.md` shows them all, each with the command that produced it.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -11,8 +16,8 @@ use clap::Args;
 use crate::floor::iso8601;
 use crate::lab::Lab;
 use crate::protocol::TargetKind;
-use crate::report::{self, Results};
-use crate::scenario::{broadcast, fanout, idle, storm, Ramp};
+use crate::report::{self, Document, Results};
+use crate::scenario::{broadcast, fanout, idle, label, storm, Ramp};
 
 #[derive(Args, Debug, Clone)]
 pub struct CompareOpts {
@@ -22,9 +27,32 @@ pub struct CompareOpts {
     /// The NestJS baseline project (built with npm when dist/ is missing).
     #[arg(long, default_value = "loadtest/nestjs-baseline")]
     pub nestjs: PathBuf,
-    /// Targets to compare: gateway, nestjs, floor (the floor only runs idle and fanout).
-    #[arg(long, value_delimiter = ',', default_value = "gateway,nestjs,floor")]
+    /// Targets to compare: gateway, nestjs, floor, nchan (the floor and nchan
+    /// only run idle and fanout; nchan is skipped with a note when
+    /// libnginx-mod-nchan is not installed).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "gateway,nestjs,floor,nchan"
+    )]
     pub targets: Vec<String>,
+    /// Gateway processes sharing the port (SO_REUSEPORT); several counts run
+    /// the gateway once for each, e.g. `1,3`. RSS and CPU are summed over them.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    pub instances: Vec<usize>,
+    /// The name this run is stored under in results.json (a rerun of the same
+    /// section replaces it; other sections are kept).
+    #[arg(long, default_value = "compare")]
+    pub section: String,
+    /// A heading for the section in RESULTS.md (default: from the section name).
+    #[arg(long)]
+    pub title: Option<String>,
+    /// The nginx.conf template of the nchan peer.
+    #[arg(long, default_value = "loadtest/peers/nchan.conf")]
+    pub nchan_conf: PathBuf,
+    /// Keep-alive connections the harness POSTs nchan's events over.
+    #[arg(long, default_value_t = 2)]
+    pub nchan_publishers: usize,
     /// idle: stream counts (empty to skip).
     #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
     pub idle: Vec<u64>,
@@ -44,7 +72,7 @@ pub struct CompareOpts {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "200,1000,5000,10000,20000,40000"
+        default_value = "200,1000,2000,3000,5000,10000,20000,40000"
     )]
     pub rates: Vec<u64>,
     /// fanout: seconds per step.
@@ -75,13 +103,23 @@ pub struct CompareOpts {
     pub json: PathBuf,
 }
 
-fn kinds(opts: &CompareOpts, with_floor: bool) -> Vec<TargetKind> {
+/// The servers to start for one scenario, in order: (kind, instances).
+/// `peers`: the floor and nchan too (idle and fanout only).
+fn kinds(opts: &CompareOpts, peers: bool, nchan_ok: bool) -> Vec<(TargetKind, usize)> {
     let mut out = Vec::new();
     for t in &opts.targets {
         match t.as_str() {
-            "gateway" => out.push(TargetKind::Gateway),
-            "nestjs" => out.push(TargetKind::Nestjs),
-            "floor" if with_floor => out.push(TargetKind::Floor),
+            "gateway" => {
+                let mut counts = opts.instances.clone();
+                counts.retain(|n| *n > 0);
+                if counts.is_empty() {
+                    counts.push(1);
+                }
+                out.extend(counts.into_iter().map(|n| (TargetKind::Gateway, n)));
+            }
+            "nestjs" => out.push((TargetKind::Nestjs, 1)),
+            "floor" if peers => out.push((TargetKind::Floor, 1)),
+            "nchan" if peers && nchan_ok => out.push((TargetKind::Nchan, 1)),
             _ => {}
         }
     }
@@ -95,15 +133,26 @@ pub fn run(opts: &CompareOpts, command: String) -> Result<(), String> {
             opts.gateway.display()
         ));
     }
+    if let Some(t) = opts
+        .targets
+        .iter()
+        .find(|t| !["gateway", "nestjs", "floor", "nchan"].contains(&t.as_str()))
+    {
+        return Err(format!(
+            "unknown target {t} (gateway, nestjs, floor, nchan)"
+        ));
+    }
     let before = background("before the run");
     let started = Instant::now();
     let started_utc = iso8601(crate::client::now_ns() / 1_000_000);
-    let lab = Lab::new(
+    let mut lab = Lab::new(
         opts.gateway.clone(),
         opts.nestjs.clone(),
         opts.heartbeat_secs,
         opts.devices,
     )?;
+    lab.nchan_template = opts.nchan_conf.clone();
+    lab.nchan_publishers = opts.nchan_publishers;
     let ramp = Ramp {
         per_worker: opts.per_worker,
         concurrency: opts.concurrency,
@@ -111,6 +160,8 @@ pub fn run(opts: &CompareOpts, command: String) -> Result<(), String> {
     };
     let mut r = Results {
         command,
+        section: opts.section.clone(),
+        title: opts.title.clone().unwrap_or_default(),
         machine: Some(crate::proc::machine()),
         started_utc,
         heartbeat_secs: opts.heartbeat_secs,
@@ -120,14 +171,28 @@ pub fn run(opts: &CompareOpts, command: String) -> Result<(), String> {
     };
     r.notes.push(before);
     r.notes.push(gateway_version(&opts.gateway));
+    let wants_nchan = opts.targets.iter().any(|t| t == "nchan");
+    let nchan_ok = wants_nchan
+        && match crate::services::nchan_installed() {
+            Ok((nginx, module)) => {
+                r.notes.push(nchan_version(&nginx, &module, opts));
+                true
+            }
+            Err(e) => {
+                eprintln!("nchan skipped: {e}");
+                r.notes.push(format!("nchan skipped: {e}"));
+                false
+            }
+        };
 
     for &n in opts.idle.iter().filter(|n| **n > 0) {
-        for kind in kinds(opts, true) {
-            eprintln!("== idle {n} against {}", kind.name());
-            let out = with_target(&lab, kind, &mut r.notes, |lab, running| {
+        for (kind, instances) in kinds(opts, true, nchan_ok) {
+            let name = label(kind.name(), instances);
+            eprintln!("== idle {n} against {name}");
+            let out = with_target(&lab, kind, instances, &mut r.notes, |lab, running| {
                 idle::run(
                     &lab.target(running),
-                    &format!("idle{n}"),
+                    &format!("{}{instances}-idle{n}", kind.name()),
                     n,
                     opts.idle_secs,
                     ramp,
@@ -137,29 +202,31 @@ pub fn run(opts: &CompareOpts, command: String) -> Result<(), String> {
         }
     }
     for &n in opts.fanout.iter().filter(|n| **n > 0) {
-        for kind in kinds(opts, true) {
-            eprintln!("== fanout {n} against {}", kind.name());
+        for (kind, instances) in kinds(opts, true, nchan_ok) {
+            let name = label(kind.name(), instances);
+            eprintln!("== fanout {n} against {name}");
             let plan = fanout::Plan {
                 streams: n,
                 devices: opts.devices,
                 rates: &opts.rates,
                 step_secs: opts.step_secs,
             };
-            let out = with_target(&lab, kind, &mut r.notes, |lab, running| {
-                let target = lab.target(running);
-                let (kind, addr, pid) = (target.kind, target.addr, target.pid);
-                let mut publisher = lab.publisher(running)?;
+            let out = with_target(&lab, kind, instances, &mut r.notes, |lab, running| {
+                let t = lab.target(running);
                 let target = crate::scenario::Target {
-                    kind,
-                    addr,
-                    pid,
-                    jwt_secret: &lab.secret,
-                    redis: (kind != TargetKind::Floor).then_some(lab.redis_addr()),
+                    kind: t.kind,
+                    addr: t.addr,
+                    pids: t.pids.clone(),
+                    instances: t.instances,
+                    jwt_secret: t.jwt_secret,
+                    redis: t.redis,
+                    redis_pid: t.redis_pid,
                 };
+                let mut publisher = lab.publisher(running)?;
                 fanout::run(
                     &target,
                     publisher.as_mut(),
-                    &format!("fanout{n}"),
+                    &format!("{}{instances}-fanout{n}", kind.name()),
                     &plan,
                     ramp,
                 )
@@ -168,12 +235,13 @@ pub fn run(opts: &CompareOpts, command: String) -> Result<(), String> {
         }
     }
     for &n in opts.broadcast.iter().filter(|n| **n > 0) {
-        for kind in kinds(opts, false) {
-            eprintln!("== broadcast {n} against {}", kind.name());
-            let out = with_target(&lab, kind, &mut r.notes, |lab, running| {
+        for (kind, instances) in kinds(opts, false, nchan_ok) {
+            let name = label(kind.name(), instances);
+            eprintln!("== broadcast {n} against {name}");
+            let out = with_target(&lab, kind, instances, &mut r.notes, |lab, running| {
                 broadcast::run(
                     &lab.target(running),
-                    &format!("bcast{n}"),
+                    &format!("{}{instances}-bcast{n}", kind.name()),
                     n,
                     opts.broadcast_rounds,
                     ramp,
@@ -183,10 +251,16 @@ pub fn run(opts: &CompareOpts, command: String) -> Result<(), String> {
         }
     }
     for &n in opts.storm.iter().filter(|n| **n > 0) {
-        for kind in kinds(opts, false) {
-            eprintln!("== storm {n} against {}", kind.name());
-            let out = with_target(&lab, kind, &mut r.notes, |lab, running| {
-                storm::run(&lab.target(running), &format!("storm{n}"), n, ramp)
+        for (kind, instances) in kinds(opts, false, nchan_ok) {
+            let name = label(kind.name(), instances);
+            eprintln!("== storm {n} against {name}");
+            let out = with_target(&lab, kind, instances, &mut r.notes, |lab, running| {
+                storm::run(
+                    &lab.target(running),
+                    &format!("{}{instances}-storm{n}", kind.name()),
+                    n,
+                    ramp,
+                )
             });
             r.storm.extend(out);
         }
@@ -199,23 +273,40 @@ pub fn run(opts: &CompareOpts, command: String) -> Result<(), String> {
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(std::path::Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    if let Some(d) = opts.json.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+    }
     attach_charts(&mut r, dir);
-    let md = report::markdown(&r);
+    // Other sections of an earlier results.json stay; this one replaces its own.
+    let mut doc = match Document::load(&opts.json) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("{e}: starting a new results file");
+            Document::default()
+        }
+    };
+    let section = r.section.clone();
+    let duration = r.duration_secs;
+    doc.upsert(r);
+    let md = report::markdown(&doc);
     std::fs::write(&opts.out, &md).map_err(|e| format!("{}: {e}", opts.out.display()))?;
-    let json = serde_json::to_string_pretty(&r).map_err(|e| e.to_string())?;
+    let json = serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?;
     std::fs::write(&opts.json, json).map_err(|e| format!("{}: {e}", opts.json.display()))?;
-    println!("{md}");
+    if let Some(run) = doc.runs.iter().find(|x| x.section == section) {
+        println!("{}", report::section_markdown(run));
+    }
     eprintln!(
-        "wrote {} and {} in {:.0} s",
+        "wrote section `{section}` to {} and {} in {duration:.0} s",
         opts.out.display(),
         opts.json.display(),
-        r.duration_secs
     );
     Ok(())
 }
 
 /// Renders the charts next to the report; a chart failure becomes a note.
 pub fn attach_charts(r: &mut Results, dir: &std::path::Path) {
+    r.notes.retain(|n| !n.starts_with("charts skipped"));
     match crate::charts::render(r, dir) {
         Ok(files) => {
             r.charts = files
@@ -229,55 +320,82 @@ pub fn attach_charts(r: &mut Results, dir: &std::path::Path) {
 
 /// Re-renders RESULTS.md and the charts from a results.json.
 pub fn rerender(json: &std::path::Path, out: &std::path::Path) -> Result<(), String> {
-    let text = std::fs::read_to_string(json).map_err(|e| format!("{}: {e}", json.display()))?;
-    let mut r: Results =
-        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", json.display()))?;
+    if !json.exists() {
+        return Err(format!("{}: no such file", json.display()));
+    }
+    let mut doc = Document::load(json)?;
     let dir = out
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(std::path::Path::new("."));
-    r.notes.retain(|n| !n.starts_with("charts skipped"));
-    attach_charts(&mut r, dir);
-    std::fs::write(out, report::markdown(&r)).map_err(|e| format!("{}: {e}", out.display()))?;
-    let pretty = serde_json::to_string_pretty(&r).map_err(|e| e.to_string())?;
+    for r in &mut doc.runs {
+        attach_charts(r, dir);
+    }
+    std::fs::write(out, report::markdown(&doc)).map_err(|e| format!("{}: {e}", out.display()))?;
+    let pretty = serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?;
     std::fs::write(json, pretty).map_err(|e| format!("{}: {e}", json.display()))
 }
 
-/// Starts a fresh server of `kind`, runs `f` on it, stops it; failures become
-/// notes so one broken target does not lose the others' numbers.
+/// Starts a fresh server of `kind` (`instances` processes for the gateway),
+/// runs `f` on it, stops it; failures become notes so one broken target does
+/// not lose the others' numbers.
 fn with_target<T>(
     lab: &Lab,
     kind: TargetKind,
+    instances: usize,
     notes: &mut Vec<String>,
     f: impl FnOnce(&Lab, &mut crate::lab::Running) -> Result<T, String>,
 ) -> Option<T> {
-    let mut running = match lab.start(kind) {
+    let name = label(kind.name(), instances);
+    let mut running = match lab.start(kind, instances) {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("  {}: {e}", kind.name());
-            notes.push(format!("{} did not start: {}", kind.name(), first_line(&e)));
+            eprintln!("  {name}: {e}");
+            notes.push(format!("{name} did not start: {}", first_line(&e)));
             return None;
         }
     };
     let out = f(lab, &mut running);
-    if !running.service.running() {
+    for exit in running.exits() {
         notes.push(format!(
-            "{} exited during the scenario: {}",
-            kind.name(),
-            first_line(&running.service.log_tail(5))
+            "{name} exited during the scenario: {}",
+            first_line(&exit)
         ));
     }
-    if let Some(f) = running.log_findings() {
-        notes.push(f);
-    }
+    notes.extend(running.log_findings());
     match out {
         Ok(v) => Some(v),
         Err(e) => {
-            eprintln!("  {}: {e}", kind.name());
-            notes.push(format!("{} failed: {}", kind.name(), first_line(&e)));
+            eprintln!("  {name}: {e}");
+            notes.push(format!("{name} failed: {}", first_line(&e)));
             None
         }
     }
+}
+
+/// Which nginx and nchan were measured, and how they were driven.
+fn nchan_version(nginx: &std::path::Path, module: &std::path::Path, opts: &CompareOpts) -> String {
+    let nginx_v = std::process::Command::new(nginx)
+        .arg("-v")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stderr).trim().to_owned())
+        .unwrap_or_else(|| "nginx (version unknown)".into());
+    let nchan_v = std::process::Command::new("dpkg-query")
+        .args(["-W", "-f", "${Version}", "libnginx-mod-nchan"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_else(|| "unknown".into());
+    format!(
+        "nchan: {nginx_v} with `{}` (libnginx-mod-nchan {nchan_v}), config `{}`; driven through its own \
+         locations: subscribers `GET /sub?deviceId=<device>` (EventSource), events `POST /pub?id=<device>` \
+         pipelined on {} keep-alive connection(s); no tickets, no Redis.",
+        module.display(),
+        opts.nchan_conf.display(),
+        opts.nchan_publishers
+    )
 }
 
 /// Which gateway was measured: the commit of the work tree it sits in and the

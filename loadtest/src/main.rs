@@ -17,6 +17,7 @@ mod fleet;
 mod floor;
 mod hist;
 mod lab;
+mod nchan;
 mod proc;
 mod protocol;
 mod publisher;
@@ -62,6 +63,18 @@ enum Cmd {
     },
 }
 
+/// `a` as a POSIX shell word, so the recorded command can be pasted back.
+fn shell_quote(a: &str) -> String {
+    let plain = !a.is_empty()
+        && a.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./,=:@%+".contains(c));
+    if plain {
+        a.to_owned()
+    } else {
+        format!("'{}'", a.replace('\'', r"'\''"))
+    }
+}
+
 fn main() {
     let cli = Cli::parse();
     let code = match cli.command {
@@ -76,7 +89,10 @@ fn main() {
             }
         },
         Cmd::Compare(opts) => {
-            let command = std::env::args().collect::<Vec<_>>().join(" ");
+            let command = std::env::args()
+                .map(|a| shell_quote(&a))
+                .collect::<Vec<_>>()
+                .join(" ");
             match compare::run(&opts, command) {
                 Ok(()) => 0,
                 Err(e) => {

@@ -14,6 +14,42 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// Proportional set size of `pid` in KiB (`Pss` of /proc/<pid>/smaps_rollup):
+/// pages shared between processes (nginx's shared memory, the same binary
+/// run N times) are split between them instead of counted in each.
+pub fn pss_kib(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    let line = text.lines().find(|l| l.starts_with("Pss:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Sum of [`rss_kib`] over `pids` (missing processes count 0).
+pub fn rss_sum(pids: &[u32]) -> u64 {
+    pids.iter().filter_map(|&p| rss_kib(p)).sum()
+}
+
+/// Sum of [`pss_kib`] over `pids`.
+pub fn pss_sum(pids: &[u32]) -> u64 {
+    pids.iter().filter_map(|&p| pss_kib(p)).sum()
+}
+
+/// Open descriptors of `pid` (entries of /proc/<pid>/fd).
+pub fn fd_count(pid: u32) -> Option<u64> {
+    let dir = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
+    Some(dir.count() as u64)
+}
+
+/// The live children of `pid` (nginx's workers under its master).
+pub fn children(pid: u32) -> Vec<u32> {
+    let mut out: Vec<u32> = process_table()
+        .into_iter()
+        .filter(|(p, (ppid, _))| *ppid == pid && alive(*p))
+        .map(|(p, _)| p)
+        .collect();
+    out.sort_unstable();
+    out
+}
+
 /// utime + stime of `pid` in seconds (fields 14 and 15 of /proc/<pid>/stat).
 pub fn cpu_secs(pid: u32) -> Option<f64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -142,26 +178,37 @@ pub fn fd_limit() -> u64 {
     r.rlim_cur
 }
 
-/// CPU and RSS of a server over an interval.
+/// CPU of a server (one process or several, summed) over an interval.
 pub struct Sampler {
-    pid: u32,
-    cpu0: f64,
+    pids: Vec<(u32, f64)>,
     at: Instant,
 }
 
 impl Sampler {
     pub fn start(pid: u32) -> Sampler {
+        Sampler::start_all(&[pid])
+    }
+
+    /// Samples the sum over `pids` (the N gateway processes, nginx's master
+    /// and workers).
+    pub fn start_all(pids: &[u32]) -> Sampler {
         Sampler {
-            pid,
-            cpu0: cpu_secs(pid).unwrap_or(0.0),
+            pids: pids
+                .iter()
+                .map(|&p| (p, cpu_secs(p).unwrap_or(0.0)))
+                .collect(),
             at: Instant::now(),
         }
     }
 
     /// (CPU-seconds used, wall seconds elapsed) since start.
     pub fn read(&self) -> (f64, f64) {
-        let cpu = cpu_secs(self.pid).unwrap_or(self.cpu0);
-        ((cpu - self.cpu0).max(0.0), self.at.elapsed().as_secs_f64())
+        let cpu: f64 = self
+            .pids
+            .iter()
+            .map(|&(p, cpu0)| (cpu_secs(p).unwrap_or(cpu0) - cpu0).max(0.0))
+            .sum();
+        (cpu, self.at.elapsed().as_secs_f64())
     }
 }
 

@@ -18,6 +18,9 @@ pub enum TargetKind {
     Nestjs,
     /// The floor server: a bare GET, no ticket.
     Floor,
+    /// nginx + nchan (`loadtest/peers/nchan.conf`): a bare EventSource GET on
+    /// its subscriber location, no ticket, no Redis.
+    Nchan,
 }
 
 impl TargetKind {
@@ -26,7 +29,14 @@ impl TargetKind {
             TargetKind::Gateway => "gateway",
             TargetKind::Nestjs => "nestjs",
             TargetKind::Floor => "floor",
+            TargetKind::Nchan => "nchan",
         }
+    }
+
+    /// Whether it speaks the contract (tickets, Redis) or is a peer driven
+    /// through its own publish path.
+    pub fn uses_redis(self) -> bool {
+        matches!(self, TargetKind::Gateway | TargetKind::Nestjs)
     }
 }
 

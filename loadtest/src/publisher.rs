@@ -24,10 +24,21 @@ pub struct Step {
 }
 
 pub trait Publish {
-    /// Publishes `rate` events/s for `secs`, round-robin over the devices.
+    /// Publishes `rate` events/s for `secs`, round-robin over the devices;
+    /// returns when the last event has been handed over.
     fn step(&mut self, rate: u64, secs: f64) -> Result<Step, String>;
+    /// Waits (bounded) until the server has acknowledged every event handed
+    /// over; fails when it refused any it must not (Redis errors).
+    fn settle(&mut self) -> Result<(), String> {
+        Ok(())
+    }
     /// Events published so far, by device.
     fn published(&self) -> BTreeMap<String, u64>;
+    /// Publishes the server refused so far, by kind (their events count as
+    /// published, so they show up as lost).
+    fn errors(&self) -> BTreeMap<String, u64> {
+        BTreeMap::new()
+    }
 }
 
 /// Writes more than this many commands in one go only when far behind.
@@ -107,7 +118,7 @@ impl RedisPublisher {
     }
 
     /// Waits (bounded) until Redis has answered every PUBLISH sent.
-    fn settle(&self, limit: Duration) -> Result<(), String> {
+    fn wait_replies(&self, limit: Duration) -> Result<(), String> {
         let deadline = Instant::now() + limit;
         while self.replies.load(Relaxed) < self.sent {
             if Instant::now() > deadline {
@@ -126,36 +137,55 @@ impl RedisPublisher {
     }
 }
 
+/// Paces one step: `rate` events/s for `secs`, handing `batch` the number of
+/// events now due (at most [`MAX_BATCH`] at once). Bounded to 3x the step's
+/// length plus 5 s: a sink that cannot take the rate ends the step short.
+pub fn pace(
+    rate: u64,
+    secs: f64,
+    mut batch: impl FnMut(u64) -> Result<(), String>,
+) -> Result<Step, String> {
+    let total = (rate as f64 * secs).round() as u64;
+    let start = Instant::now();
+    let limit = secs * 3.0 + 5.0;
+    let mut done = 0u64;
+    while done < total {
+        let elapsed = start.elapsed().as_secs_f64();
+        if elapsed > limit {
+            break;
+        }
+        let due = ((elapsed * rate as f64) as u64).min(total);
+        if due <= done {
+            std::thread::sleep(Duration::from_micros(200));
+            continue;
+        }
+        let n = (due - done).min(MAX_BATCH);
+        batch(n)?;
+        done += n;
+    }
+    Ok(Step {
+        sent: done,
+        secs: start.elapsed().as_secs_f64(),
+    })
+}
+
 impl Publish for RedisPublisher {
     fn step(&mut self, rate: u64, secs: f64) -> Result<Step, String> {
-        let total = (rate as f64 * secs).round() as u64;
-        let start = Instant::now();
-        let limit = secs * 3.0 + 5.0;
-        let mut done = 0u64;
         let mut buf = Vec::with_capacity(256 * 1024);
-        while done < total {
-            let elapsed = start.elapsed().as_secs_f64();
-            if elapsed > limit {
-                break;
-            }
-            let due = ((elapsed * rate as f64) as u64).min(total);
-            if due <= done {
-                std::thread::sleep(Duration::from_micros(200));
-                continue;
-            }
-            let n = (due - done).min(MAX_BATCH);
+        let step = pace(rate, secs, |n| {
             buf.clear();
             for _ in 0..n {
                 self.push_event(&mut buf);
             }
             self.writer
                 .write_all(&buf)
-                .map_err(|e| format!("publish: {e}"))?;
-            done += n;
-        }
-        let secs = start.elapsed().as_secs_f64();
-        self.settle(Duration::from_secs(10))?;
-        Ok(Step { sent: done, secs })
+                .map_err(|e| format!("publish: {e}"))
+        })?;
+        Ok(step)
+    }
+
+    fn settle(&mut self) -> Result<(), String> {
+        self.wait_replies(Duration::from_secs(10))
     }
 
     fn published(&self) -> BTreeMap<String, u64> {

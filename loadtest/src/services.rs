@@ -1,6 +1,7 @@
-//! The servers a run starts and stops: a private `redis-server`, the gateway,
-//! the NestJS baseline and the floor server, each on a free loopback port,
-//! logging to a file in the run's work directory, and ended by PID when its
+//! The servers a run starts and stops: a private `redis-server`, the gateway
+//! (one process, or several sharing one port with SO_REUSEPORT), the NestJS
+//! baseline, the floor server and nginx + nchan, each on a free loopback port,
+//! logging to files in the run's work directory, and ended by PID when its
 //! handle drops.
 
 use std::fs::File;
@@ -20,9 +21,21 @@ pub struct Service {
     pub addr: SocketAddr,
     pub log: PathBuf,
     child: Child,
+    /// A master that forks workers (nginx): its children are part of it.
+    forks: bool,
 }
 
 impl Service {
+    /// This process and, for a master that forks workers, its live children:
+    /// the processes whose CPU and memory are the server's.
+    pub fn pids(&self) -> Vec<u32> {
+        let mut v = vec![self.pid];
+        if self.forks {
+            v.extend(proc::children(self.pid));
+        }
+        v
+    }
+
     /// Whether the process is still up (reaps it if it exited).
     pub fn running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
@@ -38,10 +51,22 @@ impl Service {
 
 impl Drop for Service {
     fn drop(&mut self) {
+        // nginx's workers are not our children: note them before the master
+        // goes, and end any that outlive it, by PID.
+        let children = if self.forks {
+            proc::children(self.pid)
+        } else {
+            Vec::new()
+        };
         if matches!(self.child.try_wait(), Ok(None)) {
             proc::stop(self.pid, Duration::from_secs(8));
         }
         let _ = self.child.wait();
+        for pid in children {
+            if proc::alive(pid) {
+                proc::stop(pid, Duration::from_secs(2));
+            }
+        }
     }
 }
 
@@ -57,6 +82,7 @@ fn spawn(name: &str, mut cmd: Command, log: PathBuf, port: u16) -> Result<Servic
         addr: SocketAddr::from(([127, 0, 0, 1], port)),
         log,
         child,
+        forks: false,
     })
 }
 
@@ -119,8 +145,39 @@ pub struct ServerConfig<'a> {
     pub dir: &'a Path,
 }
 
-pub fn gateway(bin: &Path, c: &ServerConfig) -> Result<Service, String> {
+/// `instances` gateway processes on one port: each binds its listeners with
+/// SO_REUSEPORT and the kernel spreads connections over all of them. Each is
+/// started after the previous one logged that it listens; then the shared
+/// port must answer `/health`.
+pub fn gateways(bin: &Path, c: &ServerConfig, instances: usize) -> Result<Vec<Service>, String> {
     let port = proc::free_port()?;
+    let mut out: Vec<Service> = Vec::new();
+    for i in 0..instances.max(1) {
+        let (name, log) = if instances <= 1 {
+            ("gateway".to_string(), c.dir.join("gateway.log"))
+        } else {
+            (
+                format!("gateway-{i}"),
+                c.dir.join(format!("gateway-{i}.log")),
+            )
+        };
+        let mut svc = gateway_on(bin, c, port, &name, log.clone())?;
+        wait_ready(&mut svc, Duration::from_secs(20), |_| {
+            std::fs::read_to_string(&log).is_ok_and(|t| t.contains("listening on"))
+        })?;
+        out.push(svc);
+    }
+    wait_ready(&mut out[0], Duration::from_secs(20), health_up)?;
+    Ok(out)
+}
+
+fn gateway_on(
+    bin: &Path,
+    c: &ServerConfig,
+    port: u16,
+    name: &str,
+    log: PathBuf,
+) -> Result<Service, String> {
     let mut cmd = Command::new(bin);
     cmd.arg("--listen")
         .arg(format!("127.0.0.1:{port}"))
@@ -132,9 +189,7 @@ pub fn gateway(bin: &Path, c: &ServerConfig) -> Result<Service, String> {
         .arg("1000000")
         .arg("--heartbeat-secs")
         .arg(c.heartbeat_secs.to_string());
-    let mut svc = spawn("gateway", cmd, c.dir.join("gateway.log"), port)?;
-    wait_ready(&mut svc, Duration::from_secs(20), health_up)?;
-    Ok(svc)
+    spawn(name, cmd, log, port)
 }
 
 /// Builds the baseline when `dist/` is missing, then starts `node dist/main.js`.
@@ -194,9 +249,114 @@ pub fn floor(dir: &Path, devices: usize) -> Result<(Service, FloorPublisher), St
         addr: SocketAddr::from(([127, 0, 0, 1], port)),
         log,
         child,
+        forks: false,
     };
     let control = FloorPublisher::new(stdin, stdout)?;
     Ok((svc, control))
+}
+
+/// Where Debian's `libnginx-mod-nchan` puts the module.
+pub const NCHAN_MODULE: &str = "/usr/lib/nginx/modules/ngx_nchan_module.so";
+
+/// The nginx binary and the nchan module, or why nchan cannot run here.
+pub fn nchan_installed() -> Result<(PathBuf, PathBuf), String> {
+    let module = PathBuf::from(NCHAN_MODULE);
+    if !module.exists() {
+        return Err(format!(
+            "{NCHAN_MODULE} missing: apt-get install -y libnginx-mod-nchan"
+        ));
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let nginx = std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin")])
+        .map(|d| d.join("nginx"))
+        .find(|p| p.is_file())
+        .ok_or(
+            "nginx not found (on PATH or in /usr/sbin): apt-get install -y libnginx-mod-nchan",
+        )?;
+    Ok((nginx, module))
+}
+
+/// What the nchan template is filled with.
+pub struct NchanConfig<'a> {
+    pub template: &'a Path,
+    pub dir: &'a Path,
+    pub heartbeat_secs: f64,
+    /// nginx worker processes (one per core, as the gateway has reactors).
+    pub workers: usize,
+}
+
+/// nginx with the nchan module, from the template `loadtest/peers/nchan.conf`:
+/// a non-daemon master (and its workers) on a free loopback port, with its
+/// pid file, error and access logs and temp dirs under a fresh prefix in the
+/// run's work directory.
+pub fn nchan(c: &NchanConfig) -> Result<Service, String> {
+    let (nginx, _) = nchan_installed()?;
+    let port = proc::free_port()?;
+    let conf = render_nchan_file(c, port)?;
+    let prefix = conf.parent().unwrap_or(c.dir).to_path_buf();
+    let mut cmd = Command::new(nginx);
+    cmd.arg("-p")
+        .arg(format!("{}/", prefix.display()))
+        .arg("-c")
+        .arg(&conf);
+    let mut svc = spawn("nchan", cmd, prefix.join("stderr.log"), port)?;
+    svc.forks = true;
+    wait_ready(&mut svc, Duration::from_secs(20), |a| {
+        http_get(a, "/health").is_ok_and(|(status, _)| status == 200)
+    })?;
+    // From here on, what nginx has to say goes to its error log.
+    svc.log = prefix.join("error.log");
+    Ok(svc)
+}
+
+/// Fills the template into `<dir>/nchan-<port>/nginx.conf`; returns its path.
+pub fn render_nchan_file(c: &NchanConfig, port: u16) -> Result<PathBuf, String> {
+    let (_, module) = nchan_installed()?;
+    let template = std::fs::read_to_string(c.template)
+        .map_err(|e| format!("{}: {e}", c.template.display()))?;
+    let prefix = c.dir.join(format!("nchan-{port}"));
+    std::fs::create_dir_all(&prefix).map_err(|e| format!("{}: {e}", prefix.display()))?;
+    let conf = render_nchan(&template, &prefix, &module, port, c);
+    if let Some(line) = conf
+        .lines()
+        .find(|l| !l.trim_start().starts_with('#') && l.contains("{{"))
+    {
+        return Err(format!(
+            "{}: unknown placeholder in `{}`",
+            c.template.display(),
+            line.trim()
+        ));
+    }
+    let path = prefix.join("nginx.conf");
+    std::fs::write(&path, conf).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(path)
+}
+
+fn render_nchan(
+    template: &str,
+    prefix: &Path,
+    module: &Path,
+    port: u16,
+    c: &NchanConfig,
+) -> String {
+    let heartbeat = c.heartbeat_secs.round().max(1.0) as u64;
+    let nofile = proc::fd_limit().clamp(1024, 1 << 20);
+    [
+        ("{{prefix}}", prefix.display().to_string()),
+        ("{{module}}", module.display().to_string()),
+        ("{{port}}", port.to_string()),
+        ("{{workers}}", c.workers.max(1).to_string()),
+        ("{{nofile}}", nofile.to_string()),
+        (
+            "{{worker_connections}}",
+            nofile.saturating_sub(100).to_string(),
+        ),
+        ("{{shm}}", "256M".to_string()),
+        ("{{heartbeat_secs}}", heartbeat.to_string()),
+    ]
+    .iter()
+    .fold(template.to_owned(), |t, (k, v)| t.replace(k, v))
 }
 
 fn health_up(addr: SocketAddr) -> bool {

@@ -66,9 +66,9 @@ fn run_checks(
         attempts: 1,
     };
 
-    let mut running = lab.start(TargetKind::Gateway)?;
+    let mut running = lab.start(TargetKind::Gateway, 1)?;
     let target = lab.target(&running);
-    let (addr, pid) = (target.addr, target.pid);
+    let (addr, pids) = (target.addr, target.pids.clone());
     let rates = [opts.rate];
     let plan = fanout::Plan {
         streams: opts.streams,
@@ -81,9 +81,11 @@ fn run_checks(
         let target = crate::scenario::Target {
             kind: TargetKind::Gateway,
             addr,
-            pid,
+            pids,
+            instances: 1,
             jwt_secret: &lab.secret,
             redis: Some(lab.redis_addr()),
+            redis_pid: Some(lab.redis.pid),
         };
         fanout::run(&target, publisher.as_mut(), "smoke", &plan, ramp)
     };
@@ -134,13 +136,13 @@ fn run_checks(
         format!("{n} alert streams: one broadcast alert reaches all"),
         check,
     ));
-    let alive = running.service.running();
+    let exits = running.exits();
     checks.push((
         "gateway still running".into(),
-        if alive {
+        if exits.is_empty() {
             Ok(())
         } else {
-            Err(running.service.log_tail(5))
+            Err(exits.join("; "))
         },
     ));
     Ok(())

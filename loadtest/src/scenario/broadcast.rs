@@ -23,6 +23,9 @@ pub struct Round {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct BroadcastResult {
     pub target: String,
+    /// Gateway processes sharing the port (1 for the other targets).
+    #[serde(default = "super::one")]
+    pub instances: usize,
     pub streams: u64,
     pub open: Opened,
     pub rounds: Vec<Round>,
@@ -46,7 +49,7 @@ pub fn run(
     let mut fleet = Fleet::spawn(workers_for(streams, ramp.per_worker))?;
     let foreign = Foreign::start();
     let t0 = open(&mut fleet, target, &all, ramp)?;
-    let label = format!("{} broadcast {streams}", target.kind.name());
+    let label = format!("{} broadcast {streams}", target.label());
     let opened = wait_open(&mut fleet, &label, streams, t0, open_limit(streams))?;
     let mut publisher =
         RedisPublisher::connect(redis, "machine:alerts", "alert", vec![all.device(0)])?;
@@ -55,6 +58,7 @@ pub fn run(
         std::thread::sleep(Duration::from_secs(1));
         fleet.reset()?;
         publisher.step(1, 1.0)?;
+        publisher.settle()?;
         let start = Instant::now();
         let mut received = 0;
         while start.elapsed() < Duration::from_secs(15) {
@@ -79,6 +83,7 @@ pub fn run(
     let all_received = out.iter().all(|r| r.received >= opened.opened) && opened.opened == streams;
     Ok(BroadcastResult {
         target: target.kind.name().into(),
+        instances: target.instances,
         streams,
         open: opened,
         rounds: out,

@@ -24,6 +24,9 @@ pub struct Step {
     pub delivered: u64,
     /// Deliveries counted during the publishing window, per second.
     pub deliveries_per_sec: f64,
+    /// Deliveries counted by the end of the publishing window.
+    #[serde(default)]
+    pub delivered_in_window: u64,
     pub lost: u64,
     pub dups: u64,
     pub p50_ms: f64,
@@ -43,6 +46,15 @@ pub struct Step {
     pub server_cpu_pct: f64,
     #[serde(default)]
     pub client_cpu_pct: f64,
+    /// redis-server over the step, % of one core (0: no Redis used).
+    #[serde(default)]
+    pub redis_cpu_pct: f64,
+    #[serde(default)]
+    pub redis_cpu_secs: f64,
+    /// Publishes the server refused during the step, by kind (nchan's HTTP
+    /// status when not 201/202).
+    #[serde(default)]
+    pub publish_errors: std::collections::BTreeMap<String, u64>,
     /// Kept up: nothing lost, rate reached, p99 under a second.
     pub clean: bool,
 }
@@ -50,6 +62,9 @@ pub struct Step {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct FanoutResult {
     pub target: String,
+    /// Gateway processes sharing the port (1 for the other targets).
+    #[serde(default = "super::one")]
+    pub instances: usize,
     pub streams: u64,
     pub devices: u64,
     pub open: Opened,
@@ -83,7 +98,7 @@ pub fn run(
     }
     let mut fleet = Fleet::spawn(workers_for(plan.streams, ramp.per_worker))?;
     let t0 = open(&mut fleet, target, &all, ramp)?;
-    let label = format!("{} fanout {}", target.kind.name(), plan.streams);
+    let label = format!("{} fanout {}", target.label(), plan.streams);
     let opened = wait_open(
         &mut fleet,
         &label,
@@ -100,11 +115,16 @@ pub fn run(
     let mut max_clean = 0;
     for &rate in plan.rates {
         fleet.reset()?;
-        let sampler = Sampler::start(target.pid);
+        let sampler = Sampler::start_all(&target.pids);
+        let redis = target.redis_pid.map(Sampler::start);
+        let errors_before = publisher.errors();
         let clients: Vec<Sampler> = fleet.pids().into_iter().map(Sampler::start).collect();
         let foreign = Foreign::start();
         let published = publisher.step(rate, plan.step_secs)?;
+        // Deliveries while the events were being published: what the server
+        // kept pace with (nchan answers its POSTs late when it falls behind).
         let during = fleet.stats()?.stats.events;
+        publisher.settle()?;
         // Let what is in flight arrive: until every stream has every event,
         // or nothing new came for SETTLE_QUIET, or SETTLE_MAX passed.
         let mut last = during;
@@ -123,6 +143,15 @@ pub fn run(
         }
         let (cpu, wall) = sampler.read();
         let client_cpu: f64 = clients.iter().map(|c| c.read().0).sum();
+        let redis_cpu = redis.map_or(0.0, |r| r.read().0);
+        let publish_errors: std::collections::BTreeMap<String, u64> = publisher
+            .errors()
+            .into_iter()
+            .filter_map(|(k, v)| {
+                let d = v.saturating_sub(errors_before.get(&k).copied().unwrap_or(0));
+                (d > 0).then_some((k, d))
+            })
+            .collect();
         let foreign_pct = foreign.pct();
         let t = fleet.stats()?;
         let check = fleet.check(&publisher.published())?;
@@ -136,6 +165,7 @@ pub fn run(
         let clean = lost == 0
             && t.stats.dups == 0
             && t.stats.closed_by_server == 0
+            && publish_errors.is_empty()
             && published.sent as f64 >= 0.9 * rate as f64 * plan.step_secs
             && published.secs <= plan.step_secs * 1.2
             && p99 < 1000.0;
@@ -146,6 +176,7 @@ pub fn run(
             expected,
             delivered,
             deliveries_per_sec: dps,
+            delivered_in_window: during,
             lost,
             dups: t.stats.dups,
             p50_ms: t.hist.quantile_ms(0.5),
@@ -158,16 +189,20 @@ pub fn run(
             } else {
                 0.0
             },
-            server_rss_kib: proc::rss_kib(target.pid).unwrap_or(0),
+            server_rss_kib: proc::rss_sum(&target.pids),
             closed_by_server: t.stats.closed_by_server,
             foreign_cpu_pct: foreign_pct,
             server_cpu_pct: cpu / wall.max(1e-9) * 100.0,
             client_cpu_pct: client_cpu / wall.max(1e-9) * 100.0,
+            redis_cpu_pct: redis_cpu / wall.max(1e-9) * 100.0,
+            redis_cpu_secs: redis_cpu,
+            publish_errors,
             clean,
         };
         eprintln!(
-            "  {label}: {rate} ev/s -> {:.0} deliveries/s, lost {}, dup {}, p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms, {:.2} cpu-s/M, server {:.0}% client {:.0}% other {:.0}% of a core{}",
+            "  {label}: {rate} ev/s -> {:.0} deliveries/s ({:.1}% delivered), lost {}, dup {}, p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms, {:.2} cpu-s/M, server {:.0}% redis {:.0}% client {:.0}% other {:.0}% of a core{}{}",
             step.deliveries_per_sec,
+            step.delivered as f64 / step.expected.max(1) as f64 * 100.0,
             step.lost,
             step.dups,
             step.p50_ms,
@@ -175,8 +210,14 @@ pub fn run(
             step.max_ms,
             step.cpu_secs_per_m,
             step.server_cpu_pct,
+            step.redis_cpu_pct,
             step.client_cpu_pct,
             step.foreign_cpu_pct,
+            if step.publish_errors.is_empty() {
+                String::new()
+            } else {
+                format!(", publish errors {:?}", step.publish_errors)
+            },
             if clean { "" } else { "  (not clean: stepping stops)" }
         );
         steps.push(step);
@@ -187,6 +228,7 @@ pub fn run(
     }
     Ok(FanoutResult {
         target: target.kind.name().into(),
+        instances: target.instances,
         streams: plan.streams,
         devices: plan.devices,
         open: opened,

@@ -27,10 +27,35 @@ use crate::resp::{Redis, Value};
 pub struct Target<'a> {
     pub kind: TargetKind,
     pub addr: SocketAddr,
-    pub pid: u32,
+    /// Every process of the server: CPU and memory are summed over them.
+    pub pids: Vec<u32>,
+    /// Gateway processes sharing the port (1 for every other kind).
+    pub instances: usize,
     pub jwt_secret: &'a str,
-    /// None for the floor, which needs no Redis.
+    /// None for the floor and nchan, which need no Redis.
     pub redis: Option<SocketAddr>,
+    /// The redis-server, whose CPU is reported next to the server's.
+    pub redis_pid: Option<u32>,
+}
+
+impl Target<'_> {
+    /// The name in tables: `gateway`, or `gateway ×N` for N instances.
+    pub fn label(&self) -> String {
+        label(self.kind.name(), self.instances)
+    }
+}
+
+pub fn label(target: &str, instances: usize) -> String {
+    if instances > 1 {
+        format!("{target} ×{instances}")
+    } else {
+        target.to_owned()
+    }
+}
+
+/// For `#[serde(default)]` of instance counts in older results.
+pub fn one() -> usize {
+    1
 }
 
 /// How clients are spread and opened.

@@ -17,6 +17,9 @@ use crate::protocol::{Command, StreamKind};
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct StormResult {
     pub target: String,
+    /// Gateway processes sharing the port (1 for the other targets).
+    #[serde(default = "super::one")]
+    pub instances: usize,
     pub clients: u64,
     pub connect: Opened,
     pub reconnect: Opened,
@@ -36,7 +39,7 @@ pub fn run(target: &Target, run_id: &str, n: u64, ramp: Ramp) -> Result<StormRes
     };
     let foreign = Foreign::start();
     let t0 = open(&mut fleet, target, &all, at_once)?;
-    let label = format!("{} storm {n}", target.kind.name());
+    let label = format!("{} storm {n}", target.label());
     let connect = wait_open(
         &mut fleet,
         &format!("{label} connect"),
@@ -62,6 +65,7 @@ pub fn run(target: &Target, run_id: &str, n: u64, ramp: Ramp) -> Result<StormRes
     )?;
     Ok(StormResult {
         target: target.kind.name().into(),
+        instances: target.instances,
         clients: n,
         connect,
         reconnect,
