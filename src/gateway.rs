@@ -236,6 +236,9 @@ pub fn run(config: Config) -> Result<(), Fatal> {
             Err(_) => warn!("reactor panicked"),
         }
     }
+    if let Store::Redis(pool) = &gw.store {
+        pool.finish(std::time::Duration::from_secs(2));
+    }
     info!("drained, exiting");
     Ok(())
 }

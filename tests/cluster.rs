@@ -245,3 +245,45 @@ fn max_rate_per_device_sends_the_newest_value_and_nothing_stale() {
         "values 1..=8 were replaced before they were sent"
     );
 }
+
+#[test]
+fn an_instance_that_exits_right_after_its_streams_close_releases_their_leases() {
+    // Default heartbeat: leases would otherwise outlive the process by 50 s.
+    let (redis, mut gws) = cluster(2, &["--max-conns-per-ip", "1000"]);
+    let streams: Vec<SseStream> = (0..50)
+        .map(|i| data_stream(&redis, &gws[0], &format!("e{i}"), &["D1"]))
+        .collect();
+    // Redis stalls for half a second, so the releases are still queued in the
+    // gateway when it is told to exit.
+    let url = redis.url();
+    let mut con = redis::Client::open(url).unwrap().get_connection().unwrap();
+    redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(500)
+        .arg("ALL")
+        .query::<()>(&mut con)
+        .unwrap();
+    drop(streams);
+    assert!(wait_until(T, || gws[0]
+        .log()
+        .matches("stream closed")
+        .count()
+        == 50));
+    gws[0].sigterm();
+    assert_eq!(
+        gws[0]
+            .wait_exit(Duration::from_secs(6))
+            .and_then(|s| s.code()),
+        Some(0)
+    );
+    for i in 0..50 {
+        let (ticket, _) = gws[1].ticket_for(&format!("e{i}"), r#"{"purpose":"data"}"#);
+        if let Err(r) = SseStream::open(gws[1].addr(), &data_path(&ticket, &["D1"]), &[]) {
+            panic!(
+                "user e{i} still held by the exited instance: {} {}",
+                r.status,
+                r.text()
+            );
+        }
+    }
+}

@@ -9,6 +9,7 @@
 //!   sends each [`Outcome`] back to the asking reactor's mailbox. The job queue
 //!   is bounded: past it a request gets 503 rather than unbounded memory.
 
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, LazyLock};
 use std::thread;
 use std::time::Duration;
@@ -33,29 +34,45 @@ static ACQUIRE: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(le
 
 pub struct RedisPool {
     jobs: Sender<(Job, Option<Reply>)>,
+    /// Jobs submitted and not finished yet (queued or running).
+    pending: Arc<AtomicUsize>,
 }
 
 impl RedisPool {
     pub fn start(client: redis::Client, mailboxes: Mailboxes) -> RedisPool {
         let (tx, rx) = crossbeam_channel::bounded(QUEUE_BOUND);
+        let pending = Arc::new(AtomicUsize::new(0));
         for n in 0..WORKERS {
             let (client, rx, mailboxes) = (client.clone(), rx.clone(), mailboxes.clone());
+            let pending = pending.clone();
             let spawned = thread::Builder::new()
                 .name(format!("redis-worker-{n}"))
-                .spawn(move || worker(client, rx, mailboxes));
+                .spawn(move || worker(client, rx, mailboxes, &pending));
             if let Err(e) = spawned {
                 warn!("could not start redis worker: {e}");
             }
         }
-        RedisPool { jobs: tx }
+        RedisPool { jobs: tx, pending }
     }
 
     pub fn submit(&self, job: Job, reply: Option<Reply>) -> Option<Outcome> {
+        self.pending.fetch_add(1, SeqCst);
         match self.jobs.try_send((job, reply)) {
             Ok(()) => None,
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                self.pending.fetch_sub(1, SeqCst);
                 Some(Outcome::Unavailable)
             }
+        }
+    }
+
+    /// Waits (at most `limit`) until every submitted job has run: on exit,
+    /// so the lease releases of the last closed streams reach Redis instead
+    /// of holding those users' slots until the leases expire.
+    pub fn finish(&self, limit: Duration) {
+        let deadline = std::time::Instant::now() + limit;
+        while self.pending.load(SeqCst) > 0 && std::time::Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(2));
         }
     }
 }
@@ -67,7 +84,12 @@ fn connect(client: &redis::Client) -> redis::RedisResult<redis::Connection> {
     Ok(con)
 }
 
-fn worker(client: redis::Client, jobs: Receiver<(Job, Option<Reply>)>, mailboxes: Mailboxes) {
+fn worker(
+    client: redis::Client,
+    jobs: Receiver<(Job, Option<Reply>)>,
+    mailboxes: Mailboxes,
+    pending: &AtomicUsize,
+) {
     let mut con: Option<redis::Connection> = None;
     for (job, reply) in jobs.iter() {
         if con.is_none() {
@@ -84,6 +106,7 @@ fn worker(client: redis::Client, jobs: Receiver<(Job, Option<Reply>)>, mailboxes
             },
             None => Outcome::Unavailable,
         };
+        pending.fetch_sub(1, SeqCst);
         let Some(reply) = reply else { continue };
         if let Some(mailbox) = mailboxes.get(reply.reactor) {
             mailbox.send(Inbox::Outcome {
