@@ -26,6 +26,9 @@ use crate::stream::frame::Purpose;
 use crate::stream::registry::{Registry, StreamId};
 use crate::time::epoch_ms;
 
+/// Streams renewed per pipeline.
+const RENEW_BATCH: usize = 512;
+
 /// Returns the number of other instances' live leases; negative
 /// (`-1 - others`) when the limit is reached and nothing was added.
 pub const ACQUIRE: &str = r#"
@@ -150,24 +153,29 @@ impl Leases {
             }
             let Some(c) = con.as_mut() else { continue };
             let expiry = epoch_ms() + self.ttl.as_millis() as u64;
-            let mut pipe = redis::pipe();
-            for (user, purpose, id) in &streams {
-                let key = key(user, *purpose);
-                // XX: never bring back a lease released since the snapshot.
-                pipe.cmd("ZADD")
-                    .arg(&key)
-                    .arg("XX")
-                    .arg(expiry)
-                    .arg(self.member(*id))
-                    .ignore();
-                pipe.cmd("PEXPIRE")
-                    .arg(&key)
-                    .arg(self.ttl.as_millis() as u64)
-                    .ignore();
-            }
-            if let Err(e) = pipe.query::<()>(c) {
-                warn!("lease renewal failed: {e}");
-                con = None;
+            // In pipelines of a bounded size: one for 100,000 streams would
+            // need tens of megabytes of buffers, which the allocator keeps.
+            for batch in streams.chunks(RENEW_BATCH) {
+                let mut pipe = redis::pipe();
+                for (user, purpose, id) in batch {
+                    let key = key(user, *purpose);
+                    // XX: never bring back a lease released since the snapshot.
+                    pipe.cmd("ZADD")
+                        .arg(&key)
+                        .arg("XX")
+                        .arg(expiry)
+                        .arg(self.member(*id))
+                        .ignore();
+                    pipe.cmd("PEXPIRE")
+                        .arg(&key)
+                        .arg(self.ttl.as_millis() as u64)
+                        .ignore();
+                }
+                if let Err(e) = pipe.query::<()>(c) {
+                    warn!("lease renewal failed: {e}");
+                    con = None;
+                    break;
+                }
             }
         }
     }
