@@ -6,7 +6,6 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, MutexGuard};
 
-use crate::auth::UserId;
 use crate::bus::store::{Job, Outcome, StreamFacts};
 use crate::time::epoch_ms;
 
@@ -108,13 +107,14 @@ impl Memory {
     }
 }
 
-pub fn user(key: &str) -> UserId {
-    UserId::named(key)
-}
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn user(key: &str) -> crate::auth::UserId {
+        crate::auth::UserId::named(key)
+    }
 
     #[test]
     fn tickets_live_for_their_ttl_and_only_owners_delete_them() {
