@@ -107,7 +107,6 @@ impl Memory {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
