@@ -332,29 +332,9 @@ pub fn frame_bytes(device: &str, seq: u64, global: u64) -> Vec<u8> {
     .into_bytes()
 }
 
-/// `YYYY-MM-DDTHH:MM:SS.mmmZ` for epoch milliseconds.
-pub fn iso8601(ms: u64) -> String {
-    let secs = ms / 1000;
-    let days = (secs / 86_400) as i64;
-    let tod = secs % 86_400;
-    // Civil from days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
-        tod / 3600,
-        tod / 60 % 60,
-        tod % 60,
-        ms % 1000
-    )
-}
+/// `YYYY-MM-DDTHH:MM:SS.mmmZ` for epoch milliseconds: the gateway's own
+/// formatter, so the floor's frames are byte for byte the gateway's.
+pub use sse_gateway::time::iso8601;
 
 /// The coordinator's handle on a floor server's control pipes.
 pub struct FloorPublisher {
