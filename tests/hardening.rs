@@ -407,3 +407,43 @@ fn closing_and_reopening_at_once_never_meets_429() {
     drop(busy);
     assert!(refused.is_none(), "{}", refused.unwrap_or_default());
 }
+
+#[test]
+fn logs_name_every_refusal_but_never_a_ticket_or_token() {
+    let (redis, gw) = redis_gw(&[]);
+    redis.grant("lou", &["D1"]);
+    let token = gw.token("lou", None);
+    let (alerts_ticket, _) = gw.ticket_with(&token, r#"{"purpose":"alerts"}"#);
+    let refused = SseStream::open(gw.addr(), &data_path(&alerts_ticket, &["D1"]), &[])
+        .err()
+        .expect("403");
+    assert_eq!(refused.status, 403);
+    let garbage = "garbage-ticket-7f3a";
+    let refused = SseStream::open(gw.addr(), &data_path(garbage, &["D1"]), &[])
+        .err()
+        .expect("401");
+    assert_eq!(refused.status, 401);
+    let (ticket, _) = gw.ticket_with(&token, "");
+    drop(SseStream::must_open(
+        gw.addr(),
+        &data_path(&ticket, &["D1"]),
+        &[],
+    ));
+    assert!(wait_until(T, || gw.log().contains("stream closed")));
+    let log = gw.log();
+    assert!(log.contains("stream refused: 403 /sse/stream?"), "{log}");
+    assert!(log.contains("stream refused: 401 /sse/stream?"), "{log}");
+    assert!(log.contains("ticket=***"), "{log}");
+    assert!(
+        log.contains("stream open") && log.contains("cause=ClientClosed"),
+        "{log}"
+    );
+    for secret in [
+        alerts_ticket.as_str(),
+        ticket.as_str(),
+        token.as_str(),
+        garbage,
+    ] {
+        assert!(!log.contains(secret), "a secret reached the log:\n{log}");
+    }
+}

@@ -99,6 +99,14 @@ impl Response {
         self
     }
 
+    /// The `message` of a JSON error body, for logs ("" for other bodies).
+    pub fn message(&self) -> String {
+        serde_json::from_slice::<Value>(&self.body)
+            .ok()
+            .and_then(|v| v["message"].as_str().map(str::to_owned))
+            .unwrap_or_default()
+    }
+
     /// The wire bytes. `head_only` for HEAD requests; `cors` is the allowed
     /// origin to echo, if any.
     pub fn encode(&self, head_only: bool, keep_alive: bool, cors: Option<&str>) -> Vec<u8> {

@@ -40,6 +40,7 @@ use slab::Slab;
 use crate::bus::store::{Job, Outcome, Reply};
 use crate::gateway::Gateway;
 use crate::http::head::{self, Method, Parse};
+use crate::http::query;
 use crate::http::response::{self, Response};
 use crate::stream::frame::{EventId, Frame};
 use crate::stream::replay::Resume;
@@ -430,7 +431,20 @@ impl Reactor {
         };
         let request = Request { head, body, client };
         match routes::route(&self.gw, &request) {
-            Action::Respond(r) => self.respond(key, &exchange, r),
+            Action::Respond(r) => {
+                if r.status >= 400 && matches!(head.path.as_str(), "/sse/stream" | "/sse/alerts") {
+                    // The query says which devices; its ticket is never logged.
+                    info!(
+                        "stream refused: {} {}?{} from {} ({})",
+                        r.status,
+                        head.path,
+                        query::redact(&head.query, "ticket"),
+                        client,
+                        r.message()
+                    );
+                }
+                self.respond(key, &exchange, r)
+            }
             Action::Lookup(job, pending) => self.lookup(key, job, pending, exchange),
         }
     }
@@ -472,13 +486,12 @@ impl Reactor {
         match routes::resolve(&self.gw, pending, outcome, (self.index, key)) {
             Resolution::Respond(r) => {
                 if let Some(user) = user {
-                    let reason = serde_json::from_slice::<serde_json::Value>(&r.body)
-                        .ok()
-                        .and_then(|v| v["message"].as_str().map(str::to_owned))
-                        .unwrap_or_default();
                     info!(
-                        "stream refused: {} {} user={user} from {} ({reason})",
-                        r.status, exchange.path, conn.peer
+                        "stream refused: {} {} user={user} from {} ({})",
+                        r.status,
+                        exchange.path,
+                        conn.peer,
+                        r.message()
                     );
                 }
                 self.respond(key, &exchange, r);
