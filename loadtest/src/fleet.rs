@@ -4,9 +4,9 @@
 //! stdin/stdout pipes. Every wait is bounded; dropping the fleet ends the
 //! workers by PID.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::process::{Child, ChildStdin, Command as Cmd, Stdio};
-use std::sync::mpsc::{self, Receiver};
+use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use crate::hist::Histogram;
@@ -49,15 +49,7 @@ impl Fleet {
                 proc::stop(child.id(), Duration::from_secs(1));
                 return Err("worker pipes missing".into());
             };
-            let (tx, rx) = mpsc::channel();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stdout).lines() {
-                    let Ok(line) = line else { break };
-                    if tx.send(line).is_err() {
-                        break;
-                    }
-                }
-            });
+            let rx = proc::lines(stdout);
             fleet.workers.push(Worker {
                 child,
                 stdin,

@@ -10,7 +10,7 @@
 //! coordinator's side).
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufRead, Read, Write};
 use std::net::SocketAddr;
 use std::process::{ChildStdin, ChildStdout};
 use std::sync::mpsc::{self, Receiver};
@@ -346,15 +346,7 @@ pub struct FloorPublisher {
 impl FloorPublisher {
     /// Takes the pipes and waits (bounded) for the server's `ready`.
     pub fn new(stdin: ChildStdin, stdout: ChildStdout) -> Result<FloorPublisher, String> {
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let rx = crate::proc::lines(stdout);
         match rx.recv_timeout(Duration::from_secs(10)) {
             Ok(l) if l == "ready" => {}
             other => return Err(format!("floor-server did not start: {other:?}")),

@@ -11,10 +11,10 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::client::now_ns;
-use crate::publisher::{pace, Publish, Step};
+use crate::publisher::{await_replies, pace, Publish, Step};
 
 /// A response body larger than this ends the reader (nchan's are ~100 bytes).
 const MAX_BODY: usize = 64 * 1024;
@@ -90,18 +90,12 @@ impl NchanPublisher {
 
     /// Waits (bounded) until nchan has answered every POST sent.
     fn wait_replies(&self, limit: Duration) -> Result<(), String> {
-        let deadline = Instant::now() + limit;
-        while self.replies.load(Relaxed) < self.sent {
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "nchan answered {} of {} POSTs within {limit:?}",
-                    self.replies.load(Relaxed),
-                    self.sent
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        Ok(())
+        await_replies(
+            &self.replies,
+            self.sent,
+            limit,
+            "nchan answered {} of {} POSTs",
+        )
     }
 }
 

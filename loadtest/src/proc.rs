@@ -3,8 +3,10 @@
 //! grace period) the processes this harness started, never anything by name.
 
 use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::CommandExt;
 use std::process::Command;
+use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
 
 /// Resident set size of `pid` in KiB (`VmRSS` of /proc/<pid>/status).
@@ -312,6 +314,21 @@ impl Foreign {
             .sum();
         used / self.at.elapsed().as_secs_f64().max(1e-9) * 100.0
     }
+}
+
+/// The lines a child writes on `out`, read by a thread and handed over a
+/// channel, so the caller can wait for them with a timeout.
+pub fn lines(out: impl Read + Send + 'static) -> Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
 }
 
 #[cfg(test)]

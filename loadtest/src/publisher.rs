@@ -119,22 +119,39 @@ impl RedisPublisher {
 
     /// Waits (bounded) until Redis has answered every PUBLISH sent.
     fn wait_replies(&self, limit: Duration) -> Result<(), String> {
-        let deadline = Instant::now() + limit;
-        while self.replies.load(Relaxed) < self.sent {
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "redis answered {} of {} PUBLISH within {limit:?}",
-                    self.replies.load(Relaxed),
-                    self.sent
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        await_replies(
+            &self.replies,
+            self.sent,
+            limit,
+            "redis answered {} of {} PUBLISH",
+        )?;
         match self.errors.load(Relaxed) {
             0 => Ok(()),
             n => Err(format!("redis refused {n} PUBLISH")),
         }
     }
+}
+
+/// Waits (bounded by `limit`) until a reply-reading thread has counted
+/// `sent` replies; `what` names the shortfall (`"... {} of {} ..."`).
+pub fn await_replies(
+    replies: &AtomicU64,
+    sent: u64,
+    limit: Duration,
+    what: &str,
+) -> Result<(), String> {
+    let deadline = Instant::now() + limit;
+    while replies.load(Relaxed) < sent {
+        if Instant::now() > deadline {
+            let got = replies.load(Relaxed);
+            let msg = what
+                .replacen("{}", &got.to_string(), 1)
+                .replacen("{}", &sent.to_string(), 1);
+            return Err(format!("{msg} within {limit:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    Ok(())
 }
 
 /// Paces one step: `rate` events/s for `secs`, handing `batch` the number of
