@@ -61,9 +61,14 @@ fn user_from_sub(sub: &serde_json::Value) -> Option<UserId> {
     }
 }
 
+/// The `aud` of every stream ticket.
+pub const TICKET_AUDIENCE: &str = "sse";
+
+/// HS256 with `exp` required and `nbf` honoured.
 fn hs256(leeway: u64) -> jsonwebtoken::Validation {
     let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
     v.leeway = leeway;
+    v.validate_nbf = true;
     v.set_required_spec_claims(&["exp"]);
     v
 }

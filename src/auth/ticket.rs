@@ -85,7 +85,7 @@ impl TicketKey {
             purpose: purpose.map(|p| p.as_str().to_owned()),
             iat: now_secs,
             exp: now_secs + ttl_secs,
-            aud: "sse".into(),
+            aud: super::TICKET_AUDIENCE.into(),
             role: who.admin.then(|| "admin".into()),
         };
         let token =
@@ -97,7 +97,7 @@ impl TicketKey {
     /// audience, or of an unknown purpose.
     pub fn verify(&self, token: &str) -> Option<Ticket> {
         let mut validation = hs256(0);
-        validation.set_audience(&["sse"]);
+        validation.set_audience(&[super::TICKET_AUDIENCE]);
         validation.set_required_spec_claims(&["exp", "aud"]);
         let c = jsonwebtoken::decode::<Claims>(token, &self.decoding, &validation)
             .ok()?

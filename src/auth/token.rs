@@ -6,11 +6,30 @@ use serde::{Deserialize, Serialize};
 
 use super::{hs256, user_from_sub, Identity};
 
+/// Clock skew allowed between the main app and the gateway on `exp`/`nbf`
+/// (the contract allows at most 5 s).
+pub const LEEWAY_SECS: u64 = 5;
+
 #[derive(Deserialize)]
 struct Claims {
     sub: serde_json::Value,
     #[serde(default)]
     role: Option<serde_json::Value>,
+    #[serde(default)]
+    aud: Option<serde_json::Value>,
+}
+
+/// Whether `aud` (a string or an array of strings) names the stream-ticket
+/// audience: such a token is a ticket, and a ticket is never a credential,
+/// even when both are signed with the same secret (the default).
+pub fn names_ticket_audience(aud: Option<&serde_json::Value>) -> bool {
+    match aud {
+        Some(serde_json::Value::String(a)) => a == super::TICKET_AUDIENCE,
+        Some(serde_json::Value::Array(list)) => list
+            .iter()
+            .any(|a| a.as_str() == Some(super::TICKET_AUDIENCE)),
+        _ => false,
+    }
 }
 
 /// Verifies access tokens; holds the key so it is derived once.
@@ -39,10 +58,14 @@ impl TokenKey {
     }
 
     pub fn verify(&self, token: &str) -> Option<Identity> {
-        let mut validation = hs256(0);
-        // The main app may set an audience of its own; it is not ours to check.
+        let mut validation = hs256(LEEWAY_SECS);
+        // The main app may set an audience of its own; it is not ours to
+        // check. Ours (the ticket's) is refused below.
         validation.validate_aud = false;
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &validation).ok()?;
+        if names_ticket_audience(data.claims.aud.as_ref()) {
+            return None;
+        }
         Some(Identity {
             user: user_from_sub(&data.claims.sub)?,
             admin: data.claims.role.as_ref().and_then(|r| r.as_str()) == Some("admin"),
@@ -124,6 +147,54 @@ mod tests {
         for (i, case) in cases.iter().enumerate() {
             assert!(key.verify_bearer(case.as_deref()).is_none(), "case {i}");
         }
+    }
+
+    #[test]
+    fn a_ticket_is_never_an_access_token() {
+        // Same secret for both (the default), admin ticket: still refused.
+        let key = TokenKey::new(b"same");
+        let tickets = crate::auth::ticket::TicketKey::new(b"same");
+        let admin = Identity {
+            user: crate::auth::UserId::named("root"),
+            admin: true,
+        };
+        let now = crate::time::epoch_ms() / 1000;
+        let ticket = tickets.mint(&admin, None, 3600, now).token;
+        assert!(key
+            .verify_bearer(Some(&format!("Bearer {ticket}")))
+            .is_none());
+        let exp = now + 60;
+        for aud in [serde_json::json!("sse"), serde_json::json!(["app", "sse"])] {
+            let t = sign(
+                b"same",
+                serde_json::json!({"sub": "u", "exp": exp, "aud": aud}),
+            );
+            assert!(key.verify(&t).is_none(), "aud {aud}");
+        }
+        // Another audience of the main app's own is fine.
+        let t = sign(
+            b"same",
+            serde_json::json!({"sub": "u", "exp": exp, "aud": ["app", "sse-admin"]}),
+        );
+        assert!(key.verify(&t).is_some());
+    }
+
+    #[test]
+    fn not_before_is_honoured_with_at_most_five_seconds_leeway() {
+        let key = TokenKey::new(b"k");
+        let now = crate::time::epoch_ms() / 1000;
+        let early = sign(
+            b"k",
+            serde_json::json!({"sub": "u", "exp": now + 600, "nbf": now + 60}),
+        );
+        assert!(key.verify(&early).is_none());
+        let skewed = sign(
+            b"k",
+            serde_json::json!({"sub": "u", "exp": now + 600, "nbf": now + 2}),
+        );
+        assert!(key.verify(&skewed).is_some());
+        let stale = sign(b"k", serde_json::json!({"sub": "u", "exp": now - 10}));
+        assert!(key.verify(&stale).is_none());
     }
 
     #[test]
