@@ -84,6 +84,30 @@ pub struct Config {
     #[arg(long, env = "SSE_DRAIN_SECS", default_value = "5", value_parser = secs)]
     pub drain_secs: Duration,
 
+    /// Seconds a stream's client may take none of its unsent bytes before it is closed as a slow consumer.
+    #[arg(long, env = "SSE_WRITE_STALL_SECS", default_value = "60", value_parser = secs)]
+    pub write_stall_secs: Duration,
+
+    /// Seconds a connection that is not a stream has to finish a request and its response.
+    #[arg(long, env = "SSE_REQUEST_TIMEOUT_SECS", default_value = "30", value_parser = secs)]
+    pub request_timeout_secs: Duration,
+
+    /// Seconds a keep-alive connection may idle between requests.
+    #[arg(long, env = "SSE_KEEPALIVE_IDLE_SECS", default_value = "60", value_parser = secs)]
+    pub keepalive_idle_secs: Duration,
+
+    /// Connections per client IP that are not streams (reading, waiting, responding, idle).
+    #[arg(long, env = "SSE_MAX_REQUESTS_PER_IP", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_requests_per_ip: u32,
+
+    /// Bytes of one bus message; a larger one is dropped and counted.
+    #[arg(long, env = "SSE_MAX_EVENT_BYTES", default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(64..=16_777_216))]
+    pub max_event_bytes: u64,
+
+    /// Stream tickets one user may mint per minute, across every instance on one Redis.
+    #[arg(long, env = "SSE_MAX_TICKETS_PER_MINUTE", default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_tickets_per_minute: u32,
+
     /// Embedded mode plus simulated machines `Machine 1`..`Machine 6` owned by user `demo`, and the demo page at `/`.
     #[arg(long, env = "SSE_DEMO", value_parser = clap::builder::BoolishValueParser::new(), default_value = "false", num_args = 0, default_missing_value = "true")]
     pub demo: bool,
@@ -103,13 +127,23 @@ impl Config {
         self.trusted_proxies.iter().any(|c| c.contains(ip))
     }
 
-    /// The echoable CORS origin, when `origin` is allowed.
-    pub fn allowed_origin<'a>(&self, origin: Option<&'a str>) -> Option<&'a str> {
+    /// The CORS grant for `origin`: its own name when it is listed (with
+    /// credentials), or `*` when only the wildcard admits it. A wildcard never
+    /// echoes the caller's origin next to `Allow-Credentials: true`, which
+    /// would let any site read a user's streams with the user's cookies.
+    pub fn allowed_origin(&self, origin: Option<&str>) -> Option<String> {
         let origin = origin?;
+        if self
+            .cors_origins
+            .iter()
+            .any(|o| o != "*" && o.trim_end_matches('/') == origin)
+        {
+            return Some(origin.to_owned());
+        }
         self.cors_origins
             .iter()
-            .any(|o| o == "*" || o.trim_end_matches('/') == origin)
-            .then_some(origin)
+            .any(|o| o == "*")
+            .then(|| "*".to_owned())
     }
 }
 
@@ -259,8 +293,18 @@ mod tests {
         ])
         .unwrap();
         assert!(c.demo);
-        assert_eq!(c.allowed_origin(Some("http://b")), Some("http://b"));
+        assert_eq!(
+            c.allowed_origin(Some("http://b")).as_deref(),
+            Some("http://b")
+        );
         assert_eq!(c.allowed_origin(Some("http://c")), None);
+        let c = Config::try_parse_from(["sse-gateway", "--cors-origins", "*,http://a"]).unwrap();
+        assert_eq!(
+            c.allowed_origin(Some("http://a")).as_deref(),
+            Some("http://a")
+        );
+        assert_eq!(c.allowed_origin(Some("http://evil")).as_deref(), Some("*"));
+        assert_eq!(c.allowed_origin(None), None);
         assert!(Config::try_parse_from(["sse-gateway", "--no-such-flag"]).is_err());
     }
 }

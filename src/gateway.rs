@@ -21,7 +21,8 @@ use crate::bus::store::Store;
 use crate::bus::{demo, Hub, RedisState};
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::reactor::mailbox::{Mailbox, Mailboxes};
+use crate::reactor::mailbox::{self, Mailbox, Mailboxes};
+use crate::reactor::peers::PeerCounts;
 use crate::reactor::{listener, Reactor, WAKER};
 use crate::stream::frame::Purpose;
 use crate::stream::registry::{Limits, Registry, StreamId};
@@ -61,6 +62,8 @@ pub struct Gateway {
     pub started: Instant,
     /// `--demo`: an access token for user `demo`, served at `/demo/token`.
     pub demo_token: Option<String>,
+    /// Connections per client IP that are not streams.
+    pub peers: PeerCounts,
 }
 
 #[derive(Debug)]
@@ -118,7 +121,7 @@ pub fn run(config: Config) -> Result<(), Fatal> {
     for _ in 0..workers {
         let poll = Poll::new().map_err(|e| Fatal::Io(e.to_string()))?;
         let waker = Waker::new(poll.registry(), WAKER).map_err(|e| Fatal::Io(e.to_string()))?;
-        let (mailbox, rx) = Mailbox::new(waker);
+        let (mailbox, rx) = Mailbox::new(waker, mailbox::FRAME_BOUND);
         polls.push(poll);
         mailboxes.push(mailbox);
         inboxes.push(rx);
@@ -142,6 +145,7 @@ pub fn run(config: Config) -> Result<(), Fatal> {
         RedisState::Embedded
     };
     let mut hub = Hub::new(mailboxes.clone(), replay, initial, metrics.clone());
+    hub.limit_event_bytes(config.max_event_bytes as usize);
     let conflator = (config.max_rate_per_device > 0.0)
         .then(|| Hub::limit_rate(&mut hub, config.max_rate_per_device));
     let hub = Arc::new(hub);
@@ -194,6 +198,7 @@ pub fn run(config: Config) -> Result<(), Fatal> {
         metrics,
         started: Instant::now(),
         demo_token,
+        peers: PeerCounts::default(),
         config,
     });
 

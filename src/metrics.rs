@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use crate::stream::frame::{Event, Purpose};
 
 /// HTTP statuses the gateway answers with an error; a rejection counter each.
-pub const REJECT_STATUSES: [u16; 11] = [400, 401, 403, 404, 405, 408, 413, 429, 431, 500, 503];
+pub const REJECT_STATUSES: [u16; 12] = [400, 401, 403, 404, 405, 408, 411, 413, 429, 431, 500, 503];
 
 #[derive(Default)]
 pub struct Metrics {
@@ -35,6 +35,21 @@ pub struct Metrics {
     pub replay_bytes: AtomicU64,
     pub replays_served: AtomicU64,
     pub replay_gaps: AtomicU64,
+    // ----- second release: security and progress --------------------------
+    /// Bus messages over `--max-event-bytes`, dropped.
+    pub dropped_too_large: AtomicU64,
+    /// Frames a reactor's full mailbox refused (recovered from the replay
+    /// window, or told to its streams as `replay-gap`).
+    pub mailbox_overflows: AtomicU64,
+    /// Streams closed because their client took none of their bytes for
+    /// `--write-stall-secs`.
+    pub write_stalls: AtomicU64,
+    /// Streams closed by a revoked ticket or a withdrawn device.
+    pub revoked: AtomicU64,
+    /// Connections closed for not finishing an exchange in time, or idling.
+    pub request_timeouts: AtomicU64,
+    /// Connections refused at accept: too many non-stream connections from one IP.
+    pub peer_refusals: AtomicU64,
 }
 
 impl Metrics {
@@ -219,6 +234,11 @@ impl Metrics {
             "sse_events_dropped_total{{reason=\"no_device_id\"}} {}",
             g(&self.dropped_no_device)
         );
+        let _ = writeln!(
+            o,
+            "sse_events_dropped_total{{reason=\"too_large\"}} {}",
+            g(&self.dropped_too_large)
+        );
         family(
             &mut o,
             "sse_rejections_total",
@@ -248,6 +268,36 @@ impl Metrics {
             },
             u64::from(redis != "down")
         );
+        for (name, help, v) in [
+            (
+                "sse_mailbox_overflows_total",
+                "Frames a lagging reactor's full mailbox refused (recovered from the replay window or sent as replay-gap).",
+                &self.mailbox_overflows,
+            ),
+            (
+                "sse_write_stall_disconnects_total",
+                "Streams closed because their client took none of their bytes for --write-stall-secs.",
+                &self.write_stalls,
+            ),
+            (
+                "sse_streams_revoked_total",
+                "Streams closed by a revoked ticket or a withdrawn device.",
+                &self.revoked,
+            ),
+            (
+                "sse_request_timeouts_total",
+                "Connections closed for not finishing a request and its response in time, or idling in keep-alive.",
+                &self.request_timeouts,
+            ),
+            (
+                "sse_peer_refusals_total",
+                "Connections refused at accept: too many non-stream connections from one IP.",
+                &self.peer_refusals,
+            ),
+        ] {
+            family(&mut o, name, "counter", help);
+            let _ = writeln!(o, "{name} {}", g(v));
+        }
         o
     }
 }

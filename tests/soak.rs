@@ -132,6 +132,7 @@ fn two_thousand_churning_streams_lose_nothing_and_leak_nothing() {
     let gw = Gateway::builder()
         .redis(&redis)
         .args(&["--max-conns-per-ip", "100000", "--heartbeat-secs", "1"])
+        .args(&["--max-requests-per-ip", "100000"])
         .start();
     let mut con = redis.con();
     // One user per stream, each owning its one device.

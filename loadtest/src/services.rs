@@ -187,6 +187,8 @@ fn gateway_on(
         .arg(c.jwt_secret)
         .arg("--max-conns-per-ip")
         .arg("1000000")
+        .arg("--max-requests-per-ip")
+        .arg("1000000")
         .arg("--heartbeat-secs")
         .arg(c.heartbeat_secs.to_string());
     spawn(name, cmd, log, port)

@@ -49,10 +49,15 @@ pub struct Identity {
     pub admin: bool,
 }
 
+/// The longest user id (`sub`) accepted.
+pub const MAX_USER_ID_BYTES: usize = 256;
+
 /// `sub` as a string or number; anything else refuses the token.
-fn user_from_sub(sub: &serde_json::Value) -> Option<UserId> {
+pub fn user_from_sub(sub: &serde_json::Value) -> Option<UserId> {
     match sub {
-        serde_json::Value::String(s) if !s.is_empty() && s.len() <= 256 => Some(UserId::named(s)),
+        serde_json::Value::String(s) if !s.is_empty() && s.len() <= MAX_USER_ID_BYTES => {
+            Some(UserId::named(s))
+        }
         serde_json::Value::Number(n) => Some(UserId {
             key: n.to_string().into(),
             numeric: true,

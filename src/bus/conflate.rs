@@ -15,6 +15,11 @@ use std::time::Duration;
 use crate::stream::frame::Message;
 use crate::time::epoch_ms;
 
+/// Devices tracked at once. Past it the quiet ones are forgotten (the slot
+/// of a device quiet for an interval holds nothing back), and a new device
+/// that still finds no room is not limited.
+const MAX_DEVICES: usize = 65_536;
+
 struct Slot {
     /// When this device may send again (epoch ms).
     next_free: u64,
@@ -27,7 +32,9 @@ struct State {
     devices: HashMap<String, Slot>,
     /// (due time, device) of every slot with a pending message.
     due: BinaryHeap<Reverse<(u64, String)>>,
-    last_sweep: u64,
+    /// No sweep of the full map before this time: one that freed nothing
+    /// cannot free anything sooner than an interval later.
+    next_sweep: u64,
 }
 
 pub struct Conflator {
@@ -62,6 +69,19 @@ impl Conflator {
     pub fn offer(&self, msg: Message, now: u64) -> Offer {
         let mut s = self.lock();
         let interval = self.interval_ms;
+        if s.devices.len() >= MAX_DEVICES && !s.devices.contains_key(&msg.device) {
+            // Device ids come from Redis: the map must not grow with them.
+            // Forget the slots that hold nothing back any more; when every
+            // slot is still busy, this device goes unlimited for now.
+            if now >= s.next_sweep {
+                s.devices
+                    .retain(|_, slot| slot.pending.is_some() || slot.next_free > now);
+                s.next_sweep = now + interval;
+            }
+            if s.devices.len() >= MAX_DEVICES {
+                return Offer::Send(msg);
+            }
+        }
         let slot = s.devices.entry(msg.device.clone()).or_insert(Slot {
             next_free: 0,
             pending: None,
@@ -96,13 +116,6 @@ impl Conflator {
                     out.push(msg);
                 }
             }
-        }
-        // Forget devices that have been quiet for a while, so a stream of
-        // one-off device ids cannot grow the map without bound.
-        if now.saturating_sub(s.last_sweep) > 60_000 {
-            s.last_sweep = now;
-            s.devices
-                .retain(|_, slot| slot.pending.is_some() || slot.next_free + 60_000 > now);
         }
         out
     }
@@ -187,6 +200,21 @@ mod tests {
         let mut s = c.lock();
         let due = c.take_due(&mut s, 1_300);
         assert_eq!(due[0].data, b"7");
+    }
+
+    #[test]
+    fn the_device_map_stays_bounded_under_one_off_device_ids() {
+        let c = Conflator::new(1.0); // one per second
+        let mut now = 0;
+        for n in 0..(MAX_DEVICES as u64 * 3) {
+            now = n / 1000; // a thousand new devices per millisecond
+            let _ = c.offer(msg(&format!("d{n}"), 1), now);
+            assert!(c.lock().devices.len() <= MAX_DEVICES);
+        }
+        // Once the slots have aged an interval, room comes back.
+        let _ = c.offer(msg("late", 1), now + 1_001);
+        assert!(c.lock().devices.len() < MAX_DEVICES);
+        assert!(c.lock().devices.contains_key("late"));
     }
 
     #[test]

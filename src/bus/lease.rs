@@ -49,7 +49,7 @@ pub fn key(user: &str, purpose: Purpose) -> String {
 }
 
 /// What a stream opening asks of Redis.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LeaseAsk {
     pub key: String,
     pub member: String,

@@ -3,10 +3,10 @@
 //! Redis. Answers synchronously; a mutex guards maps that are touched once per
 //! request, never per event.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Mutex, MutexGuard};
 
-use crate::bus::store::{Job, Outcome, StreamFacts};
+use crate::bus::store::{device_id, Job, Outcome, StreamFacts, MINT_WINDOW_MS};
 use crate::time::epoch_ms;
 
 #[derive(Default)]
@@ -17,6 +17,8 @@ struct Maps {
     devices: HashMap<Box<str>, HashSet<String>>,
     /// device id -> status JSON
     statuses: HashMap<String, String>,
+    /// user id -> times (epoch ms) of the tickets minted in the last minute
+    mints: HashMap<Box<str>, VecDeque<u64>>,
     puts_since_sweep: usize,
 }
 
@@ -39,6 +41,17 @@ impl Memory {
             .insert(device.to_owned());
     }
 
+    /// Replaces the devices `user` owns (what the main app would do to
+    /// `user:<user>:devices` before publishing `sse:access-changed`).
+    pub fn set_devices(&self, user: &str, devices: HashSet<String>) {
+        let mut m = self.lock();
+        if devices.is_empty() {
+            m.devices.remove(user);
+        } else {
+            m.devices.insert(user.into(), devices);
+        }
+    }
+
     /// `SET machine:<device>:status <json>`.
     pub fn set_status(&self, device: &str, json: String) {
         self.lock().statuses.insert(device.to_owned(), json);
@@ -49,15 +62,43 @@ impl Memory {
         let mut m = self.lock();
         let alive = |m: &Maps, id: &str| m.tickets.get(id).is_some_and(|(_, exp)| *exp > now);
         match job {
-            Job::PutTicket { id, user, ttl_secs } => {
+            Job::PutTicket {
+                id,
+                user,
+                ttl_secs,
+                per_minute,
+            } => {
                 m.puts_since_sweep += 1;
                 if m.puts_since_sweep >= 1024 {
                     m.puts_since_sweep = 0;
                     m.tickets.retain(|_, (_, exp)| *exp > now);
+                    m.mints
+                        .retain(|_, times| times.back().is_some_and(|t| t + MINT_WINDOW_MS > now));
                 }
+                let times = m.mints.entry(user.key.clone()).or_default();
+                while times.front().is_some_and(|t| t + MINT_WINDOW_MS <= now) {
+                    times.pop_front();
+                }
+                if times.len() >= per_minute as usize {
+                    let oldest = times.front().copied().unwrap_or(now);
+                    return Outcome::TooManyTickets {
+                        retry_after_secs: (oldest + MINT_WINDOW_MS - now).div_ceil(1000).max(1),
+                    };
+                }
+                times.push_back(now);
                 m.tickets.insert(id, (user.key, now + ttl_secs * 1000));
                 Outcome::TicketStored
             }
+            Job::Owned { user } => Outcome::Owned(
+                m.devices
+                    .get(&user.key)
+                    .map(|set| {
+                        set.iter()
+                            .filter_map(|d| device_id(d.clone().into_bytes()))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            ),
             Job::DeleteTicket { id, user } => match m.tickets.get(&id) {
                 Some((owner, exp)) if *exp > now => {
                     if *owner != user.key {
@@ -123,6 +164,7 @@ mod tests {
                 id: id.into(),
                 user: user(who),
                 ttl_secs: 60,
+                per_minute: 30,
             })
         };
         assert!(matches!(put("t1", "alice"), Outcome::TicketStored));
@@ -163,6 +205,7 @@ mod tests {
             id: "t0".into(),
             user: user("alice"),
             ttl_secs: 0,
+            per_minute: 30,
         });
         assert!(
             matches!(
@@ -171,6 +214,35 @@ mod tests {
             ),
             "expired"
         );
+    }
+
+    #[test]
+    fn minting_is_limited_per_user_per_minute() {
+        let m = Memory::default();
+        let put = |n: u32, who: &str| {
+            m.run(Job::PutTicket {
+                id: format!("{who}{n}"),
+                user: user(who),
+                ttl_secs: 60,
+                per_minute: 3,
+            })
+        };
+        for n in 0..3 {
+            assert!(matches!(put(n, "alice"), Outcome::TicketStored));
+        }
+        match put(3, "alice") {
+            Outcome::TooManyTickets { retry_after_secs } => {
+                assert!((1..=60).contains(&retry_after_secs))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(put(0, "bob"), Outcome::TicketStored), "per user");
+        assert!(matches!(
+            m.run(Job::TicketAlive {
+                id: "alice3".into()
+            }),
+            Outcome::TicketAlive(false)
+        ));
     }
 
     #[test]

@@ -21,6 +21,9 @@ use std::sync::atomic::AtomicU8;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use std::collections::HashSet;
+
+use crate::auth::UserId;
 use crate::metrics::Metrics;
 use crate::reactor::mailbox::{Inbox, Mailboxes};
 use crate::stream::frame::{self, Event, EventId, Frame, Message, Rejected};
@@ -67,6 +70,8 @@ pub struct Hub {
     redis: AtomicU8,
     metrics: Arc<Metrics>,
     conflator: Option<Arc<Conflator>>,
+    /// Bus messages over this many bytes are dropped (`--max-event-bytes`).
+    max_event_bytes: usize,
 }
 
 impl Hub {
@@ -86,7 +91,13 @@ impl Hub {
             redis: AtomicU8::new(redis as u8),
             metrics,
             conflator: None,
+            max_event_bytes: usize::MAX,
         }
+    }
+
+    /// Drops bus messages over `bytes` from now on.
+    pub fn limit_event_bytes(&mut self, bytes: usize) {
+        self.max_event_bytes = bytes;
     }
 
     /// Limits `realtime-update` to `per_second` events per device (newest
@@ -113,6 +124,10 @@ impl Hub {
     /// Publishes a message as if it arrived on Redis `channel`. Bad messages
     /// are counted and refused; they never reach a stream.
     pub fn publish(&self, channel: &str, payload: &[u8]) -> Result<Published, Rejected> {
+        if payload.len() > self.max_event_bytes {
+            self.metrics.dropped_too_large.fetch_add(1, Relaxed);
+            return Err(Rejected::TooLarge);
+        }
         let now = epoch_ms();
         let msg = match frame::message(channel, payload, now) {
             Ok(m) => m,
@@ -159,7 +174,11 @@ impl Hub {
             .replay_bytes
             .store(s.replay.bytes() as u64, Relaxed);
         for mailbox in self.mailboxes.iter() {
-            mailbox.send(Inbox::Frame(frame.clone()));
+            if !mailbox.send_frame(frame.clone()) {
+                // That reactor is far behind; it takes the frame from the
+                // replay window when it sees the hole in the sequence.
+                self.metrics.mailbox_overflows.fetch_add(1, Relaxed);
+            }
         }
         id
     }
@@ -175,6 +194,33 @@ impl Hub {
     pub fn drain(&self) {
         for mailbox in self.mailboxes.iter() {
             mailbox.send(Inbox::Drain);
+        }
+    }
+
+    /// The id of the newest event sent (a base id before any).
+    pub fn last_id(&self) -> EventId {
+        let s = self.lock();
+        EventId {
+            ms: s.last_ms,
+            seq: s.last_seq,
+        }
+    }
+
+    /// Tells every reactor that ticket `ticket` was revoked.
+    pub fn revoke(&self, ticket: uuid::Uuid) {
+        for mailbox in self.mailboxes.iter() {
+            mailbox.send(Inbox::Revoke { ticket });
+        }
+    }
+
+    /// Tells every reactor which devices `user` owns now.
+    pub fn access_changed(&self, user: &UserId, owned: HashSet<Box<str>>) {
+        let owned = Arc::new(owned);
+        for mailbox in self.mailboxes.iter() {
+            mailbox.send(Inbox::Access {
+                user: user.clone(),
+                owned: owned.clone(),
+            });
         }
     }
 

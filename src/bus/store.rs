@@ -21,12 +21,16 @@ pub struct Reply {
 
 #[derive(Debug)]
 pub enum Job {
-    /// `SET sse:ticket:<id> <user> EX <ttl>`.
+    /// `SET sse:ticket:<id> <user> EX <ttl>`, if `user` has minted fewer
+    /// than `per_minute` tickets in the last minute (cluster-wide).
     PutTicket {
         id: String,
         user: UserId,
         ttl_secs: u64,
+        per_minute: u32,
     },
+    /// The devices `user` owns now (`SMEMBERS user:<id>:devices`).
+    Owned { user: UserId },
     /// Delete ticket `id` if `user` owns it.
     DeleteTicket { id: String, user: UserId },
     /// Does `sse:ticket:<id>` still exist?
@@ -54,6 +58,11 @@ pub enum Outcome {
     /// The store could not answer (Redis down or overloaded): 503.
     Unavailable,
     TicketStored,
+    /// The user minted too many tickets; the next slot frees in this many seconds.
+    TooManyTickets {
+        retry_after_secs: u64,
+    },
+    Owned(std::collections::HashSet<Box<str>>),
     Deleted,
     NotFound,
     NotOwner,
@@ -72,6 +81,8 @@ pub struct StreamFacts {
     /// `machine:<id>:status` for each device of `status_of` (None: absent).
     pub statuses: Vec<Option<String>>,
     pub lease: LeaseAnswer,
+    /// The lease asked for (to give it back if the request has moved on).
+    pub lease_ask: Option<LeaseAsk>,
 }
 
 pub enum Store {
@@ -85,7 +96,7 @@ impl Store {
     pub fn submit(&self, job: Job, reply: Reply) -> Option<Outcome> {
         match self {
             Store::Memory(m) => Some(m.run(job)),
-            Store::Redis(pool) => pool.submit(job, Some(reply)),
+            Store::Redis(pool) => pool.submit(job, reply),
         }
     }
 
@@ -95,9 +106,7 @@ impl Store {
             Store::Memory(m) => {
                 m.run(job);
             }
-            Store::Redis(pool) => {
-                pool.submit(job, None);
-            }
+            Store::Redis(pool) => pool.fire(job),
         }
     }
 
@@ -119,4 +128,27 @@ pub fn devices_key(user: &UserId) -> String {
 
 pub fn status_key(device: &str) -> String {
     format!("machine:{device}:status")
+}
+
+/// The sorted set of a user's recent ticket mints (scored by time), the
+/// cluster-wide window behind `--max-tickets-per-minute`.
+pub fn mints_key(user: &UserId) -> String {
+    format!("sse:mints:{}", user.key)
+}
+
+/// The window of the ticket-mint limit.
+pub const MINT_WINDOW_MS: u64 = 60_000;
+
+/// Redis channel on which a revoked ticket's id is published.
+pub const REVOKE_CHANNEL: &str = "sse:revoke";
+/// Redis channel on which the main app publishes a user id whose devices changed.
+pub const ACCESS_CHANGED_CHANNEL: &str = "sse:access-changed";
+
+/// A set member from Redis as a device id: valid UTF-8 of at most 128
+/// bytes (a device a stream could name), or nothing.
+pub fn device_id(bytes: Vec<u8>) -> Option<Box<str>> {
+    (bytes.len() <= 128)
+        .then(|| String::from_utf8(bytes).ok())
+        .flatten()
+        .map(String::into_boxed_str)
 }

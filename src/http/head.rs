@@ -88,6 +88,9 @@ pub enum HeadError {
     TooLarge,
     /// 413: Content-Length is over `MAX_BODY_BYTES`.
     BodyTooLarge,
+    /// 411: a chunked body (Transfer-Encoding without Content-Length). It is
+    /// never read; the connection is closed.
+    LengthRequired,
     /// 400, with a short human reason; the connection must be closed.
     Malformed(&'static str),
 }
@@ -98,6 +101,7 @@ impl HeadError {
         match self {
             HeadError::TooLarge => 431,
             HeadError::BodyTooLarge => 413,
+            HeadError::LengthRequired => 411,
             HeadError::Malformed(_) => 400,
         }
     }
@@ -107,6 +111,7 @@ impl HeadError {
         match self {
             HeadError::TooLarge => "request header fields too large",
             HeadError::BodyTooLarge => "content too large",
+            HeadError::LengthRequired => "a chunked body is not accepted: send Content-Length",
             HeadError::Malformed(reason) => reason,
         }
     }
@@ -205,6 +210,7 @@ fn parse_head(buf: &[u8]) -> Result<Option<Head>, HeadError> {
         access_control_request_headers: None,
     };
     let mut content_length = None;
+    let mut transfer_encoding = false;
     let mut seen_host = false;
     let (mut close, mut keep_alive_token) = (false, false);
 
@@ -217,7 +223,7 @@ fn parse_head(buf: &[u8]) -> Result<Option<Head>, HeadError> {
             }
             content_length = Some(parse_content_length(value)?);
         } else if is("transfer-encoding") {
-            return Err(Malformed("Transfer-Encoding is not accepted"));
+            transfer_encoding = true;
         } else if is("host") {
             if seen_host {
                 return Err(Malformed("duplicate Host"));
@@ -246,6 +252,12 @@ fn parse_head(buf: &[u8]) -> Result<Option<Head>, HeadError> {
 
     // Checked after the loop so that a smuggling shape (say a huge
     // Content-Length next to a Transfer-Encoding) is a 400, not a 413.
+    if transfer_encoding {
+        return Err(match content_length {
+            Some(_) => Malformed("Transfer-Encoding is not accepted"),
+            None => HeadError::LengthRequired,
+        });
+    }
     head.content_length = content_length.unwrap_or(0);
     if head.content_length > MAX_BODY_BYTES {
         return Err(HeadError::BodyTooLarge);
@@ -488,6 +500,19 @@ mod tests {
     }
 
     #[test]
+    fn a_chunked_body_is_411_and_never_read() {
+        for raw in [
+            &b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"[..],
+            b"GET / HTTP/1.1\r\ntransfer-encoding: identity\r\n\r\n",
+        ] {
+            match parse(raw) {
+                Parse::Error(e) => assert_eq!(e.status(), 411, "{e}"),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
     fn malformed_requests_are_400() {
         #[rustfmt::skip]
         let cases: &[(&str, &[u8], &str)] = &[
@@ -496,8 +521,6 @@ mod tests {
             ("CL then TE", b"POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n", "Transfer-Encoding is not accepted"),
             ("TE then CL", b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n", "Transfer-Encoding is not accepted"),
             ("TE + huge CL", b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 99999\r\n\r\n", "Transfer-Encoding is not accepted"),
-            ("TE chunked", b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", "Transfer-Encoding is not accepted"),
-            ("TE identity", b"GET / HTTP/1.1\r\ntransfer-encoding: identity\r\n\r\n", "Transfer-Encoding is not accepted"),
             ("CL letters", b"POST / HTTP/1.1\r\nContent-Length: abc\r\n\r\n", "invalid Content-Length"),
             ("CL plus", b"POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\n", "invalid Content-Length"),
             ("CL minus", b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n", "invalid Content-Length"),

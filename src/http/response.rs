@@ -22,6 +22,7 @@ pub fn reason(status: u16) -> &'static str {
         404 => "Not Found",
         405 => "Method Not Allowed",
         408 => "Request Timeout",
+        411 => "Length Required",
         413 => "Payload Too Large",
         429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
@@ -142,8 +143,11 @@ fn error_body(status: u16, message: &str) -> Value {
     json!({"statusCode": status, "message": message, "error": reason(status)})
 }
 
+/// `*` (the wildcard) is granted without credentials; a listed origin with.
 fn cors_headers(out: &mut Vec<u8>, cors: Option<&str>) {
-    if let Some(origin) = cors {
+    if cors == Some("*") {
+        out.extend_from_slice(b"Access-Control-Allow-Origin: *\r\n");
+    } else if let Some(origin) = cors {
         let _ = write!(
             out,
             "Access-Control-Allow-Origin: {origin}\r\nAccess-Control-Allow-Credentials: true\r\nVary: Origin\r\n"

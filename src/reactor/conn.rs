@@ -1,13 +1,21 @@
 //! One client connection and its explicit state machine:
 //!
 //! ```text
-//!   Reading ──request──▶ Waiting (store lookup) ──▶ Responding ──flushed──▶ Reading (keep-alive)
-//!      │                      │                        └──────────────▶ Closing
-//!      └──request───────────▶ Responding                                  ▲
-//!                             └──────────▶ Streaming ──drain / error──────┘
+//!             ┌──────────── flushed, keep-alive ─────────────┐
+//!             ▼                                               │
+//!   Reading ──request──▶ Waiting (store lookup) ──answer──▶ Responding ──flushed, close──▶ Closing
+//!      │          │          │   ▲      └──lookup timeout (503)──▲                            ▲
+//!      │          │          │   └─ Retrying (limit probes) ◀─┘  │                            │
+//!      │          │          └──opened──▶ Streaming ──drain / revoked / write stall──────────┘
+//!      │          └──answered at once────────────────────────────┘
+//!      └── head timeout, keep-alive idle, client gone, socket error: closed at once (no Closing)
 //! ```
-//! The reactor owns the transitions; this file owns the per-connection data
-//! and the socket I/O (read what is there, write what is queued).
+//! Every phase has a deadline, so every connection progresses or goes:
+//! Reading (10 s for a head, `--keepalive-idle-secs` idle), Waiting (2 s,
+//! then 503), Retrying (100 ms), Responding (`--request-timeout-secs` from the
+//! request's first byte), Streaming (heartbeats; `--write-stall-secs` without
+//! progress), Closing (2 s linger). The reactor owns the transitions; this
+//! file owns the per-connection data and the socket I/O.
 
 use std::io::{self, Read};
 use std::net::SocketAddr;
@@ -23,6 +31,8 @@ use crate::stream::routes::{Filter, Pending, StreamRequest};
 /// Bytes a connection may buffer while reading requests: a full head and
 /// body, plus room for a pipelined request behind them.
 pub const READ_BUFFER_CAP: usize = 32 * 1024;
+/// `scanned` once the head's end was found (only the body may be missing).
+const HEAD_FOUND: usize = usize::MAX;
 /// Bytes a stream's client may send before it is cut off (it should send none).
 pub const STREAM_INPUT_CAP: usize = 16 * 1024;
 
@@ -45,7 +55,11 @@ pub struct Retry {
 
 pub struct Stream {
     pub id: crate::stream::registry::StreamId,
+    /// The ticket it was opened with (a revocation names it).
+    pub ticket: uuid::Uuid,
     pub user: UserId,
+    /// Opened with an admin ticket: access changes do not narrow it.
+    pub admin: bool,
     pub client: std::net::IpAddr,
     pub purpose: Purpose,
     pub filter: Filter,
@@ -53,6 +67,11 @@ pub struct Stream {
     pub opened: u64,
     /// Bytes the client sent since (should stay 0).
     pub input: usize,
+    /// Reactor clock (ms) of the next heartbeat.
+    pub next_heartbeat: u64,
+    /// Reactor clock (ms) since which the client has taken none of the
+    /// queued bytes; 0 while it keeps up.
+    pub stalled_since: u64,
 }
 
 pub enum Phase {
@@ -91,6 +110,14 @@ pub struct Conn {
     /// Reading stopped at the buffer cap or mid-request; read again when
     /// the phase returns to `Reading`.
     pub read_blocked: bool,
+    /// Reading, between requests: no byte of the next one has arrived.
+    pub idle: bool,
+    /// Counted in the per-IP cap of connections that are not streams.
+    pub counted: bool,
+    /// Reactor clock (ms) when the current request's first byte arrived.
+    pub started: u64,
+    /// How much of `input` was already searched for the end of the head.
+    pub scanned: usize,
 }
 
 /// What a read found.
@@ -105,7 +132,7 @@ pub enum ReadOutcome {
 }
 
 impl Conn {
-    pub fn new(socket: TcpStream, peer: SocketAddr) -> Conn {
+    pub fn new(socket: TcpStream, peer: SocketAddr, now: u64) -> Conn {
         Conn {
             socket,
             peer,
@@ -117,7 +144,26 @@ impl Conn {
             dirty: false,
             write_blocked: false,
             read_blocked: false,
+            idle: false,
+            counted: false,
+            started: now,
+            scanned: 0,
         }
+    }
+
+    /// Whether `input` holds a whole head (its blank line). Searches only
+    /// the bytes not searched before, so a head that arrives one byte at a
+    /// time costs linear time, not quadratic. `scanned` goes back to 0 when
+    /// a request is taken out of `input`.
+    pub fn head_complete(&mut self) -> bool {
+        if self.scanned == HEAD_FOUND {
+            return true;
+        }
+        let tail = &self.input[self.scanned.saturating_sub(2)..];
+        let found =
+            tail.windows(2).any(|w| w == b"\n\n") || tail.windows(3).any(|w| w == b"\n\r\n");
+        self.scanned = if found { HEAD_FOUND } else { self.input.len() };
+        found
     }
 
     /// Reads into `input` until the socket is drained or `input` holds `cap` bytes.
@@ -159,8 +205,11 @@ impl Conn {
         }
     }
 
-    pub fn flush(&mut self) -> io::Result<Flushed> {
-        self.outbox.flush(&mut self.socket)
+    /// Writes what is queued; also says whether the client took any byte.
+    pub fn flush(&mut self) -> io::Result<(Flushed, bool)> {
+        let before = self.outbox.queued();
+        let flushed = self.outbox.flush(&mut self.socket)?;
+        Ok((flushed, self.outbox.queued() < before))
     }
 
     pub fn stream(&self) -> Option<&Stream> {

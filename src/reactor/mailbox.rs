@@ -1,23 +1,35 @@
-//! How other threads talk to a reactor: an unbounded channel plus a
-//! `mio::Waker`. The Redis subscriber, the store workers, the signal thread and
-//! the other reactors send here; the reactor drains it on every loop turn.
+//! How other threads talk to a reactor: two channels plus a `mio::Waker`.
+//!
+//! - Bus frames go through a **bounded** channel: a reactor that falls behind
+//!   a flood of events must not grow without bound. A frame that finds the
+//!   channel full is dropped here, and the reactor notices the hole in the
+//!   sequence numbers of the frames that do arrive: it fills it from the
+//!   replay window, or tells its streams `replay-gap` when the window no
+//!   longer holds it. Never a silent loss.
+//! - Everything else (store outcomes, probes, system frames, revocations,
+//!   drain) goes through an unbounded channel: those messages are bounded by
+//!   the requests in flight and the connections open, and none may be lost.
 //!
 //! Waking costs a syscall (an eventfd write), so a sender wakes the reactor
 //! only when the reactor said it is about to sleep (`armed`): under load,
 //! thousands of frames a second cost no wake-ups at all.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::Arc;
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::{Receiver, Sender, TrySendError};
 
+use crate::auth::UserId;
 use crate::bus::store::{Outcome, Reply};
 use crate::stream::frame::Frame;
 
-/// What a reactor can be told.
+/// Bus frames a reactor may have waiting before new ones are dropped (and
+/// recovered from the replay window).
+pub const FRAME_BOUND: usize = 16_384;
+
+/// What a reactor can be told, besides bus frames.
 pub enum Inbox {
-    /// An event from the bus, routed by its device.
-    Frame(Arc<Frame>),
     /// A `system` frame for every stream (degraded, recovered).
     System(Arc<Frame>),
     /// A store lookup for connection `conn` came back.
@@ -32,36 +44,91 @@ pub enum Inbox {
     Probe { conn: usize, asker: Reply },
     /// A probe this connection asked for is done.
     Probed { conn: usize, serial: u64 },
+    /// Ticket `id` was revoked: close every stream opened with it.
+    Revoke { ticket: uuid::Uuid },
+    /// `user` now owns exactly `owned`: close their data streams naming
+    /// anything else, narrow (or widen) their alert streams.
+    Access {
+        user: UserId,
+        owned: Arc<HashSet<Box<str>>>,
+    },
     /// SIGTERM/SIGINT: stop accepting, say goodbye to every stream, exit.
     Drain,
 }
 
 pub struct Mailbox {
-    tx: Sender<Inbox>,
+    frames: Sender<Arc<Frame>>,
+    control: Sender<Inbox>,
     waker: mio::Waker,
     armed: AtomicBool,
 }
 
+/// The reactor's ends of its mailbox.
+pub struct Inboxes {
+    pub frames: Receiver<Arc<Frame>>,
+    pub control: Receiver<Inbox>,
+}
+
+impl Inboxes {
+    fn is_empty(&self) -> bool {
+        self.frames.is_empty() && self.control.is_empty()
+    }
+}
+
 impl Mailbox {
-    pub fn new(waker: mio::Waker) -> (Mailbox, Receiver<Inbox>) {
-        let (tx, rx) = crossbeam_channel::unbounded();
+    /// A mailbox holding at most `frame_bound` frames.
+    pub fn new(waker: mio::Waker, frame_bound: usize) -> (Mailbox, Inboxes) {
+        let (frames, frames_rx) = crossbeam_channel::bounded(frame_bound.max(1));
+        let (control, control_rx) = crossbeam_channel::unbounded();
         let mailbox = Mailbox {
-            tx,
+            frames,
+            control,
             waker,
             armed: AtomicBool::new(false),
         };
-        (mailbox, rx)
+        let inboxes = Inboxes {
+            frames: frames_rx,
+            control: control_rx,
+        };
+        (mailbox, inboxes)
+    }
+
+    /// Queues a bus frame; false when the reactor is that far behind and the
+    /// frame was dropped (the reactor recovers it by its sequence number).
+    pub fn send_frame(&self, frame: Arc<Frame>) -> bool {
+        match self.frames.try_send(frame) {
+            Ok(()) => {
+                self.wake();
+                true
+            }
+            Err(TrySendError::Full(_)) => {
+                self.wake();
+                false
+            }
+            Err(TrySendError::Disconnected(_)) => true,
+        }
     }
 
     pub fn send(&self, msg: Inbox) {
-        if self.tx.send(msg).is_ok() && self.armed.swap(false, SeqCst) {
+        if self.control.send(msg).is_ok() {
+            self.wake();
+        }
+    }
+
+    fn wake(&self) {
+        if self.armed.swap(false, SeqCst) {
             let _ = self.waker.wake();
         }
     }
 
+    /// Messages waiting, for `/metrics`.
+    pub fn depth(&self) -> usize {
+        self.frames.len() + self.control.len()
+    }
+
     /// The reactor is about to block in `poll`: the next send must wake it.
     /// Returns false when something arrived meanwhile (do not block).
-    pub fn arm(&self, rx: &Receiver<Inbox>) -> bool {
+    pub fn arm(&self, rx: &Inboxes) -> bool {
         self.armed.store(true, SeqCst);
         if rx.is_empty() {
             true

@@ -202,6 +202,8 @@ impl Frame {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rejected {
     UnknownChannel,
+    /// Over `--max-event-bytes`.
+    TooLarge,
     NotJsonObject,
     NoDeviceId,
 }

@@ -44,7 +44,10 @@ pub enum Action {
 /// A request waiting for its store outcome.
 pub enum Pending {
     IssueTicket(Response),
-    DeleteTicket,
+    /// The id of the ticket being deleted.
+    DeleteTicket(String),
+    /// Embedded mode: the user whose devices changed.
+    AccessChanged(crate::auth::UserId),
     Status(Ticket),
     Stream(StreamRequest),
     Publish,
@@ -130,7 +133,7 @@ fn allowed(gw: &Gateway, path: &str) -> Option<&'static str> {
     Some(match path {
         "/health" | "/metrics" | "/sse/client.js" => "GET, HEAD",
         "/sse/alerts" | "/sse/stream" | "/sse/status" => "GET",
-        "/sse/stream-ticket" | "/sse/publish" => "POST",
+        "/sse/stream-ticket" | "/sse/publish" | "/sse/access-changed" => "POST",
         p if p.starts_with("/sse/stream-ticket/") => "DELETE",
         "/" | "/index.html" | "/app.js" | "/style.css" | "/demo/token" if gw.config.demo => {
             "GET, HEAD"
@@ -184,6 +187,7 @@ pub fn route(gw: &Gateway, req: &Request) -> Action {
         )),
         "/sse/stream-ticket" => issue_ticket(gw, req),
         "/sse/publish" => publish(gw, req),
+        "/sse/access-changed" => access_changed(gw, req),
         "/sse/status" => status_request(gw, head),
         "/sse/alerts" => stream_request(gw, req, Purpose::Alerts),
         "/sse/stream" => stream_request(gw, req, Purpose::Data),
@@ -298,6 +302,7 @@ fn issue_ticket(gw: &Gateway, req: &Request) -> Action {
         id: minted.id,
         user: who.user,
         ttl_secs: ttl,
+        per_minute: gw.config.max_tickets_per_minute,
     };
     Action::Lookup(job, Pending::IssueTicket(response))
 }
@@ -314,8 +319,11 @@ fn delete_ticket(gw: &Gateway, head: &Head, raw_id: &str) -> Action {
         return Action::Respond(Response::error(404, "Unknown ticket"));
     }
     Action::Lookup(
-        Job::DeleteTicket { id, user: who.user },
-        Pending::DeleteTicket,
+        Job::DeleteTicket {
+            id: id.clone(),
+            user: who.user,
+        },
+        Pending::DeleteTicket(id),
     )
 }
 
@@ -336,9 +344,12 @@ fn status_request(gw: &Gateway, head: &Head) -> Action {
 }
 
 /// The devices of a data stream: `deviceId` and/or `deviceIds` (comma
-/// separated), in order, without repeats.
+/// separated), in order, without repeats. Linear in the query, and it stops
+/// at the first device past the limit.
 fn devices(gw: &Gateway, head: &Head) -> Result<Vec<String>, Response> {
+    let max = gw.config.max_devices as usize;
     let mut out: Vec<String> = Vec::new();
+    let mut seen: std::collections::HashSet<&str> = std::collections::HashSet::new();
     let single = query::param(&head.query, "deviceId");
     let list = query::param(&head.query, "deviceIds");
     let entries = single
@@ -353,18 +364,18 @@ fn devices(gw: &Gateway, head: &Head) -> Result<Vec<String>, Response> {
         if d.len() > MAX_DEVICE_ID_BYTES {
             return Err(Response::error(400, "Device id longer than 128 bytes"));
         }
-        if !out.iter().any(|o| o == d) {
+        if seen.insert(d) {
+            if out.len() == max {
+                return Err(Response::error(
+                    400,
+                    &format!("At most {max} devices per stream"),
+                ));
+            }
             out.push(d.to_owned());
         }
     }
     if out.is_empty() {
         return Err(Response::error(400, "deviceId or deviceIds is required"));
-    }
-    if out.len() > gw.config.max_devices as usize {
-        return Err(Response::error(
-            400,
-            &format!("At most {} devices per stream", gw.config.max_devices),
-        ));
     }
     Ok(out)
 }
@@ -496,6 +507,67 @@ fn publish(gw: &Gateway, req: &Request) -> Action {
     }
 }
 
+/// `POST /sse/access-changed` (admin): `{"userId": ..., "devices"?: [...]}`.
+/// Redis mode publishes the user id on `sse:access-changed`, as the main app
+/// would; embedded mode (where the sets live in this process) first replaces
+/// the user's devices when `devices` is given, then applies the change.
+fn access_changed(gw: &Gateway, req: &Request) -> Action {
+    let who = match bearer(gw, req.head) {
+        Ok(w) => w,
+        Err(r) => return Action::Respond(r),
+    };
+    if !who.admin {
+        return Action::Respond(Response::error(
+            403,
+            "Access changes require an admin token",
+        ));
+    }
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Body {
+        user_id: Value,
+        #[serde(default)]
+        devices: Option<Vec<String>>,
+    }
+    let parsed = serde_json::from_slice::<Body>(req.body).ok().and_then(|b| {
+        let user = crate::auth::user_from_sub(&b.user_id)?;
+        let devices_ok = b.devices.as_ref().is_none_or(|d| {
+            d.len() <= 100_000
+                && d.iter()
+                    .all(|d| !d.is_empty() && d.len() <= MAX_DEVICE_ID_BYTES)
+        });
+        devices_ok.then_some((user, b.devices))
+    });
+    let Some((user, devices)) = parsed else {
+        return Action::Respond(Response::error(
+            400,
+            "Body must be {\"userId\": \"...\", \"devices\"?: [\"...\"]}",
+        ));
+    };
+    match (gw.store.memory(), devices) {
+        (Some(memory), devices) => {
+            if let Some(devices) = devices {
+                memory.set_devices(&user.key, devices.into_iter().collect());
+            }
+            Action::Lookup(
+                Job::Owned { user: user.clone() },
+                Pending::AccessChanged(user),
+            )
+        }
+        (None, Some(_)) => Action::Respond(Response::error(
+            400,
+            "devices can be given only in embedded mode; in Redis mode change user:<id>:devices",
+        )),
+        (None, None) => Action::Lookup(
+            Job::Publish {
+                channel: crate::bus::store::ACCESS_CHANGED_CHANNEL.into(),
+                payload: user.key.as_bytes().to_vec(),
+            },
+            Pending::Publish,
+        ),
+    }
+}
+
 /// Turns a store outcome into the answer.
 /// `owner` is where the answer is going: (reactor, connection key), which
 /// becomes the stream's address in the registry if it opens.
@@ -513,11 +585,36 @@ pub fn resolve(
     }
     match (pending, outcome) {
         (Pending::IssueTicket(r), Outcome::TicketStored) => Respond(r),
-        (Pending::DeleteTicket, Outcome::Deleted) => Respond(Response::empty(204)),
-        (Pending::DeleteTicket, Outcome::NotOwner) => {
+        (Pending::IssueTicket(_), Outcome::TooManyTickets { retry_after_secs }) => Respond(
+            Response::error(
+                429,
+                &format!(
+                    "At most {} stream tickets per minute",
+                    gw.config.max_tickets_per_minute
+                ),
+            )
+            .header("Retry-After", retry_after_secs.to_string()),
+        ),
+        (Pending::DeleteTicket(id), Outcome::Deleted) => {
+            // This instance's streams end now; the others' (and, in Redis
+            // mode, these again, harmlessly) when `sse:revoke` reaches them.
+            if let Ok(ticket) = uuid::Uuid::parse_str(&id) {
+                gw.hub.revoke(ticket);
+            }
+            Respond(Response::empty(204))
+        }
+        (Pending::DeleteTicket(_), Outcome::NotOwner) => {
             Respond(Response::error(403, "Not your ticket"))
         }
-        (Pending::DeleteTicket, _) => Respond(Response::error(404, "Unknown ticket")),
+        (Pending::DeleteTicket(_), _) => Respond(Response::error(404, "Unknown ticket")),
+        (Pending::AccessChanged(user), Outcome::Owned(owned)) => {
+            let devices = owned.len();
+            gw.hub.access_changed(&user, owned);
+            Respond(Response::json(
+                200,
+                &json!({"accessChanged": true, "userId": user.to_json(), "devices": devices}),
+            ))
+        }
         (Pending::Status(t), Outcome::TicketAlive(true)) => Respond(status_body(gw, &t)),
         (Pending::Status(_), _) => {
             Respond(Response::error(401, "Stream ticket revoked or expired"))

@@ -289,6 +289,24 @@ impl Redis {
         self.kill();
     }
 
+    /// Freezes the server (SIGSTOP): it holds connections but answers
+    /// nothing until [`Redis::resume`].
+    pub fn pause(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// Thaws a paused server (SIGCONT).
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    fn signal(&self, sig: libc::c_int) {
+        let pid = self.child.as_ref().expect("redis is running").id();
+        // SAFETY: kill(2) on the PID of our own child process.
+        let rc = unsafe { libc::kill(pid as libc::pid_t, sig) };
+        assert_eq!(rc, 0, "kill({pid}, {sig})");
+    }
+
     /// Starts the server again on the same port (empty: nothing was saved).
     pub fn restart(&mut self) {
         self.kill();

@@ -1,0 +1,348 @@
+//! The request exchange: bytes in, a request parsed, a route chosen, a store
+//! lookup handed out and its outcome taken back, a response queued. Every
+//! step has a deadline (see `conn.rs`), and an outcome that arrives for a
+//! request that has moved on (timed out, client gone) is not lost: a lease
+//! it took is given back.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use log::{debug, info};
+
+use super::conn::{Exchange, Phase, ReadOutcome, Retry, READ_BUFFER_CAP, STREAM_INPUT_CAP};
+use super::mailbox::Inbox;
+use super::{ms, Cause, Reactor, HEAD_TIMEOUT};
+use crate::bus::lease::LeaseAnswer;
+use crate::bus::store::{Job, Outcome, Reply};
+use crate::http::head::{self, Method, Parse, MAX_HEAD_BYTES};
+use crate::http::query;
+use crate::http::response::Response;
+use crate::stream::routes::{self, Action, Pending, Request, Resolution};
+
+/// How long a request may wait on the store before it is answered 503.
+pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a stream refused by a limit waits before its second look when
+/// its probes are all answered: time for another instance to release the
+/// lease of a reload's close.
+const LIMIT_RETRY: Duration = Duration::from_millis(100);
+/// How long it waits at most for probes of a busy reactor.
+const PROBE_WAIT: Duration = Duration::from_secs(1);
+
+impl Reactor {
+    pub(super) fn on_readable(&mut self, key: usize) {
+        let now = self.now();
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        match &mut conn.phase {
+            Phase::Reading => {
+                let outcome = conn.read_request_bytes(READ_BUFFER_CAP);
+                conn.read_blocked = outcome == ReadOutcome::Full;
+                if outcome == ReadOutcome::Closed {
+                    self.close(key, Cause::ClientClosed);
+                    return;
+                }
+                if conn.idle && !conn.input.is_empty() {
+                    // The first byte of the next request: its clocks start.
+                    conn.idle = false;
+                    conn.started = now;
+                    self.arm(key, HEAD_TIMEOUT);
+                }
+                self.process_requests(key);
+            }
+            Phase::Streaming(_) | Phase::Closing { .. } => {
+                let (n, gone) = conn.discard_input();
+                if gone {
+                    self.close(key, Cause::ClientClosed);
+                    return;
+                }
+                if let Phase::Streaming(s) = &mut conn.phase {
+                    s.input += n;
+                    if s.input > STREAM_INPUT_CAP {
+                        self.close(key, Cause::TooChatty);
+                    }
+                }
+            }
+            // Leave bytes in the kernel until this request is answered.
+            Phase::Waiting(_) | Phase::Retrying(_) | Phase::Responding { .. } => {
+                conn.read_blocked = true
+            }
+        }
+    }
+
+    /// Parses and handles every complete request in the buffer, one at a time
+    /// (a pipelined request waits until the previous response is flushed).
+    pub(super) fn process_requests(&mut self, key: usize) {
+        loop {
+            let Some(conn) = self.conns.get_mut(key) else {
+                return;
+            };
+            if !matches!(conn.phase, Phase::Reading) || conn.input.is_empty() {
+                return;
+            }
+            if !conn.head_complete() && conn.input.len() <= MAX_HEAD_BYTES {
+                return;
+            }
+            let head = match head::parse(&conn.input) {
+                Parse::Partial => return,
+                Parse::Error(e) => {
+                    let status = e.status();
+                    debug!("bad request from {}: {}", conn.peer, e.reason());
+                    let r = Response::error(status, e.reason()).closing();
+                    let exchange = Exchange {
+                        keep_alive: false,
+                        head_only: false,
+                        cors: None,
+                        path: String::new(),
+                    };
+                    self.respond(key, &exchange, r);
+                    return;
+                }
+                Parse::Complete(h) => h,
+            };
+            let total = head.head_len + head.content_length;
+            if conn.input.len() < total {
+                // The body is still arriving (it fits: the parser capped it).
+                return;
+            }
+            let input = std::mem::take(&mut conn.input);
+            conn.scanned = 0;
+            self.handle(key, &head, &input[head.head_len..total]);
+            if let Some(conn) = self.conns.get_mut(key) {
+                // Keep what followed (a pipelined request), unless the
+                // handler already moved on.
+                conn.input = input[total..].to_vec();
+            }
+        }
+    }
+
+    fn handle(&mut self, key: usize, head: &head::Head, body: &[u8]) {
+        self.gw.metrics.requests.fetch_add(1, Relaxed);
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        let client = routes::client_ip(
+            &self.gw.config,
+            conn.peer.ip(),
+            head.forwarded_for.as_deref(),
+        );
+        let exchange = Exchange {
+            keep_alive: head.keep_alive && !self.draining,
+            head_only: head.method == Method::Head,
+            cors: self.gw.config.allowed_origin(head.origin.as_deref()),
+            path: head.path.clone(),
+        };
+        let request = Request { head, body, client };
+        match routes::route(&self.gw, &request) {
+            Action::Respond(r) => {
+                if r.status >= 400 && matches!(head.path.as_str(), "/sse/stream" | "/sse/alerts") {
+                    // The query says which devices; its ticket is never logged.
+                    info!(
+                        "stream refused: {} {}?{} from {} ({})",
+                        r.status,
+                        head.path,
+                        query::redact(&head.query, "ticket"),
+                        client,
+                        r.message()
+                    );
+                }
+                self.respond(key, &exchange, r)
+            }
+            Action::Lookup(job, pending) => self.lookup(key, job, pending, exchange),
+        }
+    }
+
+    /// Hands `job` to the store; the connection waits (at most
+    /// [`LOOKUP_TIMEOUT`]) for its outcome.
+    pub(super) fn lookup(&mut self, key: usize, job: Job, pending: Pending, exchange: Exchange) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        self.next_serial += 1;
+        conn.serial = self.next_serial;
+        let reply = Reply {
+            reactor: self.index,
+            conn: key,
+            serial: conn.serial,
+        };
+        conn.phase = Phase::Waiting(Box::new((pending, exchange)));
+        self.arm(key, LOOKUP_TIMEOUT);
+        if let Some(outcome) = self.gw.store.submit(job, reply) {
+            self.on_outcome(key, reply.serial, outcome);
+        }
+    }
+
+    /// The store did not answer in time: 503, and the outcome, if it ever
+    /// comes, finds the connection moved on.
+    pub(super) fn lookup_timed_out(&mut self, key: usize) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        let Phase::Waiting(waiting) = std::mem::replace(&mut conn.phase, Phase::Reading) else {
+            return;
+        };
+        let (_, exchange) = *waiting;
+        let r = Response::error(503, "Redis did not answer in time, try again shortly")
+            .header("Retry-After", "1");
+        self.respond(key, &exchange, r);
+    }
+
+    pub(super) fn on_outcome(&mut self, key: usize, serial: u64, outcome: Outcome) {
+        let current = self
+            .conns
+            .get(key)
+            .is_some_and(|c| c.serial == serial && matches!(c.phase, Phase::Waiting(_)));
+        if !current {
+            // An answer for a request that has moved on (timed out, or its
+            // client left): a lease taken for it must not hold the user's
+            // slot until it expires.
+            if let Outcome::Facts(facts) = outcome {
+                if let (LeaseAnswer::Granted { .. }, Some(ask)) = (facts.lease, facts.lease_ask) {
+                    info!(
+                        "lease of a stream request that gave up released: {}",
+                        ask.member
+                    );
+                    self.gw.store.fire(Job::ReleaseLease {
+                        key: ask.key,
+                        member: ask.member,
+                    });
+                }
+            }
+            return;
+        }
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        let Phase::Waiting(waiting) = std::mem::replace(&mut conn.phase, Phase::Reading) else {
+            return;
+        };
+        let (pending, exchange) = *waiting;
+        let user = match &pending {
+            Pending::Stream(s) => Some(s.ticket.user.clone()),
+            _ => None,
+        };
+        match routes::resolve(&self.gw, pending, outcome, (self.index, key)) {
+            Resolution::Respond(r) => {
+                if let Some(user) = user {
+                    info!(
+                        "stream refused: {} {} user={user} from {} ({})",
+                        r.status,
+                        exchange.path,
+                        conn.peer,
+                        r.message()
+                    );
+                }
+                self.respond(key, &exchange, r);
+            }
+            Resolution::Open(spec) if self.draining => {
+                let user = &spec.ticket.user;
+                self.gw
+                    .stream_closed(user, spec.client, spec.purpose, spec.id);
+                let r = Response::error(503, "Shutting down, reconnect shortly");
+                self.respond(key, &exchange, r);
+            }
+            Resolution::Open(spec) => self.open_stream(key, &exchange, spec),
+            Resolution::Retry(request, holders) => {
+                conn.phase = Phase::Retrying(Box::new(Retry {
+                    request: *request,
+                    exchange,
+                    probes: holders.len(),
+                }));
+                let asker = Reply {
+                    reactor: self.index,
+                    conn: key,
+                    serial: conn.serial,
+                };
+                self.arm(key, LIMIT_RETRY);
+                for (reactor, conn) in holders {
+                    if reactor == self.index {
+                        self.probe(conn, asker);
+                    } else if let Some(mailbox) = self.gw.hub.mailboxes().get(reactor) {
+                        mailbox.send(Inbox::Probe { conn, asker });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Looks at a stream whose slot another request wants: if its client has
+    /// gone (the FIN is waiting in the socket), it closes now and frees the
+    /// slot. Then tells the asker.
+    pub(super) fn probe(&mut self, conn: usize, asker: Reply) {
+        if self.conns.get(conn).is_some_and(|c| c.stream().is_some()) {
+            self.on_readable(conn);
+        }
+        if asker.reactor == self.index {
+            self.on_probed(asker.conn, asker.serial);
+        } else if let Some(mailbox) = self.gw.hub.mailboxes().get(asker.reactor) {
+            mailbox.send(Inbox::Probed {
+                conn: asker.conn,
+                serial: asker.serial,
+            });
+        }
+    }
+
+    pub(super) fn on_probed(&mut self, key: usize, serial: u64) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        let Phase::Retrying(retry) = &mut conn.phase else {
+            return;
+        };
+        if conn.serial != serial {
+            return;
+        }
+        retry.probes = retry.probes.saturating_sub(1);
+        if retry.probes == 0 {
+            self.retry_now(key);
+        }
+    }
+
+    /// A refused stream's timer: the second look, unless probes of a lagging
+    /// reactor are still out (then wait for them, up to [`PROBE_WAIT`]).
+    pub(super) fn retry_timer(&mut self, key: usize) {
+        let now = self.now();
+        let Some(conn) = self.conns.get(key) else {
+            return;
+        };
+        if let Phase::Retrying(retry) = &conn.phase {
+            if retry.probes > 0 && now < conn.started + ms(PROBE_WAIT) {
+                return self.arm(key, LIMIT_RETRY);
+            }
+        }
+        self.retry_now(key);
+    }
+
+    /// The second look at a stream a limit refused.
+    pub(super) fn retry_now(&mut self, key: usize) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        let Phase::Retrying(retry) = std::mem::replace(&mut conn.phase, Phase::Reading) else {
+            return;
+        };
+        let Retry {
+            request, exchange, ..
+        } = *retry;
+        let job = routes::stream_job(&self.gw, &request);
+        self.lookup(key, job, Pending::Stream(request), exchange);
+    }
+
+    /// Queues a response; it must be written by the exchange's deadline.
+    pub(super) fn respond(&mut self, key: usize, exchange: &Exchange, r: Response) {
+        if r.status >= 400 {
+            self.gw.metrics.rejected(r.status);
+        }
+        let deadline = ms(self.gw.config.request_timeout_secs);
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        let close = r.close || !exchange.keep_alive || self.draining;
+        conn.outbox
+            .push_bytes(r.encode(exchange.head_only, !close, exchange.cors.as_deref()));
+        conn.phase = Phase::Responding { close };
+        let at = conn.started + deadline;
+        self.arm_at(key, at);
+        self.mark_dirty(key);
+    }
+}
