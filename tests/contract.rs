@@ -1911,10 +1911,8 @@ fn embedded_last_event_id_replay() {
 
 #[test]
 fn demo_mode_owns_its_machines() {
-    let gw = Gateway::builder()
-        .secret("unused")
-        .args(&["--demo"])
-        .start();
+    // --demo signs with its own random secret: no --jwt-secret (contract 7.1).
+    let gw = Gateway::builder().no_jwt_secret().args(&["--demo"]).start();
     let token = get(gw.addr(), "/demo/token", &[]).json()["token"]
         .as_str()
         .unwrap()

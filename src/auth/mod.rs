@@ -1,10 +1,12 @@
 //! Who is asking. Access tokens are issued by the main app and only verified
 //! here ([`token`]); stream tickets are minted and verified here ([`ticket`]).
 //! Tickets are HS256; access tokens HS256 or, from an identity provider,
-//! RS256/ES256/EdDSA ([`keys`], [`jwks`]). Verification is pure CPU (a few microseconds) and runs
+//! RS256/ES256/EdDSA ([`keys`], [`jwks`]); [`credentials`] turns the flags
+//! into both keys at start. Verification is pure CPU (a few microseconds) and runs
 //! on the reactor; whether a ticket was revoked is a store lookup (Redis key
 //! `sse:ticket:<id>`) that never does.
 
+pub mod credentials;
 pub mod jwks;
 pub mod keys;
 pub mod ticket;
