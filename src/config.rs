@@ -316,6 +316,7 @@ mod tests {
         assert_eq!(c.replay_events, 1024);
         assert_eq!(c.replay_secs, Duration::from_secs(300));
         assert_eq!(c.drain_secs, Duration::from_secs(5));
+        assert_eq!(c.jwks_refresh_secs, Duration::from_secs(300));
         assert!(!c.demo && c.redis_url.is_none());
         let c = Config::try_parse_from([
             "sse-gateway",

@@ -14,7 +14,7 @@
 //!
 //! Every error is one line naming the flag: the caller exits 2 with it.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use log::{info, warn};
@@ -36,6 +36,16 @@ pub struct Credentials {
     pub demo_token: Option<String>,
 }
 
+/// The flags of each secret: value, file.
+const JWT_FLAGS: (&str, &str) = (
+    "--jwt-secret (JWT_SECRET)",
+    "--jwt-secret-file (JWT_SECRET_FILE)",
+);
+const TICKET_FLAGS: (&str, &str) = (
+    "--ticket-secret (SSE_TICKET_SECRET)",
+    "--ticket-secret-file (SSE_TICKET_SECRET_FILE)",
+);
+
 /// A secret and the flag it came from (for a warning that never shows it).
 type Named = (Vec<u8>, &'static str);
 
@@ -44,21 +54,11 @@ pub fn load(config: &Config) -> Result<Credentials, String> {
     let (jwt_secret, ticket_secret) = if config.demo {
         demo_secrets(config)?
     } else {
-        let jwt = secret(
-            config.jwt_secret.as_deref(),
-            config.jwt_secret_file.as_deref(),
-            (
-                "--jwt-secret (JWT_SECRET)",
-                "--jwt-secret-file (JWT_SECRET_FILE)",
-            ),
-        )?;
+        let jwt = secret(&config.jwt_secret, &config.jwt_secret_file, JWT_FLAGS)?;
         let ticket = secret(
-            config.ticket_secret.as_deref(),
-            config.ticket_secret_file.as_deref(),
-            (
-                "--ticket-secret (SSE_TICKET_SECRET)",
-                "--ticket-secret-file (SSE_TICKET_SECRET_FILE)",
-            ),
+            &config.ticket_secret,
+            &config.ticket_secret_file,
+            TICKET_FLAGS,
         )?;
         (jwt, ticket)
     };
@@ -150,12 +150,12 @@ fn random_secret() -> Vec<u8> {
 /// A secret from its flag (or variable) or from its file; `flags` names
 /// both. Returns the secret and the flag it came from.
 fn secret(
-    value: Option<&str>,
-    file: Option<&Path>,
+    value: &Option<String>,
+    file: &Option<PathBuf>,
     flags: (&'static str, &'static str),
 ) -> Result<Option<Named>, String> {
     let (flag, file_flag) = flags;
-    match (value.filter(|v| !v.is_empty()), file) {
+    match (value.as_deref().filter(|v| !v.is_empty()), file) {
         (Some(_), Some(_)) => Err(format!("{flag} and {file_flag}: give one, not both")),
         (Some(v), None) => Ok(Some((v.as_bytes().to_vec(), flag))),
         (None, Some(path)) => read_secret_file(path)
