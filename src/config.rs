@@ -3,6 +3,7 @@
 //! variable) and exit code 2 for an unknown or malformed flag.
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -31,6 +32,43 @@ pub struct Config {
     /// HS256 key of stream tickets [default: the jwt secret].
     #[arg(long, env = "SSE_TICKET_SECRET", hide_env_values = true)]
     pub ticket_secret: Option<String>,
+
+    /// File holding the jwt secret (its content, one trailing newline removed); instead of --jwt-secret.
+    #[arg(long, env = "JWT_SECRET_FILE")]
+    pub jwt_secret_file: Option<PathBuf>,
+
+    /// File holding the ticket secret (its content, one trailing newline removed); instead of --ticket-secret.
+    #[arg(long, env = "SSE_TICKET_SECRET_FILE")]
+    pub ticket_secret_file: Option<PathBuf>,
+
+    /// PEM file of one public key verifying access tokens; the key decides the algorithm (RSA: RS256, P-256: ES256, Ed25519: EdDSA).
+    #[arg(long, env = "JWT_PUBLIC_KEY")]
+    pub jwt_public_key: Option<PathBuf>,
+
+    /// JWKS document on disk verifying access tokens (key chosen by kid); re-read when it changes.
+    #[arg(long, env = "JWKS_FILE")]
+    pub jwks_file: Option<PathBuf>,
+
+    /// JWKS over http(s) verifying access tokens (key chosen by kid); refreshed every --jwks-refresh-secs and at once (at most every 10 s) on an unknown kid.
+    #[arg(long, env = "JWKS_URL")]
+    pub jwks_url: Option<String>,
+
+    /// Seconds between two fetches of --jwks-url.
+    #[arg(long, env = "JWKS_REFRESH_SECS", default_value = "300", value_parser = secs)]
+    pub jwks_refresh_secs: Duration,
+
+    /// When set, an access token's `iss` must equal it.
+    #[arg(long, env = "JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// When set, an access token's `aud` must contain it.
+    #[arg(long, env = "JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
+    /// The secret flags given on the command line itself, not through the
+    /// environment: `--demo` refuses those and ignores the variables.
+    #[arg(skip)]
+    pub secrets_on_command_line: Vec<&'static str>,
 
     /// Heartbeat period in seconds; fractions allowed (0.2).
     #[arg(long, env = "SSE_HEARTBEAT_SECS", default_value = "25", value_parser = secs)]
@@ -113,7 +151,35 @@ pub struct Config {
     pub demo: bool,
 }
 
+/// The flags that carry a secret, by clap id and as written.
+const SECRET_FLAGS: [(&str, &str); 4] = [
+    ("jwt_secret", "--jwt-secret"),
+    ("jwt_secret_file", "--jwt-secret-file"),
+    ("ticket_secret", "--ticket-secret"),
+    ("ticket_secret_file", "--ticket-secret-file"),
+];
+
 impl Config {
+    /// Parses `args` (the program name first) and the environment, noting
+    /// which secret flags came from the command line itself.
+    pub fn from_args<I, T>(args: I) -> Result<Config, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        use clap::{CommandFactory, FromArgMatches};
+        let matches = Config::command().try_get_matches_from(args)?;
+        let mut config = Config::from_arg_matches(&matches)?;
+        config.secrets_on_command_line = SECRET_FLAGS
+            .iter()
+            .filter(|(id, _)| {
+                matches.value_source(id) == Some(clap::parser::ValueSource::CommandLine)
+            })
+            .map(|(_, flag)| *flag)
+            .collect();
+        Ok(config)
+    }
+
     pub fn workers(&self) -> usize {
         self.workers.map(|w| w as usize).unwrap_or_else(|| {
             std::thread::available_parallelism()
@@ -284,6 +350,7 @@ mod tests {
         assert_eq!(c.replay_events, 1024);
         assert_eq!(c.replay_secs, Duration::from_secs(300));
         assert_eq!(c.drain_secs, Duration::from_secs(5));
+        assert_eq!(c.jwks_refresh_secs, Duration::from_secs(300));
         assert!(!c.demo && c.redis_url.is_none());
         let c = Config::try_parse_from([
             "sse-gateway",

@@ -74,32 +74,13 @@ pub enum Fatal {
     Io(String),
 }
 
-fn random_secret() -> String {
-    use rand::Rng;
-    let bytes: [u8; 32] = rand::rng().random();
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 pub fn run(config: Config) -> Result<(), Fatal> {
-    let jwt_secret = match (&config.jwt_secret, config.demo) {
-        (Some(s), _) if !s.is_empty() => s.clone(),
-        (_, true) => random_secret(),
-        _ => {
-            return Err(Fatal::Config(
-                "--jwt-secret (JWT_SECRET) is required unless --demo".into(),
-            ))
-        }
-    };
     if config.demo && config.redis_url.is_some() {
         return Err(Fatal::Config(
             "--demo runs embedded: leave --redis-url (REDIS_URL) unset".into(),
         ));
     }
-    let ticket_secret = config
-        .ticket_secret
-        .clone()
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| jwt_secret.clone());
+    let credentials = crate::auth::credentials::load(&config).map_err(Fatal::Config)?;
     let redis_client = match &config.redis_url {
         Some(url) => Some(
             redis::Client::open(url.as_str())
@@ -165,10 +146,6 @@ pub fn run(config: Config) -> Result<(), Fatal> {
         Some(client) => Store::Redis(RedisPool::start(client.clone(), mailboxes.clone())),
         None => Store::Memory(Memory::default()),
     };
-    let tokens = TokenKey::new(jwt_secret.as_bytes());
-    let demo_token = config
-        .demo
-        .then(|| tokens.mint(demo::USER, None, 30 * 24 * 3600));
     if let (true, Some(memory)) = (config.demo, store.memory()) {
         demo::seed(memory);
     }
@@ -189,15 +166,15 @@ pub fn run(config: Config) -> Result<(), Fatal> {
     }
     let leases = leases.map(|(l, _)| l);
     let gw = Arc::new(Gateway {
-        tickets: TicketKey::new(ticket_secret.as_bytes()),
-        tokens,
+        tickets: credentials.tickets,
+        tokens: credentials.tokens,
         registry: registry.clone(),
         leases: leases.clone(),
         hub: hub.clone(),
         store,
         metrics,
         started: Instant::now(),
-        demo_token,
+        demo_token: credentials.demo_token,
         peers: PeerCounts::default(),
         config,
     });

@@ -2,11 +2,10 @@
 //! they are wrong), then run until SIGTERM/SIGINT has drained every stream.
 
 use clap::error::ErrorKind;
-use clap::Parser;
 
 fn main() {
     sse_gateway::log::init();
-    let config = match sse_gateway::config::Config::try_parse() {
+    let config = match sse_gateway::config::Config::from_args(std::env::args_os()) {
         Ok(c) => c,
         Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
             e.exit()

@@ -1625,6 +1625,15 @@ fn help_lists_every_flag_with_its_env_twin() {
         ("--redis-url", "REDIS_URL"),
         ("--jwt-secret", "JWT_SECRET"),
         ("--ticket-secret", "SSE_TICKET_SECRET"),
+        // Contract 7.1: identity providers and secret files.
+        ("--jwt-secret-file", "JWT_SECRET_FILE"),
+        ("--ticket-secret-file", "SSE_TICKET_SECRET_FILE"),
+        ("--jwt-public-key", "JWT_PUBLIC_KEY"),
+        ("--jwks-file", "JWKS_FILE"),
+        ("--jwks-url", "JWKS_URL"),
+        ("--jwks-refresh-secs", "JWKS_REFRESH_SECS"),
+        ("--jwt-issuer", "JWT_ISSUER"),
+        ("--jwt-audience", "JWT_AUDIENCE"),
         ("--heartbeat-secs", "SSE_HEARTBEAT_SECS"),
         ("--max-conns-per-ip", "SSE_MAX_CONNS_PER_IP"),
         ("--max-alerts-per-user", "SSE_MAX_ALERTS_PER_USER"),
@@ -1910,10 +1919,8 @@ fn embedded_last_event_id_replay() {
 
 #[test]
 fn demo_mode_owns_its_machines() {
-    let gw = Gateway::builder()
-        .secret("unused")
-        .args(&["--demo"])
-        .start();
+    // --demo signs with its own random secret: no --jwt-secret (contract 7.1).
+    let gw = Gateway::builder().no_jwt_secret().args(&["--demo"]).start();
     let token = get(gw.addr(), "/demo/token", &[]).json()["token"]
         .as_str()
         .unwrap()

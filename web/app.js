@@ -347,11 +347,14 @@ data.on('system', (d) => {
   if (d?.kind === 'degraded') toast('Gateway lost its message bus; waiting for recovery.', 'sev-warning');
   if (d?.kind === 'recovered') toast('Gateway message bus recovered.', 'sev-info');
 });
-data.on('error', (e) => { if (e.status === 401 || e.status === 403 || e.status === 429) console.warn('data stream:', e.message, e.body); });
+// A refused access token (a restarted demo gateway signs with a new random secret): fetch a new one.
+const forgetRefusedToken = (e) => { if (e.stage === 'ticket' && e.status === 401) tokenCache = null; };
+data.on('error', (e) => { forgetRefusedToken(e); if (e.status === 401 || e.status === 403 || e.status === 429) console.warn('data stream:', e.message, e.body); });
 data.onStatus((s) => { hooks.status = s; paintStatus($('#status'), s); });
 
 const alerts = new SseClient({ getToken, endpoint: 'alerts', shareAcrossTabs: true });
 alerts.on('*', countEvent);
+alerts.on('error', forgetRefusedToken);
 alerts.on('machine-alert', (d, ev) => onAlert('machine-alert', d, ev));
 alerts.on('alarm-update', (d, ev) => onAlert('alarm-update', d, ev));
 alerts.onStatus((s) => { hooks.alertsStatus = s; paintStatus($('#alerts-status'), s, 'Alerts: '); });

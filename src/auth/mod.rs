@@ -1,9 +1,14 @@
 //! Who is asking. Access tokens are issued by the main app and only verified
 //! here ([`token`]); stream tickets are minted and verified here ([`ticket`]).
-//! Both are HS256 JWTs. Verification is pure CPU (a few microseconds) and runs
+//! Tickets are HS256; access tokens HS256 or, from an identity provider,
+//! RS256/ES256/EdDSA ([`keys`], [`jwks`]); [`credentials`] turns the flags
+//! into both keys at start. Verification is pure CPU (a few microseconds) and runs
 //! on the reactor; whether a ticket was revoked is a store lookup (Redis key
 //! `sse:ticket:<id>`) that never does.
 
+pub mod credentials;
+pub mod jwks;
+pub mod keys;
 pub mod ticket;
 pub mod token;
 
@@ -69,9 +74,9 @@ pub fn user_from_sub(sub: &serde_json::Value) -> Option<UserId> {
 /// The `aud` of every stream ticket.
 pub const TICKET_AUDIENCE: &str = "sse";
 
-/// HS256 with `exp` required and `nbf` honoured.
-fn hs256(leeway: u64) -> jsonwebtoken::Validation {
-    let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+/// Exactly `alg`, with `exp` required and `nbf` honoured.
+fn validation(alg: jsonwebtoken::Algorithm, leeway: u64) -> jsonwebtoken::Validation {
+    let mut v = jsonwebtoken::Validation::new(alg);
     v.leeway = leeway;
     v.validate_nbf = true;
     v.set_required_spec_claims(&["exp"]);

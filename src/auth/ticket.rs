@@ -7,7 +7,7 @@
 use jsonwebtoken::{DecodingKey, EncodingKey, Header};
 use serde::{Deserialize, Serialize};
 
-use super::{hs256, user_from_sub, Identity, UserId};
+use super::{user_from_sub, validation, Identity, UserId};
 use crate::stream::frame::Purpose;
 
 /// A verified ticket.
@@ -96,7 +96,7 @@ impl TicketKey {
     /// The ticket, or None when malformed, badly signed, expired, for another
     /// audience, or of an unknown purpose.
     pub fn verify(&self, token: &str) -> Option<Ticket> {
-        let mut validation = hs256(0);
+        let mut validation = validation(jsonwebtoken::Algorithm::HS256, 0);
         validation.set_audience(&[super::TICKET_AUDIENCE]);
         validation.set_required_spec_claims(&["exp", "aud"]);
         let c = jsonwebtoken::decode::<Claims>(token, &self.decoding, &validation)

@@ -350,9 +350,17 @@ pub struct GatewayBuilder {
     secret: String,
     wait_healthy: bool,
     max_open_files: Option<u64>,
+    jwt_secret: bool,
 }
 
 impl GatewayBuilder {
+    /// No `--jwt-secret` (access tokens from public keys, a secret file, or
+    /// `--demo`'s own).
+    pub fn no_jwt_secret(mut self) -> Self {
+        self.jwt_secret = false;
+        self
+    }
+
     pub fn arg(mut self, a: &str) -> Self {
         self.args.push(a.to_owned());
         self
@@ -412,7 +420,7 @@ impl GatewayBuilder {
         if !has("--listen") {
             cmd.args(["--listen", &addr.to_string()]);
         }
-        if !has("--jwt-secret") {
+        if self.jwt_secret && !has("--jwt-secret") {
             cmd.args(["--jwt-secret", &self.secret]);
         }
         if !has("--workers") {
@@ -498,6 +506,7 @@ impl Gateway {
             secret: SECRET.to_owned(),
             wait_healthy: true,
             max_open_files: None,
+            jwt_secret: true,
         }
     }
 

@@ -53,7 +53,7 @@ test('gateway killed and restarted: Reconnecting, then Live with a fresh ticket'
   const reconnectingAfter = Date.now() - killedAt;
 
   const restartBegan = Date.now();
-  gw = await startGateway({ port });   // same port, same secret: the page's cached access token stays valid
+  gw = await startGateway({ port });   // same port, a new random demo secret: the page fetches a new access token
   const restartedAt = Date.now();
   const realtimeBefore = await page.evaluate(() => window.__sse.byType['realtime-update'] || 0);
   await waitInPage(page, 'Live again after the restart',

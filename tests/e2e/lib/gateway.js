@@ -1,18 +1,30 @@
 // Starting and stopping the gateway under test, free ports, tokens, small HTTP helpers.
 // Every process started here is tracked by PID and killed by PID (never by name).
 import { spawn } from 'node:child_process';
-import { createHmac } from 'node:crypto';
+import { generateKeyPairSync, sign } from 'node:crypto';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:net';
-import { dirname, resolve } from 'node:path';
+import { tmpdir } from 'node:os';
+import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 export const REPO = resolve(dirname(fileURLToPath(import.meta.url)), '../../..');
 export const BIN = resolve(REPO, process.env.SSE_GATEWAY_BIN || 'target/debug/sse-gateway');
-/** Fixed JWT secret: a restarted gateway accepts the access token the page already holds. */
-export const SECRET = 'e2e-fixed-jwt-secret-5f1c9a0b7d3e';
+/**
+ * The main app's identity provider for these tests: an Ed25519 key pair made per run. `--demo` signs
+ * with a random secret of its own and refuses `--jwt-secret` (contract 7.1), so tests mint EdDSA
+ * access tokens and every gateway verifies them with `--jwt-public-key` (a restart keeps them valid).
+ */
+const IDP = generateKeyPairSync('ed25519');
+const KEY_DIR = mkdtempSync(join(tmpdir(), 'sse-e2e-'));
+export const PUBLIC_KEY_FILE = join(KEY_DIR, 'idp.pub.pem');
+writeFileSync(PUBLIC_KEY_FILE, IDP.publicKey.export({ type: 'spki', format: 'pem' }));
 
 const live = new Set();   // child processes still running, killed on an abnormal exit of the runner
-const killAll = () => { for (const c of live) { try { process.kill(c.pid, 'SIGKILL'); } catch { /* gone */ } } };
+const killAll = () => {
+  for (const c of live) { try { process.kill(c.pid, 'SIGKILL'); } catch { /* gone */ } }
+  rmSync(KEY_DIR, { recursive: true, force: true });
+};
 process.once('exit', killAll);
 for (const sig of ['SIGINT', 'SIGTERM']) process.once(sig, () => { killAll(); process.exit(128 + (sig === 'SIGINT' ? 2 : 15)); });
 
@@ -74,13 +86,13 @@ export async function stopChild(child, signal = 'SIGTERM', graceMs = 5000) {
 }
 
 /**
- * Starts `sse-gateway --demo --listen 127.0.0.1:<port> --jwt-secret <SECRET> ...args` with a clean
+ * Starts `sse-gateway --demo --listen 127.0.0.1:<port> --jwt-public-key <PUBLIC_KEY_FILE> ...args` with a clean
  * environment (no SSE_* variables leak in) and waits for its "listening on" log line.
  */
 export async function startGateway({ port, args = [] } = {}) {
   port ??= await freePort();
   const env = { PATH: process.env.PATH, RUST_LOG: process.env.E2E_RUST_LOG || 'info' };
-  const argv = ['--demo', '--listen', `127.0.0.1:${port}`, '--jwt-secret', SECRET, '--drain-secs', '1', ...args];
+  const argv = ['--demo', '--listen', `127.0.0.1:${port}`, '--jwt-public-key', PUBLIC_KEY_FILE, '--drain-secs', '1', ...args];
   const { child, log } = await spawnUntil(BIN, argv, { env, ready: /listening on http:\/\/127\.0\.0\.1:(\d+)/, name: 'sse-gateway' });
   const url = `http://127.0.0.1:${port}`;
   return {
@@ -94,11 +106,11 @@ export async function startGateway({ port, args = [] } = {}) {
 
 const b64url = (v) => Buffer.from(typeof v === 'string' ? v : JSON.stringify(v)).toString('base64url');
 
-/** An HS256 access token signed with the fixed secret, as the main app would issue it. */
-export function mintToken(claims, secret = SECRET) {
+/** An EdDSA access token signed with the test identity provider's key, as the main app would issue it. */
+export function mintToken(claims) {
   const body = { exp: Math.floor(Date.now() / 1000) + 600, ...claims };
-  const unsigned = `${b64url({ alg: 'HS256', typ: 'JWT' })}.${b64url(body)}`;
-  return `${unsigned}.${createHmac('sha256', secret).update(unsigned).digest('base64url')}`;
+  const unsigned = `${b64url({ alg: 'EdDSA', typ: 'JWT' })}.${b64url(body)}`;
+  return `${unsigned}.${sign(null, Buffer.from(unsigned), IDP.privateKey).toString('base64url')}`;
 }
 export const adminToken = () => mintToken({ sub: 'admin', role: 'admin' });
 
