@@ -435,12 +435,12 @@ impl Reactor {
                 if r.status >= 400 && matches!(head.path.as_str(), "/sse/stream" | "/sse/alerts") {
                     // The query says which devices; its ticket is never logged.
                     info!(
-                        "stream refused: {} {}?{} from {} ({})",
-                        r.status,
-                        head.path,
-                        query::redact(&head.query, "ticket"),
-                        client,
-                        r.message()
+                        status = r.status,
+                        path = head.path.as_str(),
+                        query = query::redact(&head.query, "ticket"),
+                        client = client,
+                        reason = r.message();
+                        "stream refused"
                     );
                 }
                 self.respond(key, &exchange, r)
@@ -487,11 +487,12 @@ impl Reactor {
             Resolution::Respond(r) => {
                 if let Some(user) = user {
                     info!(
-                        "stream refused: {} {} user={user} from {} ({})",
-                        r.status,
-                        exchange.path,
-                        conn.peer,
-                        r.message()
+                        status = r.status,
+                        path = exchange.path.as_str(),
+                        user:% = user,
+                        client = conn.peer,
+                        reason = r.message();
+                        "stream refused"
                     );
                 }
                 self.respond(key, &exchange, r);
@@ -629,15 +630,15 @@ impl Reactor {
             }
         }
         info!(
-            "stream open id={} user={} purpose={} devices={} client={}",
-            spec.id,
-            spec.ticket.user,
-            spec.purpose.as_str(),
-            match &spec.filter {
+            id:% = spec.id,
+            user:% = spec.ticket.user,
+            purpose = spec.purpose.as_str(),
+            devices = match &spec.filter {
                 routes::Filter::All => "all".to_owned(),
                 routes::Filter::Devices(d) => d.len().to_string(),
             },
-            spec.client
+            client = spec.client;
+            "stream open"
         );
         self.subs.add(key, spec.purpose, &spec.filter);
         conn.phase = Phase::Streaming(Box::new(Stream {
@@ -847,10 +848,12 @@ impl Reactor {
             .stream_closed(&stream.user, stream.client, stream.purpose, stream.id);
         let secs = self.now().saturating_sub(stream.opened) as f64 / 1000.0;
         info!(
-            "stream closed id={} user={} purpose={} after {secs:.1}s cause={cause:?}",
-            stream.id,
-            stream.user,
-            stream.purpose.as_str()
+            id:% = stream.id,
+            user:% = stream.user,
+            purpose = stream.purpose.as_str(),
+            secs = (secs * 10.0).round() / 10.0,
+            cause:? = cause;
+            "stream closed"
         );
     }
 
