@@ -74,6 +74,11 @@ impl Mailbox {
     pub fn disarm(&self) {
         self.armed.store(false, SeqCst);
     }
+
+    /// Messages waiting to be drained (the `/metrics` mailbox depth gauge).
+    pub fn depth(&self) -> usize {
+        self.tx.len()
+    }
 }
 
 /// Every reactor's mailbox, indexed by reactor number.

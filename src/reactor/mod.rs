@@ -105,6 +105,7 @@ pub struct Reactor {
     /// Numbers store lookups, so an outcome for a connection that has since
     /// closed (its slab slot reused) is recognised and dropped.
     next_serial: u64,
+    lag: crate::metrics::lag::LagProbe,
 }
 
 impl Reactor {
@@ -134,6 +135,7 @@ impl Reactor {
             draining: false,
             expired: Vec::new(),
             next_serial: 0,
+            lag: Default::default(),
         })
     }
 
@@ -182,6 +184,7 @@ impl Reactor {
             self.drain_inbox();
             self.fire_timers();
             self.flush_dirty();
+            self.lag.record(&self.gw.metrics.lag);
             if self.draining && self.conns.is_empty() {
                 return Ok(());
             }
@@ -705,6 +708,7 @@ impl Reactor {
                         }
                     });
                     self.gw.metrics.delivered(frame.event, delivered);
+                    self.lag.note(&frame, delivered);
                     for key in slow.drain(..) {
                         self.gw.metrics.slow_consumers.fetch_add(1, Relaxed);
                         self.close(key, Cause::SlowConsumer);
