@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::log::LogFormat;
+
 #[derive(Parser, Debug, Clone)]
 #[command(
     name = "sse-gateway",
@@ -149,6 +151,10 @@ pub struct Config {
     /// Embedded mode plus simulated machines `Machine 1`..`Machine 6` owned by user `demo`, and the demo page at `/`.
     #[arg(long, env = "SSE_DEMO", value_parser = clap::builder::BoolishValueParser::new(), default_value = "false", num_args = 0, default_missing_value = "true")]
     pub demo: bool,
+
+    /// Log line format: `text` (fields as key=value, escaped) or `json` (one object per line).
+    #[arg(long, env = "SSE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
 }
 
 /// The flags that carry a secret, by clap id and as written.
@@ -352,6 +358,7 @@ mod tests {
         assert_eq!(c.drain_secs, Duration::from_secs(5));
         assert_eq!(c.jwks_refresh_secs, Duration::from_secs(300));
         assert!(!c.demo && c.redis_url.is_none());
+        assert_eq!(c.log_format, LogFormat::Text);
         let c = Config::try_parse_from([
             "sse-gateway",
             "--demo",

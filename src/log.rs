@@ -4,20 +4,57 @@
 //! are dropped and counted instead of stalling the event loop; the count is
 //! reported as a log line once the writer catches up.
 //!
+//! Call sites put what they are about in structured fields (the `log` crate's
+//! key-values): `info!(user = u.as_str(), purpose = "data"; "stream open")`.
+//! Two formats (`--log-format`, contract 7.6):
+//! - `text`: `<ts> <LEVEL> <msg> key=value ...`; a value with a space, a quote,
+//!   `=` or a control character is quoted and escaped, and control characters
+//!   in the message are escaped, so a user id with a forged newline never
+//!   splits or forges a line;
+//! - `json`: one object per line, `{"ts", "level", "msg", <fields>}`.
+//!
 //! Level from `RUST_LOG`: a bare level (`debug`) or `sse_gateway=<level>`;
 //! default `info`.
 
+use std::fmt::Write as _;
 use std::io::Write;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::OnceLock;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use log::{LevelFilter, Log, Metadata, Record};
+use log::kv::{self, Key, Source, Value, VisitSource};
+use log::{Level, LevelFilter, Log, Metadata, Record};
 
 /// Lines that may wait for the writer before new ones are dropped.
 const QUEUE: usize = 16 * 1024;
+
+/// How each line is written (`--log-format`, `SSE_LOG_FORMAT`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// `<ts> <LEVEL> <msg> key=value ...`, one line per event.
+    #[default]
+    Text,
+    /// One JSON object per line: `ts`, `level`, `msg` and the event's fields.
+    Json,
+}
+
+/// Set once from the flags, before the gateway starts; read per line.
+static JSON: AtomicBool = AtomicBool::new(false);
+
+/// Chooses the line format for every line logged from now on.
+pub fn set_format(format: LogFormat) {
+    JSON.store(format == LogFormat::Json, Relaxed);
+}
+
+fn format() -> LogFormat {
+    if JSON.load(Relaxed) {
+        LogFormat::Json
+    } else {
+        LogFormat::Text
+    }
+}
 
 struct ChannelLogger {
     level: LevelFilter,
@@ -86,22 +123,137 @@ fn write_lines(logger: &ChannelLogger, rx: Receiver<String>) {
         }
         let dropped = logger.dropped.swap(0, Relaxed);
         if dropped > 0 {
-            batch.push_str(&line(
-                log::Level::Warn,
-                &format!("{dropped} log lines dropped: stderr too slow"),
-            ));
+            let fields = [("dropped", dropped)];
+            let msg = format_args!("log lines dropped: stderr too slow");
+            batch.push_str(&line(format(), Level::Warn, msg, &fields));
         }
         let _ = stderr.write_all(batch.as_bytes());
         logger.queued.fetch_sub(n, Relaxed);
     }
 }
 
-fn line(level: log::Level, message: &str) -> String {
-    let mut out = String::with_capacity(40 + message.len());
-    crate::time::write_iso8601(&mut out, crate::time::epoch_ms());
-    out.push(' ');
-    out.push_str(&format!("{level:<5} {message}\n"));
+/// One complete line, newline included, in `format`.
+pub fn line(
+    format: LogFormat,
+    level: Level,
+    msg: std::fmt::Arguments,
+    fields: &dyn Source,
+) -> String {
+    let mut out = String::with_capacity(128);
+    let mut ts = String::with_capacity(24);
+    crate::time::write_iso8601(&mut ts, crate::time::epoch_ms());
+    match format {
+        LogFormat::Text => {
+            let _ = write!(out, "{ts} {level:<5} ");
+            let mut text = Escaped {
+                out: &mut out,
+                quote: false,
+            };
+            let _ = text.write_fmt(msg);
+            let _ = fields.visit(&mut TextFields(&mut out));
+        }
+        LogFormat::Json => {
+            let level = level.as_str().to_ascii_lowercase();
+            let _ = write!(out, r#"{{"ts":"{ts}","level":"{level}","msg":"#);
+            json_string(&mut out, &msg.to_string());
+            let _ = fields.visit(&mut JsonFields(&mut out));
+            out.push('}');
+        }
+    }
+    out.push('\n');
     out
+}
+
+/// Appends `key=value` pairs to a text line.
+struct TextFields<'a>(&'a mut String);
+
+impl<'kvs> VisitSource<'kvs> for TextFields<'_> {
+    fn visit_pair(&mut self, key: Key<'kvs>, value: Value<'kvs>) -> Result<(), kv::Error> {
+        let out = &mut *self.0;
+        out.push(' ');
+        out.push_str(key.as_str());
+        out.push('=');
+        let text = value.to_string();
+        let quote = text.is_empty() || text.chars().any(needs_quotes);
+        if quote {
+            out.push('"');
+        }
+        let _ = Escaped { out, quote }.write_str(&text);
+        if quote {
+            out.push('"');
+        }
+        Ok(())
+    }
+}
+
+/// Appends `,"key":value` members to a JSON line; numbers and booleans stay
+/// JSON numbers and booleans, everything else is a string.
+struct JsonFields<'a>(&'a mut String);
+
+impl<'kvs> VisitSource<'kvs> for JsonFields<'_> {
+    fn visit_pair(&mut self, key: Key<'kvs>, value: Value<'kvs>) -> Result<(), kv::Error> {
+        let out = &mut *self.0;
+        out.push(',');
+        json_string(out, key.as_str());
+        out.push(':');
+        if let Some(n) = value.to_u64() {
+            let _ = write!(out, "{n}");
+        } else if let Some(n) = value.to_i64() {
+            let _ = write!(out, "{n}");
+        } else if let Some(b) = value.to_bool() {
+            let _ = write!(out, "{b}");
+        } else if let Some(f) = value.to_f64().filter(|f| f.is_finite()) {
+            let _ = write!(out, "{f}");
+        } else {
+            json_string(out, &value.to_string());
+        }
+        Ok(())
+    }
+}
+
+fn json_string(out: &mut String, s: &str) {
+    match serde_json::to_string(s) {
+        Ok(quoted) => out.push_str(&quoted),
+        Err(_) => out.push_str("\"\""),
+    }
+}
+
+/// Characters that would end a line or be mistaken for one.
+fn breaks_line(c: char) -> bool {
+    c.is_control() || c == '\u{2028}' || c == '\u{2029}'
+}
+
+/// Characters that make a text value need quotes.
+fn needs_quotes(c: char) -> bool {
+    breaks_line(c) || c == ' ' || c == '"' || c == '=' || c == '\\'
+}
+
+/// Writes text with control characters escaped (`\n`, `\u{1b}`); inside a
+/// quoted value, quotes and backslashes too.
+struct Escaped<'a> {
+    out: &'a mut String,
+    quote: bool,
+}
+
+impl std::fmt::Write for Escaped<'_> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        for c in s.chars() {
+            match c {
+                '\n' => self.out.push_str("\\n"),
+                '\r' => self.out.push_str("\\r"),
+                '\t' => self.out.push_str("\\t"),
+                '"' | '\\' if self.quote => {
+                    self.out.push('\\');
+                    self.out.push(c);
+                }
+                c if breaks_line(c) => {
+                    let _ = write!(self.out, "\\u{{{:x}}}", c as u32);
+                }
+                c => self.out.push(c),
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Log for ChannelLogger {
@@ -113,7 +265,12 @@ impl Log for ChannelLogger {
         if !self.enabled(record.metadata()) {
             return;
         }
-        let text = line(record.level(), &record.args().to_string());
+        let text = line(
+            format(),
+            record.level(),
+            *record.args(),
+            record.key_values(),
+        );
         self.queued.fetch_add(1, Relaxed);
         match self.tx.try_send(text) {
             Ok(()) => {}
@@ -151,5 +308,58 @@ mod tests {
         for (spec, want) in table {
             assert_eq!(level_from(spec), want, "{spec:?}");
         }
+    }
+
+    const FORGED: &str = "eve\n2026-01-01T00:00:00.000Z INFO  stream open user=\"admin\"";
+
+    fn fields() -> [(&'static str, Value<'static>); 4] {
+        [
+            ("user", Value::from(FORGED)),
+            ("plain", Value::from("D1")),
+            ("n", Value::from(42u64)),
+            ("empty", Value::from("")),
+        ]
+    }
+
+    #[test]
+    fn text_lines_escape_values_and_messages() {
+        let msg = format_args!("stream\nopen");
+        let l = line(LogFormat::Text, Level::Info, msg, &fields());
+        assert_eq!(l.matches('\n').count(), 1, "{l:?}");
+        assert!(l.ends_with('\n'));
+        let tail = l.split_once("INFO  ").map(|(_, t)| t).unwrap_or_default();
+        assert_eq!(
+            tail,
+            "stream\\nopen user=\"eve\\n2026-01-01T00:00:00.000Z INFO  stream open user=\\\"admin\\\"\" \
+             plain=D1 n=42 empty=\"\"\n"
+        );
+        let escapes = [
+            ("a\u{1b}[31m", "\"a\\u{1b}[31m\""),
+            ("x\u{2028}", "\"x\\u{2028}\""),
+        ];
+        for (raw, want) in escapes {
+            let l = line(
+                LogFormat::Text,
+                Level::Warn,
+                format_args!("m"),
+                &[("v", raw)],
+            );
+            assert!(l.ends_with(&format!(" v={want}\n")), "{l:?}");
+        }
+    }
+
+    #[test]
+    fn json_lines_parse_with_their_fields() {
+        let msg = format_args!("stream \"open\"");
+        let l = line(LogFormat::Json, Level::Info, msg, &fields());
+        assert_eq!(l.matches('\n').count(), 1, "{l:?}");
+        let v: serde_json::Value = serde_json::from_str(&l).unwrap_or_default();
+        assert_eq!(v["level"], "info");
+        assert_eq!(v["msg"], "stream \"open\"");
+        assert_eq!(v["user"], FORGED);
+        assert_eq!(v["plain"], "D1");
+        assert_eq!(v["n"], 42);
+        assert_eq!(v["empty"], "");
+        assert!(v["ts"].as_str().is_some_and(|t| t.ends_with('Z')), "{l}");
     }
 }

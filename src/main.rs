@@ -17,6 +17,7 @@ fn main() {
             std::process::exit(2);
         }
     };
+    sse_gateway::log::set_format(config.log_format);
     let result = sse_gateway::gateway::run(config);
     log::logger().flush();
     match result {

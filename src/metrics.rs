@@ -2,12 +2,24 @@
 //!
 //! Plain relaxed atomics: one add per event per reactor (not per subscriber),
 //! one per connection change. Labels come only from bounded sets (event type,
-//! purpose, HTTP status), never from devices or users.
+//! purpose, HTTP status, close reason, reactor number), never from devices
+//! or users.
+//!
+//! What operators ask, and the family that answers (the Grafana dashboard in
+//! `deploy/grafana/` and the alerts in `deploy/prometheus/` use exactly these):
+//! streams open by purpose, opens and rejections by status, deliveries, the
+//! publish→write lag ([`lag`]), slow-consumer closes by reason, revocations,
+//! `replay-gap`s, Redis state and reconnects, reactor mailbox depth, and
+//! cluster leadership (`sse_cluster_leader`, 0 until the cluster log exists;
+//! `sse_cluster_log_enabled` says whether it does).
+
+pub mod lag;
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use crate::stream::frame::{Event, Purpose};
+use lag::LagHistogram;
 
 /// HTTP statuses the gateway answers with an error; a rejection counter each.
 pub const REJECT_STATUSES: [u16; 12] = [400, 401, 403, 404, 405, 408, 411, 413, 429, 431, 500, 503];
@@ -27,7 +39,21 @@ pub struct Metrics {
     pub dropped_no_device: AtomicU64,
     pub heartbeats: AtomicU64,
     rejections: [AtomicU64; REJECT_STATUSES.len()],
+    /// Slow-consumer closes because the unsent backlog passed its bound.
     pub slow_consumers: AtomicU64,
+    /// Slow-consumer closes because the client took no byte for
+    /// `--write-stall-secs`.
+    pub write_stalls: AtomicU64,
+    /// Streams closed with `{"kind":"revoked"}` (ticket revoked, access changed).
+    pub revoked: AtomicU64,
+    /// 1 while this instance leads the cluster log; 0 otherwise, and always 0
+    /// while there is no cluster log.
+    pub cluster_leader: AtomicU64,
+    /// 1 when this instance takes part in a cluster log (the "no leader"
+    /// alert only means something then).
+    pub cluster_log: AtomicU64,
+    /// Publish→write lag, observed once per frame per reactor.
+    pub lag: LagHistogram,
     pub conflated: AtomicU64,
     pub redis_up: AtomicU64,
     pub redis_reconnects: AtomicU64,
@@ -41,11 +67,6 @@ pub struct Metrics {
     /// Frames a reactor's full mailbox refused (recovered from the replay
     /// window, or told to its streams as `replay-gap`).
     pub mailbox_overflows: AtomicU64,
-    /// Streams closed because their client took none of their bytes for
-    /// `--write-stall-secs`.
-    pub write_stalls: AtomicU64,
-    /// Streams closed by a revoked ticket or a withdrawn device.
-    pub revoked: AtomicU64,
     /// Connections closed for not finishing an exchange in time, or idling.
     pub request_timeouts: AtomicU64,
     /// Connections refused at accept: too many non-stream connections from one IP.
@@ -83,8 +104,9 @@ impl Metrics {
         }
     }
 
-    /// Prometheus text exposition format 0.0.4. `redis` is "up", "down" or "embedded".
-    pub fn render(&self, redis: &str) -> String {
+    /// Prometheus text exposition format 0.0.4. `redis` is "up", "down" or
+    /// "embedded"; `mailbox_depths` the messages waiting per reactor.
+    pub fn render(&self, redis: &str, mailbox_depths: impl IntoIterator<Item = usize>) -> String {
         let mut o = String::with_capacity(4096);
         let g = |v: &AtomicU64| v.load(Relaxed);
         let family = |o: &mut String, name: &str, kind: &str, help: &str| {
@@ -104,7 +126,7 @@ impl Metrics {
                 g(self.stream_gauge(p))
             );
         }
-        let single: [(&str, &str, &str, &AtomicU64); 11] = [
+        let single: [(&str, &str, &str, &AtomicU64); 13] = [
             (
                 "sse_streams_opened_total",
                 "counter",
@@ -142,10 +164,22 @@ impl Metrics {
                 &self.heartbeats,
             ),
             (
-                "sse_slow_consumer_disconnects_total",
+                "sse_streams_revoked_total",
                 "counter",
-                "Streams closed because their unsent backlog passed --max-backlog-bytes.",
-                &self.slow_consumers,
+                "Streams closed with kind revoked: ticket revoked or device access withdrawn.",
+                &self.revoked,
+            ),
+            (
+                "sse_cluster_leader",
+                "gauge",
+                "1 while this instance leads the cluster log; 0 otherwise and while there is none.",
+                &self.cluster_leader,
+            ),
+            (
+                "sse_cluster_log_enabled",
+                "gauge",
+                "1 when this instance takes part in a cluster log (Redis mode with the shared log).",
+                &self.cluster_log,
             ),
             (
                 "sse_redis_reconnects_total",
@@ -254,6 +288,36 @@ impl Metrics {
         }
         family(
             &mut o,
+            "sse_slow_consumer_disconnects_total",
+            "counter",
+            "Streams closed as slow consumers, by reason: backlog past --max-backlog-bytes, or no byte taken for --write-stall-secs.",
+        );
+        for (reason, v) in [
+            ("backlog", &self.slow_consumers),
+            ("write_stall", &self.write_stalls),
+        ] {
+            let _ = writeln!(
+                o,
+                "sse_slow_consumer_disconnects_total{{reason=\"{reason}\"}} {}",
+                g(v)
+            );
+        }
+        family(
+            &mut o,
+            "sse_mailbox_depth",
+            "gauge",
+            "Messages waiting in a reactor's mailbox (frames, lookups, probes), by reactor.",
+        );
+        for (i, depth) in mailbox_depths.into_iter().enumerate() {
+            let _ = writeln!(o, "sse_mailbox_depth{{reactor=\"{i}\"}} {depth}");
+        }
+        self.lag.render(
+            &mut o,
+            "sse_publish_write_lag_seconds",
+            "Time from an event's id (its publish time) to the reactor turn that flushed it, once per event per reactor.",
+        );
+        family(
+            &mut o,
             "sse_redis_up",
             "gauge",
             "1 while the Redis subscriber is connected (embedded mode: 1).",
@@ -273,16 +337,6 @@ impl Metrics {
                 "sse_mailbox_overflows_total",
                 "Frames a lagging reactor's full mailbox refused (recovered from the replay window or sent as replay-gap).",
                 &self.mailbox_overflows,
-            ),
-            (
-                "sse_write_stall_disconnects_total",
-                "Streams closed because their client took none of their bytes for --write-stall-secs.",
-                &self.write_stalls,
-            ),
-            (
-                "sse_streams_revoked_total",
-                "Streams closed by a revoked ticket or a withdrawn device.",
-                &self.revoked,
             ),
             (
                 "sse_request_timeouts_total",
@@ -314,17 +368,29 @@ mod tests {
         m.rejected(429);
         m.rejected(429);
         m.rejected(999); // not a tracked status: ignored, not a panic
-        let text = m.render("down");
+        m.write_stalls.fetch_add(1, Relaxed);
+        m.lag.observe(1_000, &[1_000, 990]);
+        let text = m.render("down", [0, 7]);
         assert!(text.contains("sse_events_received_total{event=\"spc-update\"} 1\n"));
         assert!(text.contains("sse_events_delivered_total{event=\"spc-update\"} 3\n"));
         assert!(text.contains("sse_rejections_total{status=\"429\"} 2\n"));
         assert!(text.contains("sse_redis_up{mode=\"redis\"} 0\n"));
         assert!(text.contains("sse_streams_open{purpose=\"data\"} 0\n"));
         assert_eq!(m.rejections(429), 2);
+        assert!(text.contains("sse_slow_consumer_disconnects_total{reason=\"backlog\"} 0\n"));
+        assert!(text.contains("sse_slow_consumer_disconnects_total{reason=\"write_stall\"} 1\n"));
+        assert!(text.contains("sse_mailbox_depth{reactor=\"1\"} 7\n"));
+        assert!(text.contains("sse_cluster_leader 0\n"));
+        assert!(text.contains("sse_publish_write_lag_seconds_count 2\n"));
         // Every sample line belongs to a declared family.
         for line in text.lines().filter(|l| !l.starts_with('#')) {
-            let name = line.split(['{', ' ']).next().unwrap();
-            assert!(text.contains(&format!("# TYPE {name} ")), "{line}");
+            let name = line.split(['{', ' ']).next().unwrap_or_default();
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .filter(|f| text.contains(&format!("# TYPE {f} histogram")))
+                .unwrap_or(name);
+            assert!(text.contains(&format!("# TYPE {family} ")), "{line}");
         }
     }
 }

@@ -185,11 +185,16 @@ fn a_stream_whose_client_takes_nothing_is_closed_after_the_write_stall() {
             .unwrap();
     }
     let closed = wait_until(Duration::from_secs(10), || {
-        metric(&gw, "sse_write_stall_disconnects_total", &[]) == 1.0
+        metric(
+            &gw,
+            "sse_slow_consumer_disconnects_total",
+            &["reason=\"write_stall\""],
+        ) == 1.0
     });
     assert!(closed, "no write-stall close:\n{}", gw.metrics());
     assert_eq!(metric(&gw, "sse_streams_open", &[]), 0.0);
-    assert_eq!(metric(&gw, "sse_slow_consumer_disconnects_total", &[]), 0.0);
+    let backlog = ["reason=\"backlog\""];
+    assert_eq!(metric(&gw, "sse_slow_consumer_disconnects_total", &backlog), 0.0);
 }
 
 #[test]

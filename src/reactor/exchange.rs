@@ -138,12 +138,12 @@ impl Reactor {
                 if r.status >= 400 && matches!(head.path.as_str(), "/sse/stream" | "/sse/alerts") {
                     // The query says which devices; its ticket is never logged.
                     info!(
-                        "stream refused: {} {}?{} from {} ({})",
-                        r.status,
-                        head.path,
-                        query::redact(&head.query, "ticket"),
-                        client,
-                        r.message()
+                        status = r.status,
+                        path = head.path.as_str(),
+                        query = query::redact(&head.query, "ticket"),
+                        client = client,
+                        reason = r.message();
+                        "stream refused"
                     );
                 }
                 self.respond(key, &exchange, r)
@@ -225,11 +225,12 @@ impl Reactor {
             Resolution::Respond(r) => {
                 if let Some(user) = user {
                     info!(
-                        "stream refused: {} {} user={user} from {} ({})",
-                        r.status,
-                        exchange.path,
-                        conn.peer,
-                        r.message()
+                        status = r.status,
+                        path = exchange.path.as_str(),
+                        user:% = user,
+                        client = conn.peer,
+                        reason = r.message();
+                        "stream refused"
                     );
                 }
                 self.respond(key, &exchange, r);

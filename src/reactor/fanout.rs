@@ -178,6 +178,7 @@ impl Reactor {
             }
         });
         self.gw.metrics.delivered(frame.event, delivered);
+        self.lag.note(frame, delivered);
         for key in slow {
             self.gw.metrics.slow_consumers.fetch_add(1, Relaxed);
             self.close(key, Cause::SlowConsumer);
@@ -311,15 +312,15 @@ impl Reactor {
             }
         }
         info!(
-            "stream open id={} user={} purpose={} devices={} client={}",
-            spec.id,
-            spec.ticket.user,
-            spec.purpose.as_str(),
-            match &filter {
+            id:% = spec.id,
+            user:% = spec.ticket.user,
+            purpose = spec.purpose.as_str(),
+            devices = match &filter {
                 Filter::All => "all".to_owned(),
                 Filter::Devices(d) => d.len().to_string(),
             },
-            spec.client
+            client = spec.client;
+            "stream open"
         );
         if conn.counted {
             conn.counted = false;

@@ -119,6 +119,8 @@ pub struct Reactor {
     /// Revocations of the last few seconds, checked when a stream opens: a
     /// revocation that overtook the stream's own lookup still reaches it.
     recent: fanout::Recent,
+    /// Publish→write lag of the frames written this turn.
+    lag: crate::metrics::lag::LagProbe,
 }
 
 impl Reactor {
@@ -149,6 +151,7 @@ impl Reactor {
             expired: Vec::new(),
             next_serial: 0,
             recent: Default::default(),
+            lag: Default::default(),
         })
     }
 
@@ -211,6 +214,7 @@ impl Reactor {
         self.drain_inbox();
         self.fire_timers();
         self.flush_dirty();
+        self.lag.record(&self.gw.metrics.lag);
         Ok(self.draining && self.conns.is_empty())
     }
 
@@ -465,10 +469,12 @@ impl Reactor {
             .stream_closed(&stream.user, stream.client, stream.purpose, stream.id);
         let secs = self.now().saturating_sub(stream.opened) as f64 / 1000.0;
         info!(
-            "stream closed id={} user={} purpose={} after {secs:.1}s cause={cause:?}",
-            stream.id,
-            stream.user,
-            stream.purpose.as_str()
+            id:% = stream.id,
+            user:% = stream.user,
+            purpose = stream.purpose.as_str(),
+            secs = (secs * 10.0).round() / 10.0,
+            cause:? = cause;
+            "stream closed"
         );
     }
 

@@ -171,7 +171,10 @@ pub fn route(gw: &Gateway, req: &Request) -> Action {
         "/metrics" => respond(Response::text(
             200,
             "text/plain; version=0.0.4; charset=utf-8",
-            gw.metrics.render(gw.hub.redis_state().as_str()),
+            gw.metrics.render(
+                gw.hub.redis_state().as_str(),
+                gw.hub.mailboxes().iter().map(|m| m.depth()),
+            ),
         )),
         "/sse/client.js" => {
             respond(Response::bytes(200, JS, STATIC_CLIENT).header("Cache-Control", "no-cache"))
