@@ -136,7 +136,7 @@ export interface SseClientOptions {
   /** The gateway's heartbeat period until learned from heartbeats (default 25). */
   heartbeatSecs?: number;
   withCredentials?: boolean;
-  /** Reconnect once with a ticket that carried a live stream while it has over 15 s left (default true). */
+  /** Reconnect once with a ticket that carried a live stream while it has over 15 s left; refused, a fresh one is minted at once (default true). */
   reuseTicket?: boolean;
   env?: Partial<SseClientEnv>;
 }

@@ -14,7 +14,8 @@
  *    fetches a fresh ticket (POST /sse/stream-ticket) for every attempt after a
  *    failed one. A ticket that has carried a live stream is used once more for
  *    the reconnect while it has over 15 s left (minting is rate limited per
- *    user); if that attempt fails before the stream opens, the ticket is dropped.
+ *    user); if that attempt fails before the stream opens, the ticket is
+ *    dropped and a fresh one is asked for at once.
  *  - A ticket request answered with Retry-After (429: the per-user mint limit;
  *    503: Redis is slow) is not repeated before that time.
  *  - Fixed-delay retries stampede a gateway that has just restarted. We wait
@@ -283,7 +284,10 @@ export class SseClient {
 
   async _takeTicket(gen) {
     const env = this._env, held = this._ticket;
-    if (this.opts.reuseTicket && held?.opened && env.now() < held.expiresAt - TICKET_REUSE_MARGIN_MS) return held;
+    if (this.opts.reuseTicket && held?.opened && env.now() < held.expiresAt - TICKET_REUSE_MARGIN_MS) {
+      held.reused = true;
+      return held;
+    }
     this._ticket = null;
     const token = await this.opts.getToken();
     if (gen !== this._gen) return null;
@@ -357,7 +361,7 @@ export class SseClient {
       if (gen !== this._gen) return;
       if (!opened && this._ticket === ticket) this._ticket = null;   // refused: never this ticket again
       this._emit('error', { stage: 'stream', status: 0, message: 'stream closed or refused' }, { type: 'error' });
-      this._retry();
+      this._retry(!opened && ticket.reused ? 0 : undefined);           // a refused reused ticket: mint at once
     };
     for (const type of EVENT_TYPES) {
       es.addEventListener(type, (e) => {

@@ -215,7 +215,7 @@ test('revoked: the app hears it, status is revoked, nothing reconnects; start() 
   assert.equal(c.es().ticket, 'T2');
 });
 
-test('shutdown: reconnect after a random 1..5 s (or the hinted retryMs), attempts reset', async () => {
+test('shutdown: reconnect after a random 1..5 s (or the hinted retryMs), with the same ticket', async () => {
   for (const [r, wait] of [[0, 1000], [0.25, 2000], [0.999, 4996]]) {
     const c = await solo({ random: () => r });
     c.es().open();
@@ -226,8 +226,8 @@ test('shutdown: reconnect after a random 1..5 s (or the hinted retryMs), attempt
     assert.equal(c.ES.made.length, made, `r=${r}: not before ${wait} ms`);
     await c.clock.advance(1);
     assert.equal(c.ES.made.length, made + 1, `r=${r}: at ${wait} ms`);
-    c.es().error();                                        // a failure after the drain backs off from attempt 0
-    assert.equal(retryTimer(c).delay, backoffDelay(0, () => r));
+    assert.equal(c.es().ticket, 'T1', 'the drained stream\'s ticket is reused');
+    assert.equal(c.fetch.calls.length, 1);
   }
   const h = await solo();
   h.es().open();
@@ -290,7 +290,8 @@ test('ticket reuse: a ticket that carried a live stream is used once more while 
   assert.equal(c.tokens(), 1);
 
   c.es().error();                            // the reused ticket was refused before opening
-  await c.clock.advance(2000);
+  assert.equal(retryTimer(c).delay, 0, 'a fresh ticket is asked for at once');
+  await c.clock.advance(0);
   assert.equal(c.fetch.calls.length, 2);
   assert.equal(c.es().ticket, 'T2');
 
