@@ -274,6 +274,8 @@ export class SseClient {
       if (!this._env.navigator?.locks?.request) {
         this._env.setTimeout(() => { this._leaseSeenAt = 0; }, this._env.random() * 200);
       }
+    } else if (m.t === 'event' && this.role === 'leader' && /"kind"\s*:\s*"revoked"/.test(m.data ?? '')) {
+      this._frame(m.type, m.data, '', false, true);   // took the lock before the old leader's revoked arrived
     } else if (this.role === 'follower') {
       if (m.t === 'status') this._setStatus(m.status);
       else if (m.t === 'event') this._frame(m.type, m.data, m.id ?? '', m.id != null, true);

@@ -121,3 +121,18 @@ test('tabs on other devices are other groups: each has its own stream', async ()
   assert.equal(browser.EventSource.made.at(-1).url.searchParams.get('deviceId'), 'Machine 3');
   assert.equal(browser.EventSource.made.at(-1).resumeId, null, 'a new subscription does not resume');
 });
+
+test('a tab that took the lead before the old leader\'s revoked arrived stops when it does', async () => {
+  const browser = new FakeBrowser();
+  const b = tab(browser, () => 0.75);
+  await join(browser, b);
+  assert.equal(b.client.role, 'leader');
+  const oldLeader = new browser.BroadcastChannel('sse-gateway||stream|Machine 1,Machine 2|true');
+  oldLeader.postMessage({ t: 'event', type: 'system', data: '{"kind":"revoked"}', id: null });
+  oldLeader.close();
+  await browser.clock.advance(60000);
+  assert.equal(b.client.status, 'revoked');
+  assert.deepEqual(b.heard.map((h) => [h.type, h.data.kind, h.fromTab]), [['system', 'revoked', true]]);
+  assert.equal(browser.EventSource.live().length, 0);
+  assert.equal(browser.EventSource.made.length, 1);
+});
