@@ -316,9 +316,9 @@ function toast(text, cls = '') {
 
 // ---- connection indicators
 
-const LABELS = { connecting: 'Connecting…', live: 'Live', reconnecting: 'Reconnecting…', offline: 'Offline' };
+const LABELS = { connecting: 'Connecting…', live: 'Live', reconnecting: 'Reconnecting…', offline: 'Offline', revoked: 'Access revoked' };
 function paintStatus(el, s, prefix = '') {
-  el.className = el.className.replace(/\b(connecting|live|reconnecting|offline)\b/g, '').trim() + ` ${s}`;
+  el.className = el.className.replace(/\b(connecting|live|reconnecting|offline|revoked)\b/g, '').trim() + ` ${s}`;
   $('.status-text', el).textContent = prefix + LABELS[s];
 }
 function paintLastEvent() {
@@ -346,6 +346,7 @@ data.on('system', (d) => {
   if (d?.kind === 'replay-gap') toast('Some events were missed while reconnecting; history may have gaps.', 'sev-info');
   if (d?.kind === 'degraded') toast('Gateway lost its message bus; waiting for recovery.', 'sev-warning');
   if (d?.kind === 'recovered') toast('Gateway message bus recovered.', 'sev-info');
+  if (d?.kind === 'revoked') toast('Access to this stream was revoked; reload to sign in again.', 'sev-warning');
 });
 // A refused access token (a restarted demo gateway signs with a new random secret): fetch a new one.
 const forgetRefusedToken = (e) => { if (e.stage === 'ticket' && e.status === 401) tokenCache = null; };

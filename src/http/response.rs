@@ -143,14 +143,18 @@ fn error_body(status: u16, message: &str) -> Value {
     json!({"statusCode": status, "message": message, "error": reason(status)})
 }
 
-/// `*` (the wildcard) is granted without credentials; a listed origin with.
+/// `*` (the wildcard) is granted without credentials; a listed origin with. Either way
+/// Retry-After is exposed, so a page on another origin can read it on a 429 or 503 (the
+/// browser client waits that long before asking for a ticket again).
 fn cors_headers(out: &mut Vec<u8>, cors: Option<&str>) {
     if cors == Some("*") {
-        out.extend_from_slice(b"Access-Control-Allow-Origin: *\r\n");
+        out.extend_from_slice(
+            b"Access-Control-Allow-Origin: *\r\nAccess-Control-Expose-Headers: Retry-After\r\n",
+        );
     } else if let Some(origin) = cors {
         let _ = write!(
             out,
-            "Access-Control-Allow-Origin: {origin}\r\nAccess-Control-Allow-Credentials: true\r\nVary: Origin\r\n"
+            "Access-Control-Allow-Origin: {origin}\r\nAccess-Control-Allow-Credentials: true\r\nAccess-Control-Expose-Headers: Retry-After\r\nVary: Origin\r\n"
         );
     }
 }
@@ -185,6 +189,18 @@ mod tests {
             v,
             json!({"statusCode": 401, "message": "Stream authentication required", "error": "Unauthorized"})
         );
+    }
+
+    #[test]
+    fn cross_origin_pages_can_read_retry_after() {
+        let r = Response::error(429, "Too many stream tickets").header("Retry-After", "20");
+        let cors = String::from_utf8(r.encode(false, true, Some("http://app"))).unwrap();
+        assert!(cors.contains("Retry-After: 20\r\n"));
+        assert!(cors.contains("Access-Control-Expose-Headers: Retry-After\r\n"));
+        let any = String::from_utf8(r.encode(false, true, Some("*"))).unwrap();
+        assert!(any.contains("Access-Control-Expose-Headers: Retry-After\r\n"));
+        let same_origin = String::from_utf8(r.encode(false, true, None)).unwrap();
+        assert!(!same_origin.contains("Access-Control-Expose-Headers"));
     }
 
     #[test]
