@@ -128,6 +128,14 @@ pub struct Config {
     #[arg(long, env = "SSE_WRITE_STALL_SECS", default_value = "60", value_parser = secs)]
     pub write_stall_secs: Duration,
 
+    /// Bus frames a reactor's mailbox holds; past it frames are recovered from the replay window.
+    #[arg(long, env = "SSE_MAILBOX_FRAMES", default_value_t = 16_384, value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
+    pub mailbox_frames: u32,
+
+    /// Seconds a request head may take to arrive, from the connection or its first byte.
+    #[arg(long, env = "SSE_HEAD_TIMEOUT_SECS", default_value = "10", value_parser = secs)]
+    pub head_timeout_secs: Duration,
+
     /// Seconds a connection that is not a stream has to finish a request and its response.
     #[arg(long, env = "SSE_REQUEST_TIMEOUT_SECS", default_value = "30", value_parser = secs)]
     pub request_timeout_secs: Duration,

@@ -18,15 +18,15 @@ fn main() {
         }
     };
     sse_gateway::log::set_format(config.log_format);
-    let result = sse_gateway::gateway::run(config);
+    let result = sse_gateway::startup::run(config);
     log::logger().flush();
     match result {
         Ok(()) => std::process::exit(0),
-        Err(sse_gateway::gateway::Fatal::Config(msg)) => {
+        Err(sse_gateway::startup::Fatal::Config(msg)) => {
             eprintln!("error: {msg}");
             std::process::exit(2);
         }
-        Err(sse_gateway::gateway::Fatal::Io(msg)) => {
+        Err(sse_gateway::startup::Fatal::Io(msg)) => {
             eprintln!("error: {msg}");
             std::process::exit(1);
         }

@@ -194,7 +194,10 @@ fn a_stream_whose_client_takes_nothing_is_closed_after_the_write_stall() {
     assert!(closed, "no write-stall close:\n{}", gw.metrics());
     assert_eq!(metric(&gw, "sse_streams_open", &[]), 0.0);
     let backlog = ["reason=\"backlog\""];
-    assert_eq!(metric(&gw, "sse_slow_consumer_disconnects_total", &backlog), 0.0);
+    assert_eq!(
+        metric(&gw, "sse_slow_consumer_disconnects_total", &backlog),
+        0.0
+    );
 }
 
 #[test]

@@ -89,7 +89,7 @@ pub fn load(config: &Config) -> Result<Credentials, String> {
     let tokens = TokenKey::with_keys(jwt_secret.as_deref(), public, feeds, claimed);
     let demo_token = config
         .demo
-        .then(|| tokens.mint(crate::bus::demo::USER, None, 30 * 24 * 3600));
+        .then(|| tokens.mint(crate::ingress::demo::USER, None, 30 * 24 * 3600));
     Ok(Credentials {
         tickets: TicketKey::new(&ticket_secret),
         tokens,

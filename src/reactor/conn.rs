@@ -22,11 +22,10 @@ use std::net::SocketAddr;
 
 use mio::net::TcpStream;
 
-use crate::auth::UserId;
 use crate::reactor::outbox::{Flushed, Outbox};
 use crate::reactor::timer::TimerKey;
-use crate::stream::frame::Purpose;
-use crate::stream::routes::{Filter, Pending, StreamRequest};
+use crate::routes::{Pending, StreamRequest};
+use crate::stream::Stream;
 
 /// Bytes a connection may buffer while reading requests: a full head and
 /// body, plus room for a pipelined request behind them.
@@ -51,27 +50,6 @@ pub struct Retry {
     pub exchange: Exchange,
     /// Probes not answered yet.
     pub probes: usize,
-}
-
-pub struct Stream {
-    pub id: crate::stream::registry::StreamId,
-    /// The ticket it was opened with (a revocation names it).
-    pub ticket: uuid::Uuid,
-    pub user: UserId,
-    /// Opened with an admin ticket: access changes do not narrow it.
-    pub admin: bool,
-    pub client: std::net::IpAddr,
-    pub purpose: Purpose,
-    pub filter: Filter,
-    /// Reactor clock (ms) when it opened.
-    pub opened: u64,
-    /// Bytes the client sent since (should stay 0).
-    pub input: usize,
-    /// Reactor clock (ms) of the next heartbeat.
-    pub next_heartbeat: u64,
-    /// Reactor clock (ms) since which the client has taken none of the
-    /// queued bytes; 0 while it keeps up.
-    pub stalled_since: u64,
 }
 
 pub enum Phase {

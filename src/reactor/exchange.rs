@@ -11,13 +11,13 @@ use log::{debug, info};
 
 use super::conn::{Exchange, Phase, ReadOutcome, Retry, READ_BUFFER_CAP, STREAM_INPUT_CAP};
 use super::mailbox::Inbox;
-use super::{ms, Cause, Reactor, HEAD_TIMEOUT};
-use crate::bus::lease::LeaseAnswer;
-use crate::bus::store::{Job, Outcome, Reply};
+use super::{ms, Cause, Reactor};
 use crate::http::head::{self, Method, Parse, MAX_HEAD_BYTES};
 use crate::http::query;
 use crate::http::response::Response;
-use crate::stream::routes::{self, Action, Pending, Request, Resolution};
+use crate::routes::{self, Action, Pending, Request, Resolution};
+use crate::store::lease::LeaseAnswer;
+use crate::store::protocol::{Job, Outcome, Reply};
 
 /// How long a request may wait on the store before it is answered 503.
 pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
@@ -46,7 +46,7 @@ impl Reactor {
                     // The first byte of the next request: its clocks start.
                     conn.idle = false;
                     conn.started = now;
-                    self.arm(key, HEAD_TIMEOUT);
+                    self.arm(key, self.gw.config.head_timeout_secs);
                 }
                 self.process_requests(key);
             }
@@ -235,14 +235,17 @@ impl Reactor {
                 }
                 self.respond(key, &exchange, r);
             }
-            Resolution::Open(spec) if self.draining => {
-                let user = &spec.ticket.user;
+            Resolution::Open { stream, .. } if self.draining => {
                 self.gw
-                    .stream_closed(user, spec.client, spec.purpose, spec.id);
+                    .stream_closed(&stream.user, stream.client, stream.purpose, stream.id);
                 let r = Response::error(503, "Shutting down, reconnect shortly");
                 self.respond(key, &exchange, r);
             }
-            Resolution::Open(spec) => self.open_stream(key, &exchange, spec),
+            Resolution::Open {
+                stream,
+                snapshot,
+                last_event_id,
+            } => self.open_stream(key, &exchange, stream, snapshot, last_event_id),
             Resolution::Retry(request, holders) => {
                 conn.phase = Phase::Retrying(Box::new(Retry {
                     request: *request,

@@ -10,16 +10,15 @@ use std::sync::Arc;
 use log::info;
 use rand::Rng;
 
-use super::conn::{Exchange, Phase, Stream};
+use super::conn::{Exchange, Phase};
 use super::mailbox::Inbox;
 use super::{ms, Cause, Listening, Reactor, LINGER, TIMER_DRAIN};
-use crate::auth::ticket::Ticket;
 use crate::auth::UserId;
 use crate::http::response::{self, Response};
 use crate::stream::frame::{EventId, Frame, Purpose};
 use crate::stream::replay::Resume;
-use crate::stream::routes::{Filter, StreamSpec};
-use crate::stream::subscriptions::wants;
+use crate::stream::subscriptions::{wants, Filter};
+use crate::stream::Stream;
 
 /// Mailbox messages handled per turn before flushing, so a flood of frames
 /// never holds written output back for long.
@@ -51,28 +50,21 @@ impl Recent {
         self.0.push_back((now, r));
     }
 
-    /// Whether a revocation since `since` (the stream's request) refuses a
-    /// stream about to open with `ticket`; an access change narrows an
-    /// alert stream's `filter` instead.
-    fn refuses(
-        &self,
-        since: u64,
-        ticket: uuid::Uuid,
-        who: &Ticket,
-        purpose: Purpose,
-        filter: &mut Filter,
-    ) -> bool {
+    /// Whether a revocation since `since` (the stream's request) refuses
+    /// `stream`, about to open; an access change narrows an alert stream's
+    /// filter instead.
+    fn refuses(&self, since: u64, stream: &mut Stream) -> bool {
         for (_, r) in self.0.iter().filter(|(at, _)| *at >= since) {
             match r {
-                Revocation::Ticket(t) if *t == ticket => return true,
-                Revocation::Access(user, owned) if user.key == who.user.key && !who.admin => {
-                    match &mut *filter {
-                        Filter::Devices(d) if purpose == Purpose::Data => {
+                Revocation::Ticket(t) if *t == stream.ticket => return true,
+                Revocation::Access(user, owned) if user.key == stream.user.key && !stream.admin => {
+                    match &stream.filter {
+                        Filter::Devices(d) if stream.purpose == Purpose::Data => {
                             if d.iter().any(|d| !owned.contains(d)) {
                                 return true;
                             }
                         }
-                        f => *f = Filter::Devices(owned.iter().cloned().collect()),
+                        _ => stream.filter = Filter::Devices(owned.iter().cloned().collect()),
                     }
                 }
                 _ => {}
@@ -110,17 +102,31 @@ impl Reactor {
                 Inbox::Drain => self.drain(),
             }
         }
+        // Read the flag first: a frame refused after this look is seen by
+        // the next turn's look.
+        let overflowed = self.mailbox().take_overflow();
         for _ in 0..INBOX_BATCH {
             let Ok(frame) = self.inbox.frames.try_recv() else {
                 break;
             };
             if let Some(id) = frame.id {
+                if id.seq <= self.last_routed.seq {
+                    continue; // already taken from the replay window
+                }
                 if id.seq > self.last_routed.seq + 1 {
                     self.fill_gap(id.seq - 1);
                 }
                 self.last_routed = id;
             }
             self.fan_out(&frame);
+        }
+        if overflowed {
+            // The newest frames may be the ones refused, with none behind
+            // them to show the hole: catch up to the hub's newest now.
+            let newest = self.gw.hub.last_id().seq;
+            if newest > self.last_routed.seq {
+                self.fill_gap(newest);
+            }
         }
     }
 
@@ -151,6 +157,15 @@ impl Reactor {
                     self.gw.metrics.replay_gaps.fetch_add(1, Relaxed);
                     self.push_frame(key, &gap);
                 }
+                // After the hole, what the window still holds.
+                for frame in self.gw.hub.held(upto) {
+                    match frame.id {
+                        Some(id) if id.seq > self.last_routed.seq => self.last_routed = id,
+                        _ => continue,
+                    }
+                    self.fan_out(&frame);
+                }
+                self.last_routed.seq = self.last_routed.seq.max(upto);
             }
         }
     }
@@ -265,22 +280,23 @@ impl Reactor {
 
     // ----- opening ------------------------------------------------------------
 
-    pub(super) fn open_stream(&mut self, key: usize, exchange: &Exchange, spec: StreamSpec) {
+    pub(super) fn open_stream(
+        &mut self,
+        key: usize,
+        exchange: &Exchange,
+        mut stream: Box<Stream>,
+        snapshot: Vec<u8>,
+        last_event_id: Option<String>,
+    ) {
         let now = self.now();
         let Some(conn) = self.conns.get_mut(key) else {
             self.gw
-                .stream_closed(&spec.ticket.user, spec.client, spec.purpose, spec.id);
+                .stream_closed(&stream.user, stream.client, stream.purpose, stream.id);
             return;
         };
-        let ticket = uuid::Uuid::parse_str(&spec.ticket.id).unwrap_or_default();
-        let mut filter = spec.filter;
-        let since = conn.started;
-        if self
-            .recent
-            .refuses(since, ticket, &spec.ticket, spec.purpose, &mut filter)
-        {
+        if self.recent.refuses(conn.started, &mut stream) {
             self.gw
-                .stream_closed(&spec.ticket.user, spec.client, spec.purpose, spec.id);
+                .stream_closed(&stream.user, stream.client, stream.purpose, stream.id);
             let r = Response::error(401, "Stream ticket revoked");
             return self.respond(key, exchange, r);
         }
@@ -289,10 +305,10 @@ impl Reactor {
         };
         conn.outbox
             .push_bytes(response::stream_head(exchange.cors.as_deref()));
-        if !spec.snapshot.is_empty() {
-            conn.outbox.push_bytes(spec.snapshot);
+        if !snapshot.is_empty() {
+            conn.outbox.push_bytes(snapshot);
         }
-        if let Some(raw) = spec.last_event_id.as_deref() {
+        if let Some(raw) = last_event_id.as_deref() {
             let resume = match EventId::parse(raw) {
                 Some(id) => self.gw.hub.resume(id, self.last_routed.seq),
                 None => Resume::Gap,
@@ -300,7 +316,10 @@ impl Reactor {
             match resume {
                 Resume::Frames(frames) => {
                     self.gw.metrics.replays_served.fetch_add(1, Relaxed);
-                    for f in frames.iter().filter(|f| wants(spec.purpose, &filter, f)) {
+                    for f in frames
+                        .iter()
+                        .filter(|f| wants(stream.purpose, &stream.filter, f))
+                    {
                         conn.outbox.push_frame(f);
                     }
                 }
@@ -312,14 +331,14 @@ impl Reactor {
             }
         }
         info!(
-            id:% = spec.id,
-            user:% = spec.ticket.user,
-            purpose = spec.purpose.as_str(),
-            devices = match &filter {
+            id:% = stream.id,
+            user:% = stream.user,
+            purpose = stream.purpose.as_str(),
+            devices = match &stream.filter {
                 Filter::All => "all".to_owned(),
                 Filter::Devices(d) => d.len().to_string(),
             },
-            client = spec.client;
+            client = stream.client;
             "stream open"
         );
         if conn.counted {
@@ -328,25 +347,14 @@ impl Reactor {
                 .peers
                 .leave(crate::config::canonical(conn.peer.ip()));
         }
-        self.subs.add(key, spec.purpose, &filter);
-        conn.phase = Phase::Streaming(Box::new(Stream {
-            id: spec.id,
-            ticket,
-            user: spec.ticket.user,
-            admin: spec.ticket.admin,
-            client: spec.client,
-            purpose: spec.purpose,
-            filter,
-            opened: now,
-            input: 0,
-            next_heartbeat: 0,
-            stalled_since: 0,
-        }));
+        self.subs.add(key, stream.purpose, &stream.filter);
+        stream.opened = now;
+        stream.next_heartbeat = self.next_heartbeat(now);
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        conn.phase = Phase::Streaming(stream);
         conn.input = Vec::new();
-        let next = self.next_heartbeat(now);
-        if let Some(Phase::Streaming(s)) = self.conns.get_mut(key).map(|c| &mut c.phase) {
-            s.next_heartbeat = next;
-        }
         self.mark_dirty(key);
         self.arm_stream(key);
         // The client may have gone while the lookup ran: its FIN's readiness

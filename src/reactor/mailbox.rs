@@ -21,12 +21,8 @@ use std::sync::Arc;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 
 use crate::auth::UserId;
-use crate::bus::store::{Outcome, Reply};
+use crate::store::protocol::{Outcome, Reply};
 use crate::stream::frame::Frame;
-
-/// Bus frames a reactor may have waiting before new ones are dropped (and
-/// recovered from the replay window).
-pub const FRAME_BOUND: usize = 16_384;
 
 /// What a reactor can be told, besides bus frames.
 pub enum Inbox {
@@ -58,6 +54,9 @@ pub enum Inbox {
 
 pub struct Mailbox {
     frames: Sender<Arc<Frame>>,
+    /// A frame was refused since the reactor last looked: it must recover
+    /// up to the hub's newest frame even if no later frame ever arrives.
+    overflowed: AtomicBool,
     control: Sender<Inbox>,
     waker: mio::Waker,
     armed: AtomicBool,
@@ -82,6 +81,7 @@ impl Mailbox {
         let (control, control_rx) = crossbeam_channel::unbounded();
         let mailbox = Mailbox {
             frames,
+            overflowed: AtomicBool::new(false),
             control,
             waker,
             armed: AtomicBool::new(false),
@@ -102,6 +102,7 @@ impl Mailbox {
                 true
             }
             Err(TrySendError::Full(_)) => {
+                self.overflowed.store(true, SeqCst);
                 self.wake();
                 false
             }
@@ -119,6 +120,11 @@ impl Mailbox {
         if self.armed.swap(false, SeqCst) {
             let _ = self.waker.wake();
         }
+    }
+
+    /// Whether a frame was refused since the last call.
+    pub fn take_overflow(&self) -> bool {
+        self.overflowed.swap(false, SeqCst)
     }
 
     /// Messages waiting, for `/metrics`.

@@ -37,6 +37,9 @@ pub mod outbox;
 pub mod peers;
 pub mod timer;
 
+#[cfg(test)]
+mod tests;
+
 use std::io;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -47,7 +50,7 @@ use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
-use crate::gateway::Gateway;
+use crate::context::Gateway;
 use crate::stream::frame::{EventId, Frame};
 use conn::{Conn, Phase};
 use mailbox::{Inboxes, Mailbox};
@@ -60,9 +63,6 @@ pub const WAKER: Token = Token(usize::MAX - 2);
 const TIMER_ACCEPT: usize = usize::MAX;
 const TIMER_DRAIN: usize = usize::MAX - 1;
 
-/// A request head must be complete this long after the connection opens or
-/// its first byte arrives.
-pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a closing connection waits for the client to close its side
 /// (or, flushing a last message, for the client to take it).
 const LINGER: Duration = Duration::from_secs(2);
@@ -257,7 +257,8 @@ impl Reactor {
                     let now = self.epoch.elapsed().as_millis() as u64;
                     let mut conn = Conn::new(socket, peer, now);
                     conn.counted = counted;
-                    conn.timer = Some(self.wheel.insert(now + ms(HEAD_TIMEOUT), key));
+                    let head = ms(self.gw.config.head_timeout_secs);
+                    conn.timer = Some(self.wheel.insert(now + head, key));
                     entry.insert(conn);
                     self.gw.metrics.connections_accepted.fetch_add(1, Relaxed);
                     self.gw.metrics.connections_open.fetch_add(1, Relaxed);
@@ -429,7 +430,7 @@ impl Reactor {
                 let wait = if conn.idle {
                     self.gw.config.keepalive_idle_secs
                 } else {
-                    HEAD_TIMEOUT
+                    self.gw.config.head_timeout_secs
                 };
                 self.arm(key, wait);
                 self.process_requests(key);

@@ -1,10 +1,40 @@
-//! Streams, from event to subscriber: the encoded [`frame`], the [`routes`]
-//! that decide what a request means, the shared [`registry`] of open streams
-//! and their limits, each reactor's [`subscriptions`] index, and the
-//! [`replay`] window behind `Last-Event-ID`.
+//! Streams, from event to subscriber: the encoded [`frame`], each reactor's
+//! [`subscriptions`] index, the shared [`registry`] of open streams and their
+//! limits, the [`replay`] window behind `Last-Event-ID`, and [`Stream`], an
+//! open stream as its reactor keeps it.
 
 pub mod frame;
 pub mod registry;
 pub mod replay;
-pub mod routes;
 pub mod subscriptions;
+
+use std::net::IpAddr;
+
+use crate::auth::UserId;
+use frame::Purpose;
+use registry::StreamId;
+use subscriptions::Filter;
+
+/// An open stream: who holds it, what it receives, and how its client keeps
+/// up. Built by the routes when its slot is taken; owned by the connection
+/// that carries it.
+pub struct Stream {
+    pub id: StreamId,
+    /// The ticket it was opened with (a revocation names it).
+    pub ticket: uuid::Uuid,
+    pub user: UserId,
+    /// Opened with an admin ticket: access changes do not narrow it.
+    pub admin: bool,
+    pub client: IpAddr,
+    pub purpose: Purpose,
+    pub filter: Filter,
+    /// Reactor clock (ms) when it opened.
+    pub opened: u64,
+    /// Bytes the client sent since (should stay 0).
+    pub input: usize,
+    /// Reactor clock (ms) of the next heartbeat.
+    pub next_heartbeat: u64,
+    /// Reactor clock (ms) since which the client has taken none of the
+    /// queued bytes; 0 while it keeps up.
+    pub stalled_since: u64,
+}

@@ -17,9 +17,10 @@ use crate::stream::frame::Purpose;
 /// A stream's id: a random (v4) UUID, kept as its 16 bytes.
 pub type StreamId = uuid::Uuid;
 
-/// One open stream, as `/sse/status` lists it.
+/// A limit slot: the open stream that holds it, where it lives, and what
+/// `/sse/status` lists of it.
 #[derive(Clone, Debug)]
-pub struct ActiveStream {
+pub struct Slot {
     pub id: StreamId,
     pub purpose: Purpose,
     /// The data stream's devices (shared with its filter; empty for alerts).
@@ -89,7 +90,7 @@ pub enum Refusal {
 #[derive(Default)]
 struct User {
     counts: Counts,
-    streams: Vec<ActiveStream>,
+    streams: Vec<Slot>,
 }
 
 #[derive(Default)]
@@ -124,7 +125,7 @@ impl Registry {
         &self,
         user: &UserId,
         ip: IpAddr,
-        stream: ActiveStream,
+        stream: Slot,
         elsewhere: u32,
     ) -> Result<(), Refusal> {
         let mut t = self.lock();
@@ -184,7 +185,7 @@ impl Registry {
     }
 
     /// A user's counts and open streams.
-    pub fn of(&self, user: &UserId) -> (Counts, Vec<ActiveStream>) {
+    pub fn of(&self, user: &UserId) -> (Counts, Vec<Slot>) {
         let t = self.lock();
         t.users
             .get(&user.key)
@@ -225,8 +226,8 @@ impl Registry {
 mod tests {
     use super::*;
 
-    fn stream(id: &str, purpose: Purpose) -> ActiveStream {
-        ActiveStream {
+    fn stream(id: &str, purpose: Purpose) -> Slot {
+        Slot {
             id: sid(id),
             purpose,
             devices: Arc::from(Vec::new()),

@@ -109,6 +109,19 @@ impl ReplayWindow {
         Resume::Frames(frames)
     }
 
+    /// Every frame still held up to and including sequence `upto`, oldest
+    /// first (what a reactor that lost track can still deliver after its
+    /// `replay-gap`).
+    pub fn held(&mut self, upto: u64, now_ms: u64) -> Vec<Arc<Frame>> {
+        self.expire(now_ms);
+        self.frames
+            .iter()
+            .map(|(_, f)| f)
+            .take_while(|f| f.id.is_some_and(|id| id.seq <= upto))
+            .cloned()
+            .collect()
+    }
+
     /// The sequence number of the newest frame pushed (the base when none).
     pub fn last_seq(&self) -> u64 {
         self.last_seq

@@ -4,9 +4,18 @@
 //! events go to one kind or the other.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use crate::stream::frame::{Frame, Purpose};
-use crate::stream::routes::Filter;
+
+/// Which events a stream receives.
+#[derive(Debug, Clone)]
+pub enum Filter {
+    /// Events of these devices.
+    Devices(Arc<[Box<str>]>),
+    /// Every device (an admin's alerts stream).
+    All,
+}
 
 #[derive(Default)]
 pub struct Subscriptions {

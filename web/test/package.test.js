@@ -37,10 +37,10 @@ function readmeExamples(dir) {
 }
 
 test('the module served at /sse/client.js is the package module itself (one file, no copy)', () => {
-  const routes = readFileSync(join(repo, 'src', 'stream', 'routes.rs'), 'utf8');
+  const routes = readFileSync(join(repo, 'src', 'routes', 'admin.rs'), 'utf8');
   const m = /const STATIC_CLIENT: &\[u8\] = include_bytes!\("([^"]+)"\);/.exec(routes);
-  assert.ok(m, 'routes.rs embeds the client with include_bytes!');
-  const served = resolve(repo, 'src', 'stream', m[1]);
+  assert.ok(m, 'routes/admin.rs embeds the client with include_bytes!');
+  const served = resolve(repo, 'src', 'routes', m[1]);
   assert.equal(served, resolve(web, pkg.exports['.'].default), 'include_bytes! names the package module');
   assert.equal(resolve(web, pkg.exports['.'].types), resolve(web, pkg.types));
 });

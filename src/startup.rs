@@ -1,8 +1,10 @@
-//! Startup and shutdown: builds the shared [`Gateway`] state, binds the
-//! listeners, starts the reactors, the bus threads and the signal thread,
-//! and waits for the drain to finish.
+//! Start-up and shutdown, the top of the crate: builds the shared
+//! [`Gateway`] context and one reactor per worker ([`assemble`]), then starts
+//! the reactors, the ingress threads and the signal thread, and waits for
+//! the drain to finish ([`run`]). Assembling without starting is what the
+//! in-process tests of the reactor use.
 
-use std::net::IpAddr;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::thread;
 use std::time::Instant;
@@ -10,61 +12,21 @@ use std::time::Instant;
 use log::{info, warn};
 use mio::{Poll, Waker};
 
-use crate::auth::ticket::TicketKey;
-use crate::auth::token::TokenKey;
-use crate::auth::UserId;
-use crate::bus::lease::{self, Leases};
-use crate::bus::memory::Memory;
-use crate::bus::redis::RedisPool;
-use crate::bus::store::Job;
-use crate::bus::store::Store;
-use crate::bus::{demo, Hub, RedisState};
 use crate::config::Config;
+use crate::context::Gateway;
+use crate::ingress::conflate::Conflator;
+use crate::ingress::{demo, Hub, RedisState};
 use crate::metrics::Metrics;
-use crate::reactor::mailbox::{self, Mailbox, Mailboxes};
+use crate::reactor::mailbox::{Inbox, Mailbox, Mailboxes};
 use crate::reactor::peers::PeerCounts;
 use crate::reactor::{listener, Reactor, WAKER};
-use crate::stream::frame::Purpose;
-use crate::stream::registry::{Limits, Registry, StreamId};
+use crate::store::lease::Leases;
+use crate::store::memory::Memory;
+use crate::store::redis::RedisPool;
+use crate::store::{Completions, Store};
+use crate::stream::registry::{Limits, Registry};
 use crate::stream::replay::ReplayWindow;
 use crate::time::epoch_ms;
-
-impl Gateway {
-    /// A stream ended (or never started after taking its slot): free its
-    /// limit slot here and its lease in Redis.
-    pub fn stream_closed(&self, user: &UserId, ip: IpAddr, purpose: Purpose, stream_id: StreamId) {
-        self.registry.close(user, ip, stream_id);
-        self.release_lease(user, purpose, stream_id);
-    }
-
-    /// Gives back a stream's cluster-wide lease (Redis mode).
-    pub fn release_lease(&self, user: &UserId, purpose: Purpose, stream_id: StreamId) {
-        if let Some(leases) = &self.leases {
-            self.store.fire(Job::ReleaseLease {
-                key: lease::key(&user.key, purpose),
-                member: leases.member(stream_id),
-            });
-        }
-    }
-}
-
-/// What every reactor shares.
-pub struct Gateway {
-    pub config: Config,
-    pub tokens: TokenKey,
-    pub tickets: TicketKey,
-    pub hub: Arc<Hub>,
-    pub store: Store,
-    pub registry: Arc<Registry>,
-    /// Redis mode: cluster-wide per-user limits.
-    pub leases: Option<Arc<Leases>>,
-    pub metrics: Arc<Metrics>,
-    pub started: Instant,
-    /// `--demo`: an access token for user `demo`, served at `/demo/token`.
-    pub demo_token: Option<String>,
-    /// Connections per client IP that are not streams.
-    pub peers: PeerCounts,
-}
 
 #[derive(Debug)]
 pub enum Fatal {
@@ -74,7 +36,21 @@ pub enum Fatal {
     Io(String),
 }
 
-pub fn run(config: Config) -> Result<(), Fatal> {
+/// Everything built, nothing started.
+pub struct Assembly {
+    pub gw: Arc<Gateway>,
+    /// One per worker, each with its listener bound.
+    pub reactors: Vec<Reactor>,
+    /// Where the listeners are bound (the real port when `--listen` said 0).
+    pub local: SocketAddr,
+    redis: Option<redis::Client>,
+    conflator: Option<Arc<Conflator>>,
+}
+
+/// Checks the configuration, binds the listeners and builds the shared
+/// context and the reactors. No thread is started, except the Redis store's
+/// workers and lease renewer (Redis mode).
+pub fn assemble(config: Config) -> Result<Assembly, Fatal> {
     if config.demo && config.redis_url.is_some() {
         return Err(Fatal::Config(
             "--demo runs embedded: leave --redis-url (REDIS_URL) unset".into(),
@@ -88,21 +64,20 @@ pub fn run(config: Config) -> Result<(), Fatal> {
         ),
         None => None,
     };
+    let io = |e: std::io::Error| Fatal::Io(e.to_string());
 
     let workers = config.workers();
     let listeners = listener::bind_all(config.listen, workers)
         .map_err(|e| Fatal::Io(format!("--listen {}: {e}", config.listen)))?;
-    let local = listeners[0]
-        .local_addr()
-        .map_err(|e| Fatal::Io(e.to_string()))?;
+    let local = listeners[0].local_addr().map_err(io)?;
 
     let mut polls = Vec::with_capacity(workers);
     let mut mailboxes = Vec::with_capacity(workers);
     let mut inboxes = Vec::with_capacity(workers);
     for _ in 0..workers {
-        let poll = Poll::new().map_err(|e| Fatal::Io(e.to_string()))?;
-        let waker = Waker::new(poll.registry(), WAKER).map_err(|e| Fatal::Io(e.to_string()))?;
-        let (mailbox, rx) = Mailbox::new(waker, mailbox::FRAME_BOUND);
+        let poll = Poll::new().map_err(io)?;
+        let waker = Waker::new(poll.registry(), WAKER).map_err(io)?;
+        let (mailbox, rx) = Mailbox::new(waker, config.mailbox_frames as usize);
         polls.push(poll);
         mailboxes.push(mailbox);
         inboxes.push(rx);
@@ -130,20 +105,13 @@ pub fn run(config: Config) -> Result<(), Fatal> {
     let conflator = (config.max_rate_per_device > 0.0)
         .then(|| Hub::limit_rate(&mut hub, config.max_rate_per_device));
     let hub = Arc::new(hub);
-    if let Some(conflator) = conflator {
-        let hub = hub.clone();
-        thread::Builder::new()
-            .name("rate-limit".into())
-            .spawn(move || hub.run_conflator(&conflator))
-            .map_err(|e| Fatal::Io(e.to_string()))?;
-    }
     if initial == RedisState::Embedded {
         metrics
             .redis_up
             .store(1, std::sync::atomic::Ordering::Relaxed);
     }
     let store = match &redis_client {
-        Some(client) => Store::Redis(RedisPool::start(client.clone(), mailboxes.clone())),
+        Some(client) => Store::Redis(RedisPool::start(client.clone(), completions(&mailboxes))),
         None => Store::Memory(Memory::default()),
     };
     if let (true, Some(memory)) = (config.demo, store.memory()) {
@@ -155,22 +123,22 @@ pub fn run(config: Config) -> Result<(), Fatal> {
         per_ip: config.max_conns_per_ip,
     };
     let registry = Arc::new(Registry::new(limits, metrics.clone()));
-    let leases = redis_client.as_ref().map(|client| {
-        let leases = Arc::new(Leases::new(config.heartbeat_secs));
-        (leases, client.clone())
-    });
-    if let Some((leases, client)) = &leases {
-        leases
-            .start_renewing(client.clone(), registry.clone())
-            .map_err(|e| Fatal::Io(e.to_string()))?;
-    }
-    let leases = leases.map(|(l, _)| l);
+    let leases = match &redis_client {
+        Some(client) => {
+            let leases = Arc::new(Leases::new(config.heartbeat_secs));
+            leases
+                .start_renewing(client.clone(), registry.clone())
+                .map_err(io)?;
+            Some(leases)
+        }
+        None => None,
+    };
     let gw = Arc::new(Gateway {
         tickets: credentials.tickets,
         tokens: credentials.tokens,
-        registry: registry.clone(),
-        leases: leases.clone(),
-        hub: hub.clone(),
+        registry,
+        leases,
+        hub,
         store,
         metrics,
         started: Instant::now(),
@@ -178,26 +146,68 @@ pub fn run(config: Config) -> Result<(), Fatal> {
         peers: PeerCounts::default(),
         config,
     });
-
     let mut reactors = Vec::with_capacity(workers);
     for (index, ((poll, listener), inbox)) in
         polls.into_iter().zip(listeners).zip(inboxes).enumerate()
     {
-        let reactor = Reactor::new(index, gw.clone(), poll, listener, inbox)
-            .map_err(|e| Fatal::Io(e.to_string()))?;
+        reactors.push(Reactor::new(index, gw.clone(), poll, listener, inbox).map_err(io)?);
+    }
+    Ok(Assembly {
+        gw,
+        reactors,
+        local,
+        redis: redis_client,
+        conflator,
+    })
+}
+
+/// The store's completions, posted to the asking reactor's mailbox.
+fn completions(mailboxes: &Mailboxes) -> Completions {
+    let mailboxes = mailboxes.clone();
+    Arc::new(move |reply, outcome| {
+        if let Some(mailbox) = mailboxes.get(reply.reactor) {
+            mailbox.send(Inbox::Outcome {
+                conn: reply.conn,
+                serial: reply.serial,
+                outcome,
+            });
+        }
+    })
+}
+
+/// Runs the gateway until SIGTERM or SIGINT has drained every stream.
+pub fn run(config: Config) -> Result<(), Fatal> {
+    let Assembly {
+        gw,
+        reactors,
+        local,
+        redis,
+        conflator,
+    } = assemble(config)?;
+    let io = |e: std::io::Error| Fatal::Io(e.to_string());
+    let workers = reactors.len();
+    let mut threads = Vec::with_capacity(workers);
+    for (index, reactor) in reactors.into_iter().enumerate() {
         let handle = thread::Builder::new()
             .name(format!("reactor-{index}"))
             .spawn(move || reactor.run())
-            .map_err(|e| Fatal::Io(e.to_string()))?;
-        reactors.push(handle);
+            .map_err(io)?;
+        threads.push(handle);
     }
-    if let Some(client) = redis_client {
-        crate::bus::redis::subscribe(client, hub.clone()).map_err(|e| Fatal::Io(e.to_string()))?;
+    if let Some(conflator) = conflator {
+        let hub = gw.hub.clone();
+        thread::Builder::new()
+            .name("rate-limit".into())
+            .spawn(move || hub.run_conflator(&conflator))
+            .map_err(io)?;
+    }
+    if let Some(client) = redis {
+        crate::ingress::subscriber::subscribe(client, gw.hub.clone()).map_err(io)?;
     }
     if gw.config.demo {
-        demo::start(hub.clone()).map_err(|e| Fatal::Io(e.to_string()))?;
+        demo::start(gw.hub.clone()).map_err(io)?;
     }
-    watch_signals(hub.clone())?;
+    watch_signals(gw.hub.clone())?;
 
     let mode = if gw.config.demo {
         "demo"
@@ -211,7 +221,7 @@ pub fn run(config: Config) -> Result<(), Fatal> {
         print_demo_help(local, token);
     }
 
-    for handle in reactors {
+    for handle in threads {
         match handle.join() {
             Ok(Ok(())) => {}
             Ok(Err(e)) => warn!("reactor stopped: {e}"),

@@ -1,14 +1,9 @@
-//! The store: what a request needs to know that lives outside the process
-//! (Redis) or, in embedded mode, in it. A reactor describes what it needs as a
-//! [`Job`]; the embedded store answers at once (a map lookup under a mutex),
-//! the Redis store hands the job to a worker thread and the [`Outcome`] comes
-//! back through the reactor's mailbox. Either way the reactor never blocks on
-//! the network.
+//! What the store is asked ([`Job`]) and answers ([`Outcome`]), where an
+//! answer goes ([`Reply`]), and the names of the Redis keys and channels of
+//! the contract and of the gateway's own.
 
+use super::lease::{LeaseAnswer, LeaseAsk};
 use crate::auth::UserId;
-use crate::bus::lease::{LeaseAnswer, LeaseAsk};
-use crate::bus::memory::Memory;
-use crate::bus::redis::RedisPool;
 
 /// Where an outcome goes: connection `conn` of reactor `reactor`, if it is
 /// still the same request (`serial`).
@@ -83,39 +78,6 @@ pub struct StreamFacts {
     pub lease: LeaseAnswer,
     /// The lease asked for (to give it back if the request has moved on).
     pub lease_ask: Option<LeaseAsk>,
-}
-
-pub enum Store {
-    Memory(Memory),
-    Redis(RedisPool),
-}
-
-impl Store {
-    /// Runs `job`: Some(outcome) now, or None when the outcome will arrive
-    /// later as `Inbox::Outcome` addressed by `reply`.
-    pub fn submit(&self, job: Job, reply: Reply) -> Option<Outcome> {
-        match self {
-            Store::Memory(m) => Some(m.run(job)),
-            Store::Redis(pool) => pool.submit(job, reply),
-        }
-    }
-
-    /// Runs `job` for its effect only; nobody waits for the outcome.
-    pub fn fire(&self, job: Job) {
-        match self {
-            Store::Memory(m) => {
-                m.run(job);
-            }
-            Store::Redis(pool) => pool.fire(job),
-        }
-    }
-
-    pub fn memory(&self) -> Option<&Memory> {
-        match self {
-            Store::Memory(m) => Some(m),
-            Store::Redis(_) => None,
-        }
-    }
 }
 
 pub fn ticket_key(id: &str) -> String {

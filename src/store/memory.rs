@@ -6,7 +6,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Mutex, MutexGuard};
 
-use crate::bus::store::{device_id, Job, Outcome, StreamFacts, MINT_WINDOW_MS};
+use crate::store::protocol::{device_id, Job, Outcome, Reply, StreamFacts, MINT_WINDOW_MS};
 use crate::time::epoch_ms;
 
 #[derive(Default)]
@@ -25,9 +25,40 @@ struct Maps {
 #[derive(Default)]
 pub struct Memory {
     maps: Mutex<Maps>,
+    /// In-process tests: lookups held here instead of answered, so they can
+    /// finish late, in any order, or never (see [`Memory::hold`]).
+    held: Mutex<Option<Vec<(Job, Reply)>>>,
 }
 
 impl Memory {
+    /// From now on, lookups that someone waits for are held, not answered,
+    /// until [`Memory::take_held`] hands them to the caller (tests drive
+    /// the reactor's state machine through lookups that finish late).
+    pub fn hold(&self) {
+        *self.held.lock().unwrap_or_else(|p| p.into_inner()) = Some(Vec::new());
+    }
+
+    /// The lookups held so far.
+    pub fn take_held(&self) -> Vec<(Job, Reply)> {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        held.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    /// Runs `job` for `reply`: its outcome now, or None while held.
+    pub fn submit(&self, job: Job, reply: Reply) -> Option<Outcome> {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        match held.as_mut() {
+            Some(queue) => {
+                queue.push((job, reply));
+                None
+            }
+            None => {
+                drop(held);
+                Some(self.run(job))
+            }
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, Maps> {
         self.maps.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -1,27 +1,25 @@
-//! The bus: where events come from and how they reach the reactors.
+//! Ingress: where events come from and how they reach the reactors. It
+//! only turns the bus into frames; lookups are the store's business.
 //!
 //! Whatever the source (the Redis subscriber thread, `POST /sse/publish` in
 //! embedded mode, the demo machines), a message goes through [`Hub::publish`]:
 //! checked, given the next id, encoded once into an `Arc<Frame>`, appended to
 //! the replay window and sent to every reactor's mailbox. Id assignment and the
 //! sends happen under one lock, so every reactor sees frames in id order.
+//! Revocations and access changes go to every reactor the same way.
 //!
-//! - [`store`]: tickets, ownership and status snapshots, in memory or in Redis.
-//! - [`redis`]: the blocking subscriber thread and the store's worker pool.
+//! - [`subscriber`]: the blocking Redis subscriber thread.
+//! - [`conflate`]: the per-device rate limit.
 //! - [`demo`]: simulated machines for `--demo`.
 
 pub mod conflate;
 pub mod demo;
-pub mod lease;
-pub mod memory;
-pub mod redis;
-pub mod store;
+pub mod subscriber;
 
+use std::collections::HashSet;
 use std::sync::atomic::AtomicU8;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, MutexGuard};
-
-use std::collections::HashSet;
 
 use crate::auth::UserId;
 use crate::metrics::Metrics;
@@ -228,6 +226,11 @@ impl Hub {
     /// its reactor has routed (`upto`).
     pub fn resume(&self, last: EventId, upto: u64) -> Resume {
         self.lock().replay.since(last, upto, epoch_ms())
+    }
+
+    /// Every frame the replay window still holds up to sequence `upto`.
+    pub fn held(&self, upto: u64) -> Vec<Arc<Frame>> {
+        self.lock().replay.held(upto, epoch_ms())
     }
 
     pub fn redis_state(&self) -> RedisState {

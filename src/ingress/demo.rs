@@ -10,8 +10,8 @@ use std::time::Duration;
 use rand::Rng;
 use serde_json::json;
 
-use crate::bus::memory::Memory;
-use crate::bus::Hub;
+use crate::ingress::Hub;
+use crate::store::memory::Memory;
 use crate::stream::frame::Event;
 
 pub const USER: &str = "demo";

@@ -1,0 +1,162 @@
+//! The Redis subscriber: one thread holds a Pub/Sub connection on the
+//! contract's channels and feeds every message to the [`Hub`]; revocations
+//! (`sse:revoke`) and access changes (`sse:access-changed`) go to every
+//! reactor. When Redis goes away it tells every stream `degraded`,
+//! reconnects with capped exponential backoff and jitter, resubscribes and
+//! tells them `recovered`.
+
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use log::{info, warn};
+use rand::Rng;
+
+use super::{Hub, RedisState};
+use crate::store::protocol::{Job, Outcome, ACCESS_CHANGED_CHANNEL, REVOKE_CHANNEL};
+use crate::store::redis::{run_once_more, CONNECT_TIMEOUT};
+use crate::stream::frame::{Frame, CHANNELS};
+
+/// Starts the subscriber thread.
+pub fn subscribe(client: redis::Client, hub: Arc<Hub>) -> std::io::Result<thread::JoinHandle<()>> {
+    thread::Builder::new()
+        .name("redis-subscriber".into())
+        .spawn(move || subscriber(client, hub))
+}
+
+/// Where the subscriber stands in an outage.
+#[derive(Default)]
+struct Outage {
+    /// Streams were told `degraded` and not yet `recovered`.
+    degraded: bool,
+    /// Failed connects since the last good one: the backoff's exponent.
+    failures: u32,
+}
+
+fn subscriber(client: redis::Client, hub: Arc<Hub>) {
+    let mut outage = Outage::default();
+    loop {
+        match listen(&client, &hub, &mut outage) {
+            Ok(()) => return,
+            Err(e) => {
+                if hub.redis_state() != RedisState::Down {
+                    warn!("redis subscriber lost Redis: {e}");
+                }
+                hub.set_redis_state(RedisState::Down);
+                if !outage.degraded {
+                    outage.degraded = true;
+                    hub.broadcast_system(Frame::system(r#"{"kind":"degraded"}"#));
+                }
+                outage.failures = outage.failures.saturating_add(1);
+                thread::sleep(backoff(outage.failures));
+            }
+        }
+    }
+}
+
+/// Capped exponential backoff with jitter: a random wait between half and
+/// all of 100 ms doubling per failure, capped at 5 s.
+pub fn backoff(failures: u32) -> Duration {
+    let cap_ms = 100u64.saturating_mul(1 << failures.min(6)).min(5_000);
+    Duration::from_millis(rand::rng().random_range(cap_ms / 2..=cap_ms))
+}
+
+fn listen(client: &redis::Client, hub: &Hub, outage: &mut Outage) -> redis::RedisResult<()> {
+    let mut con = client.get_connection_with_timeout(CONNECT_TIMEOUT)?;
+    // Access changes need a set read, which a subscribed connection cannot do.
+    let mut reads: Option<redis::Connection> = None;
+    let mut pubsub = con.as_pubsub();
+    pubsub.subscribe(&CHANNELS[..])?;
+    pubsub.subscribe(&[REVOKE_CHANNEL, ACCESS_CHANGED_CHANNEL][..])?;
+    // A silent network can leave a read blocked forever: wake up now and then
+    // and prove the connection with a PING.
+    pubsub.set_read_timeout(Some(Duration::from_secs(15)))?;
+    if hub.redis_state() != RedisState::Up {
+        info!(
+            "redis subscriber connected, channels: {}",
+            CHANNELS.join(", ")
+        );
+    }
+    hub.set_redis_state(RedisState::Up);
+    // The next outage starts its backoff from the beginning again.
+    outage.failures = 0;
+    if outage.degraded {
+        outage.degraded = false;
+        hub.metrics()
+            .redis_reconnects
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        hub.broadcast_system(Frame::system(r#"{"kind":"recovered"}"#));
+    }
+    loop {
+        match pubsub.get_message() {
+            Ok(msg) => match msg.get_channel_name() {
+                REVOKE_CHANNEL => revoke(hub, msg.get_payload_bytes()),
+                ACCESS_CHANGED_CHANNEL => {
+                    access_changed(client, &mut reads, hub, msg.get_payload_bytes())
+                }
+                // Bad messages are counted inside and never stop the loop.
+                channel => {
+                    let _ = hub.publish(channel, msg.get_payload_bytes());
+                }
+            },
+            Err(e) if e.is_timeout() => {
+                pubsub.ping::<redis::Value>()?;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// `PUBLISH sse:revoke <ticket id>`: every stream opened with it ends.
+fn revoke(hub: &Hub, payload: &[u8]) {
+    match std::str::from_utf8(payload)
+        .ok()
+        .and_then(|s| uuid::Uuid::parse_str(s.trim()).ok())
+    {
+        Some(ticket) => hub.revoke(ticket),
+        None => warn!("ignored a {REVOKE_CHANNEL} message that is not a ticket id"),
+    }
+}
+
+/// `PUBLISH sse:access-changed <user id>`: read the user's devices again
+/// and let every reactor apply them.
+fn access_changed(
+    client: &redis::Client,
+    reads: &mut Option<redis::Connection>,
+    hub: &Hub,
+    payload: &[u8],
+) {
+    let user = std::str::from_utf8(payload)
+        .ok()
+        .map(str::trim)
+        .filter(|u| !u.is_empty() && u.len() <= crate::auth::MAX_USER_ID_BYTES);
+    let Some(user) = user.map(crate::auth::UserId::named) else {
+        warn!("ignored a {ACCESS_CHANGED_CHANNEL} message that is not a user id");
+        return;
+    };
+    match run_once_more(client, reads, &Job::Owned { user: user.clone() }) {
+        Outcome::Owned(owned) => hub.access_changed(&user, owned),
+        _ => warn!("could not read the devices of user {user} after an access change"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter_up_to_five_seconds() {
+        for (failures, lo, hi) in [
+            (1, 100, 200),
+            (2, 200, 400),
+            (5, 1600, 3200),
+            (6, 2500, 5000),
+            (60, 2500, 5000),
+        ] {
+            for _ in 0..50 {
+                let d = backoff(failures).as_millis() as u64;
+                assert!((lo..=hi).contains(&d), "{failures}: {d}");
+            }
+        }
+    }
+}
