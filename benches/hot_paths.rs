@@ -14,6 +14,7 @@ use sse_gateway::http::head;
 use sse_gateway::reactor::outbox::Outbox;
 use sse_gateway::reactor::timer::TimerWheel;
 use sse_gateway::stream::frame::{self, EventId, Frame, Purpose};
+use sse_gateway::stream::subscriptions::{Filter, Subscriptions};
 
 const REQUEST: &[u8] = b"GET /sse/stream?ticket=eyJ0eXAiOiJKV1QiLCJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ1MSJ9.sig&deviceIds=Machine%201,Machine%202 HTTP/1.1\r\nHost: gateway.example\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\nLast-Event-ID: 1795307831033-7\r\nOrigin: https://dashboard.example\r\nUser-Agent: Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 Chrome/156.0 Safari/537.36\r\nX-Forwarded-For: 203.0.113.7\r\n\r\n";
 
@@ -61,6 +62,42 @@ fn fanout(c: &mut Criterion) {
             |outboxes| {
                 for o in outboxes.iter_mut() {
                     o.push_frame(&f);
+                }
+            },
+            BatchSize::LargeInput,
+        )
+    });
+    g.finish();
+}
+
+/// The reactor's device index: route a frame of a hot device to its 10,000
+/// subscribers, and a reconnect storm on it (every subscriber leaves).
+fn subscriptions(c: &mut Criterion) {
+    let devices: Filter = Filter::Devices(Arc::from(vec![Box::<str>::from("M1")]));
+    let full = || {
+        let mut s = Subscriptions::default();
+        for key in 0..10_000 {
+            s.add(key, Purpose::Data, &devices);
+        }
+        s
+    };
+    let f = Frame::encode(None, frame::Event::RealtimeUpdate, "M1", b"{}");
+    let mut g = c.benchmark_group("subscriptions");
+    g.throughput(Throughput::Elements(10_000));
+    let routed = full();
+    g.bench_function("route_one_frame_to_10k", |b| {
+        b.iter(|| {
+            let mut n = 0usize;
+            routed.each(&f, |k| n += k);
+            n
+        })
+    });
+    g.bench_function("10k_leave_one_device", |b| {
+        b.iter_batched_ref(
+            full,
+            |s| {
+                for key in 0..10_000 {
+                    s.remove(key, Purpose::Data, &devices);
                 }
             },
             BatchSize::LargeInput,
@@ -118,5 +155,13 @@ fn tickets(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, head_parse, frame_encode, fanout, timers, tickets);
+criterion_group!(
+    benches,
+    head_parse,
+    frame_encode,
+    fanout,
+    subscriptions,
+    timers,
+    tickets
+);
 criterion_main!(benches);

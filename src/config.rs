@@ -277,6 +277,39 @@ impl Cidr {
     }
 }
 
+/// The address a per-IP limit counts: IPv4 as it is, IPv6 by its /64 (one
+/// host usually holds a whole /64, and could otherwise take a limit's worth
+/// of streams per address).
+pub fn limit_key(ip: IpAddr) -> IpAddr {
+    match canonical(ip) {
+        IpAddr::V6(v6) => {
+            let net = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(std::net::Ipv6Addr::from(net))
+        }
+        v4 => v4,
+    }
+}
+
+/// One `X-Forwarded-For` entry: `1.2.3.4`, `1.2.3.4:5678`, `2001:db8::1`,
+/// `[2001:db8::1]` or `[2001:db8::1]:443`.
+pub fn forwarded_ip(entry: &str) -> Option<IpAddr> {
+    let entry = entry.trim();
+    if let Ok(ip) = entry.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    if let Some(rest) = entry.strip_prefix('[') {
+        let (inside, after) = rest.split_once(']')?;
+        let port_ok = after.is_empty()
+            || after
+                .strip_prefix(':')
+                .is_some_and(|p| !p.is_empty() && p.parse::<u16>().is_ok());
+        return port_ok.then(|| inside.parse::<std::net::Ipv6Addr>().ok().map(IpAddr::V6))?;
+    }
+    let (host, port) = entry.rsplit_once(':')?;
+    port.parse::<u16>().ok()?;
+    host.parse::<std::net::Ipv4Addr>().ok().map(IpAddr::V4)
+}
+
 /// IPv4-mapped IPv6 addresses (`::ffff:1.2.3.4`) as the IPv4 they are.
 pub fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
@@ -335,6 +368,37 @@ mod tests {
         for bad in ["", "10.0.0.0/33", "x/8", "10.0.0.0/-1", "::/129"] {
             assert!(bad.parse::<Cidr>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn forwarded_entries_with_ports_and_brackets_are_understood() {
+        let table = [
+            ("1.2.3.4", Some("1.2.3.4")),
+            (" 1.2.3.4:5678 ", Some("1.2.3.4")),
+            ("2001:db8::1", Some("2001:db8::1")),
+            ("[2001:db8::1]", Some("2001:db8::1")),
+            ("[2001:db8::1]:443", Some("2001:db8::1")),
+            ("[2001:db8::1]:", None),
+            ("[2001:db8::1]:x", None),
+            ("[1.2.3.4]", None),
+            ("1.2.3.4:99999", None),
+            ("unknown", None),
+            ("", None),
+        ];
+        for (entry, want) in table {
+            let want = want.map(|w| w.parse::<IpAddr>().unwrap());
+            assert_eq!(forwarded_ip(entry), want, "{entry:?}");
+        }
+    }
+
+    #[test]
+    fn ipv6_clients_are_counted_per_64() {
+        let key = |s: &str| limit_key(s.parse().unwrap()).to_string();
+        assert_eq!(key("2001:db8:1:2:aaaa::1"), "2001:db8:1:2::");
+        assert_eq!(key("2001:db8:1:2:ffff::9"), "2001:db8:1:2::");
+        assert_ne!(key("2001:db8:1:3::1"), key("2001:db8:1:2::1"));
+        assert_eq!(key("10.1.2.3"), "10.1.2.3");
+        assert_eq!(key("::ffff:10.1.2.3"), "10.1.2.3");
     }
 
     #[test]

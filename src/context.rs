@@ -24,16 +24,22 @@ impl Gateway {
     /// limit slot here and its lease in Redis.
     pub fn stream_closed(&self, user: &UserId, ip: IpAddr, purpose: Purpose, stream_id: StreamId) {
         self.registry.close(user, ip, stream_id);
-        self.release_lease(user, purpose, stream_id);
+        self.release_lease(user, ip, purpose, stream_id);
     }
 
-    /// Gives back a stream's cluster-wide lease (Redis mode).
-    pub fn release_lease(&self, user: &UserId, purpose: Purpose, stream_id: StreamId) {
+    /// Gives back a stream's cluster-wide leases, its user's and its
+    /// address's (Redis mode).
+    pub fn release_lease(&self, user: &UserId, ip: IpAddr, purpose: Purpose, stream_id: StreamId) {
         if let Some(leases) = &self.leases {
-            self.store.fire(Job::ReleaseLease {
-                key: lease::key(&user.key, purpose),
-                member: leases.member(stream_id),
-            });
+            for key in [
+                lease::key(&user.key, purpose),
+                lease::ip_key(crate::config::limit_key(ip)),
+            ] {
+                self.store.fire(Job::ReleaseLease {
+                    key,
+                    member: leases.member(stream_id),
+                });
+            }
         }
     }
 }

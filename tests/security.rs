@@ -584,7 +584,7 @@ fn a_lease_taken_for_a_request_that_gave_up_is_released() {
             .iter()
             .map(|u| {
                 redis::cmd("ZCARD")
-                    .arg(format!("sse:lease:{u}:data"))
+                    .arg(format!("sse:lease:{{{u}:data}}"))
                     .query::<u64>(&mut con)
                     .unwrap()
             })
@@ -623,4 +623,60 @@ fn values_that_are_not_utf8_in_redis_never_break_a_device() {
     let mut alerts = SseStream::must_open(gw.addr(), &alerts_path(&ticket), &[]);
     redis.publish("machine:alerts", r#"{"deviceId":"M1","alert":1}"#);
     alerts.expect_event("machine-alert", T);
+}
+
+// ----- per-IP limits hold cluster-wide (contract 7.3) ------------------------
+
+#[test]
+fn the_per_ip_limit_holds_across_instances() {
+    let redis = Redis::start();
+    let args = ["--max-conns-per-ip", "2"];
+    let a = Gateway::builder().redis(&redis).args(&args).start();
+    let b = Gateway::builder().redis(&redis).args(&args).start();
+    for user in ["u1", "u2", "u3"] {
+        redis.grant(user, &["M1"]);
+    }
+    let open = |gw: &Gateway, user: &str| {
+        let (ticket, _) = gw.ticket_for(user, "");
+        SseStream::open(gw.addr(), &data_path(&ticket, &["M1"]), &[])
+    };
+    let _one = open(&a, "u1").expect("first from this address");
+    let _two = open(&b, "u2").expect("second, on the other instance");
+    let refused = open(&a, "u3").err().expect("third refused");
+    assert_eq!(refused.status, 429);
+    assert_eq!(
+        refused.json()["message"],
+        "Too many connections from this IP"
+    );
+    // The slot comes back on the other instance when a stream closes.
+    drop(_two);
+    assert!(wait_until(T, || open(&a, "u3").is_ok()));
+}
+
+#[test]
+fn forwarded_addresses_with_ports_and_brackets_count_ipv6_per_64() {
+    let gw = Gateway::builder()
+        .args(&["--trusted-proxies", "127.0.0.1", "--max-conns-per-ip", "1"])
+        .args(&["--max-data-per-user", "9"])
+        .start();
+    let open = |xff: &str| {
+        let (ticket, _) = gw.ticket_for("u1", "");
+        let path = data_path(&ticket, &["Machine 1"]);
+        SseStream::open(gw.addr(), &path, &[("X-Forwarded-For", xff)])
+    };
+    let admin = bearer(&gw.token("root", Some("admin")));
+    let grant = r#"{"userId":"u1","devices":["Machine 1"]}"#;
+    let r = post(
+        gw.addr(),
+        "/sse/access-changed",
+        &[("Authorization", &admin)],
+        grant,
+    );
+    assert_eq!(r.status, 200);
+    let _first = open("[2001:db8::1]:443").expect("first of its /64");
+    let same64 = open("2001:db8::2").err().expect("same /64 refused");
+    assert_eq!(same64.status, 429);
+    let _other = open("10.0.0.9, [2001:db8:0:1::1]:80").expect("another /64");
+    let v4 = open("192.0.2.7:5678").expect("an IPv4 with a port");
+    drop(v4);
 }

@@ -257,6 +257,9 @@ impl Reactor {
         }
         if now >= s.next_heartbeat {
             s.next_heartbeat = next;
+            if let Some(conn) = self.conns.get_mut(key) {
+                conn.outbox.trim();
+            }
             let frame = self.heartbeat_frame();
             self.gw.metrics.heartbeats.fetch_add(1, Relaxed);
             if !self.push_frame(key, &frame) {
@@ -345,7 +348,7 @@ impl Reactor {
             conn.counted = false;
             self.gw
                 .peers
-                .leave(crate::config::canonical(conn.peer.ip()));
+                .leave(crate::config::limit_key(conn.peer.ip()));
         }
         self.subs.add(key, stream.purpose, &stream.filter);
         stream.opened = now;

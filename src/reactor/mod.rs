@@ -232,8 +232,8 @@ impl Reactor {
         loop {
             match listener.accept() {
                 Ok((mut socket, peer)) => {
-                    let ip = crate::config::canonical(peer.ip());
-                    let counted = !self.gw.config.is_trusted_proxy(ip);
+                    let counted = !self.gw.config.is_trusted_proxy(peer.ip());
+                    let ip = crate::config::limit_key(peer.ip());
                     let cap = self.gw.config.max_requests_per_ip;
                     if counted && !self.gw.peers.enter(ip, cap) {
                         // Dropped unread: one address may not pin more.
@@ -488,7 +488,7 @@ impl Reactor {
             if conn.counted {
                 self.gw
                     .peers
-                    .leave(crate::config::canonical(conn.peer.ip()));
+                    .leave(crate::config::limit_key(conn.peer.ip()));
             }
             conn.outbox.clear();
             self.gw.metrics.connections_open.fetch_sub(1, Relaxed);

@@ -71,6 +71,15 @@ impl Outbox {
         self.queued == 0
     }
 
+    /// Gives back the room a burst left, keeping one slot: for a stream
+    /// that has been idle a while (its heartbeat), never per flush, so a busy
+    /// stream keeps its room and never reallocates turn after turn.
+    pub fn trim(&mut self) {
+        if self.chunks.is_empty() && self.chunks.capacity() > 1 {
+            self.chunks.shrink_to(1);
+        }
+    }
+
     pub fn clear(&mut self) {
         self.chunks.clear();
         self.offset = 0;
@@ -104,12 +113,6 @@ impl Outbox {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
-        }
-        // Keep room for one chunk, no more: most streams spend their life
-        // between one frame and the next, so this is all an idle stream holds,
-        // and a stream that gets one frame per turn never allocates for it.
-        if self.chunks.capacity() > 1 {
-            self.chunks.shrink_to(1);
         }
         Ok(Flushed::All)
     }

@@ -82,15 +82,15 @@ pub fn client_ip(config: &Config, peer: IpAddr, forwarded_for: Option<&str>) -> 
     };
     let mut client = peer;
     for entry in xff.rsplit(',') {
-        match entry.trim().parse::<IpAddr>() {
-            Ok(ip) => {
+        match crate::config::forwarded_ip(entry) {
+            Some(ip) => {
                 client = canonical(ip);
                 if !config.is_trusted_proxy(client) {
                     return client;
                 }
             }
             // Garbage in the chain: trust nothing to its left.
-            Err(_) => return client,
+            None => return client,
         }
     }
     client
@@ -242,7 +242,7 @@ pub fn resolve(
             if facts.owned.iter().any(|owned| !owned) {
                 return Respond(Response::error(403, "Access denied to one or more devices"));
             }
-            streams::open(gw, s, facts, owner)
+            streams::open(gw, s, *facts, owner)
         }
         _ => Respond(Response::error(500, "Unexpected store answer")),
     }

@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 use super::tickets::ticket_param;
 use super::{Action, Pending, Request, Resolution};
 use crate::auth::ticket::Ticket;
+use crate::config::limit_key;
 use crate::context::Gateway;
 use crate::http::head::Head;
 use crate::http::query;
@@ -19,7 +20,7 @@ use crate::http::response::Response;
 use crate::store::lease::LeaseAnswer;
 use crate::store::protocol::{Job, StreamFacts};
 use crate::stream::frame::{self, Event, Purpose};
-use crate::stream::registry::{Refusal, Slot, StreamId};
+use crate::stream::registry::{Elsewhere, Refusal, Slot, StreamId};
 use crate::stream::subscriptions::Filter;
 use crate::stream::Stream;
 use crate::time::{epoch_ms, iso8601};
@@ -143,6 +144,10 @@ pub fn stream_job(gw: &Gateway, r: &StreamRequest) -> Job {
             .leases
             .as_ref()
             .map(|leases| leases.ask(&r.ticket.user, r.purpose, r.id, limit)),
+        ip_lease: gw
+            .leases
+            .as_ref()
+            .map(|leases| leases.ask_ip(limit_key(r.client), r.id, gw.registry.limits.per_ip)),
     }
 }
 
@@ -170,16 +175,27 @@ pub(super) fn open(
     facts: StreamFacts,
     owner: (usize, usize),
 ) -> Resolution {
-    let elsewhere = facts.lease.others();
+    let elsewhere = Elsewhere {
+        user: facts.lease.others(),
+        ip: facts.ip_lease.others(),
+    };
     // One copy of the device list, shared by the registry and the filter.
     let devices: Arc<[Box<str>]> = s.devices.iter().map(|d| d.as_str().into()).collect();
-    let refusal = match facts.lease {
-        LeaseAnswer::Refused { .. } => {
+    let refusal = match (facts.lease, facts.ip_lease) {
+        (LeaseAnswer::Refused { .. }, _) => {
             let mut current = gw.registry.of(&s.ticket.user).0;
-            current.add(s.purpose, elsewhere);
+            current.add(s.purpose, elsewhere.user);
             Some(Refusal::User {
                 purpose: s.purpose,
                 current,
+            })
+        }
+        (_, LeaseAnswer::Refused { .. }) => {
+            // The worker gave the user's lease back already.
+            let current = gw.registry.of(&s.ticket.user).0;
+            Some(Refusal::Ip {
+                current,
+                ip_streams: elsewhere.ip,
             })
         }
         _ => {
@@ -192,10 +208,11 @@ pub(super) fn open(
                 },
                 connected_at_ms: epoch_ms(),
                 owner,
+                ip: s.client,
             };
             let opened = gw.registry.open(&s.ticket.user, s.client, slot, elsewhere);
             if let (Err(_), LeaseAnswer::Granted { .. }) = (&opened, facts.lease) {
-                gw.release_lease(&s.ticket.user, s.purpose, s.id);
+                gw.release_lease(&s.ticket.user, s.client, s.purpose, s.id);
             }
             opened.err()
         }

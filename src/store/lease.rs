@@ -15,6 +15,7 @@
 //! lifetime (two heartbeat periods, at least 1 s), released when a stream
 //! closes, and simply expire when an instance dies without cleaning up.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
@@ -31,21 +32,37 @@ const RENEW_BATCH: usize = 512;
 
 /// Returns the number of other instances' live leases; negative
 /// (`-1 - others`) when the limit is reached and nothing was added.
+/// KEYS[1] holds every instance's leases, KEYS[2] this instance's (same
+/// hash slot): others = the two counts' difference, O(log n) whatever the
+/// size, so an address with thousands of streams costs what a user does.
 pub const ACQUIRE: &str = r#"
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
-local prefix = ARGV[4]
-local others = 0
-for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  if string.sub(m, 1, #prefix) ~= prefix then others = others + 1 end
-end
-if others >= tonumber(ARGV[5]) then return -1 - others end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
+local others = redis.call('ZCARD', KEYS[1]) - redis.call('ZCARD', KEYS[2])
+if others >= tonumber(ARGV[4]) then return -1 - others end
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
-redis.call('PEXPIRE', KEYS[1], ARGV[6])
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+redis.call('PEXPIRE', KEYS[2], ARGV[5])
 return others
 "#;
 
+/// The lease set of a client address (its /64 for IPv6): the per-IP limit
+/// held across instances as the per-user one is.
+pub fn ip_key(ip: IpAddr) -> String {
+    format!("sse:lease-ip:{{{ip}}}")
+}
+
+/// The lease set of a user's streams of one purpose.
 pub fn key(user: &str, purpose: Purpose) -> String {
-    format!("sse:lease:{user}:{}", purpose.as_str())
+    format!("sse:lease:{{{user}:{}}}", purpose.as_str())
+}
+
+/// The part of lease set `key` that the instance of `member`
+/// (`<instance>:<stream id>`) holds; same hash slot as `key`.
+pub fn own_key(key: &str, member: &str) -> String {
+    let instance = member.split(':').next().unwrap_or(member);
+    format!("{key}:{instance}")
 }
 
 /// What a stream opening asks of Redis.
@@ -53,8 +70,6 @@ pub fn key(user: &str, purpose: Purpose) -> String {
 pub struct LeaseAsk {
     pub key: String,
     pub member: String,
-    /// `<instance>:`, to tell this instance's leases apart.
-    pub prefix: String,
     pub limit: u32,
     pub ttl_ms: u64,
 }
@@ -118,7 +133,16 @@ impl Leases {
         LeaseAsk {
             key: key(&user.key, purpose),
             member: self.member(stream_id),
-            prefix: format!("{}:", self.instance),
+            limit,
+            ttl_ms: self.ttl.as_millis() as u64,
+        }
+    }
+
+    /// The lease a stream from `ip` (already reduced to its limit key) takes.
+    pub fn ask_ip(&self, ip: IpAddr, stream_id: StreamId, limit: u32) -> LeaseAsk {
+        LeaseAsk {
+            key: ip_key(ip),
+            member: self.member(stream_id),
             limit,
             ttl_ms: self.ttl.as_millis() as u64,
         }
@@ -157,19 +181,25 @@ impl Leases {
             // need tens of megabytes of buffers, which the allocator keeps.
             for batch in streams.chunks(RENEW_BATCH) {
                 let mut pipe = redis::pipe();
-                for (user, purpose, id) in batch {
-                    let key = key(user, *purpose);
-                    // XX: never bring back a lease released since the snapshot.
-                    pipe.cmd("ZADD")
-                        .arg(&key)
-                        .arg("XX")
-                        .arg(expiry)
-                        .arg(self.member(*id))
-                        .ignore();
-                    pipe.cmd("PEXPIRE")
-                        .arg(&key)
-                        .arg(self.ttl.as_millis() as u64)
-                        .ignore();
+                for (user, purpose, id, ip) in batch {
+                    let member = self.member(*id);
+                    for set in [ip_key(*ip), key(user, *purpose)] {
+                        let own = own_key(&set, &member);
+                        for k in [set, own] {
+                            // XX: never bring back a lease released since
+                            // the snapshot.
+                            pipe.cmd("ZADD")
+                                .arg(&k)
+                                .arg("XX")
+                                .arg(expiry)
+                                .arg(&member)
+                                .ignore();
+                            pipe.cmd("PEXPIRE")
+                                .arg(&k)
+                                .arg(self.ttl.as_millis() as u64)
+                                .ignore();
+                        }
+                    }
                 }
                 if let Err(e) = pipe.query::<()>(c) {
                     warn!("lease renewal failed: {e}");

@@ -146,7 +146,7 @@ impl Memory {
                 user,
                 check,
                 status_of,
-                lease: _,
+                ..
             } => {
                 let owned_by = m.devices.get(&user.key);
                 let mut facts = StreamFacts {
@@ -170,7 +170,7 @@ impl Memory {
                     .iter()
                     .map(|d| m.statuses.get(d).cloned())
                     .collect();
-                Outcome::Facts(facts)
+                Outcome::Facts(Box::new(facts))
             }
             // Embedded publishing goes straight to the hub, and leases are
             // for several instances on one Redis: neither comes here.
@@ -288,8 +288,9 @@ mod tests {
             check,
             status_of: vec!["M1".into(), "M3".into()],
             lease: None,
+            ip_lease: None,
         }) {
-            Outcome::Facts(f) => f,
+            Outcome::Facts(f) => *f,
             other => panic!("{other:?}"),
         };
         let f = facts(Some(vec!["M2".into(), "M3".into()]));

@@ -14,6 +14,9 @@ pub struct Reply {
     pub serial: u64,
 }
 
+// Most jobs are stream lookups, the largest variant: boxing it would add
+// an allocation to nearly every job for nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Job {
     /// `SET sse:ticket:<id> <user> EX <ttl>`, if `user` has minted fewer
@@ -41,6 +44,8 @@ pub enum Job {
         status_of: Vec<String>,
         /// Redis mode: take a cluster-wide lease once the checks pass.
         lease: Option<LeaseAsk>,
+        /// Redis mode: and one for the client's address.
+        ip_lease: Option<LeaseAsk>,
     },
     /// `ZREM` a closed stream's lease (no reply).
     ReleaseLease { key: String, member: String },
@@ -62,7 +67,8 @@ pub enum Outcome {
     NotFound,
     NotOwner,
     TicketAlive(bool),
-    Facts(StreamFacts),
+    /// Boxed: the largest answer, and the mailbox carries every answer.
+    Facts(Box<StreamFacts>),
     Published,
 }
 
@@ -78,6 +84,10 @@ pub struct StreamFacts {
     pub lease: LeaseAnswer,
     /// The lease asked for (to give it back if the request has moved on).
     pub lease_ask: Option<LeaseAsk>,
+    /// The client address's lease (taken only once the user's is granted;
+    /// when it is refused, the user's is given back at once).
+    pub ip_lease: LeaseAnswer,
+    pub ip_lease_ask: Option<LeaseAsk>,
 }
 
 pub fn ticket_key(id: &str) -> String {

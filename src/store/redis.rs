@@ -184,6 +184,57 @@ fn worker(client: redis::Client, queues: Queues, completions: &Completions, pend
     }
 }
 
+/// Runs the lease script for `user` and, in the same round trip, for `ip`.
+/// EVALSHA in a pipeline; a Redis that lost its script cache (a restart)
+/// gets it loaded and the pipeline runs again.
+fn acquire(
+    con: &mut redis::Connection,
+    user: &lease::LeaseAsk,
+    ip: Option<&lease::LeaseAsk>,
+) -> redis::RedisResult<(LeaseAnswer, Option<LeaseAnswer>)> {
+    let run = |con: &mut redis::Connection| {
+        let now = crate::time::epoch_ms();
+        let mut pipe = redis::pipe();
+        for ask in std::iter::once(user).chain(ip) {
+            pipe.cmd("EVALSHA")
+                .arg(ACQUIRE.get_hash())
+                .arg(2)
+                .arg(&ask.key)
+                .arg(lease::own_key(&ask.key, &ask.member))
+                .arg(now)
+                .arg(now + ask.ttl_ms)
+                .arg(&ask.member)
+                .arg(ask.limit)
+                .arg(ask.ttl_ms);
+        }
+        pipe.query::<Vec<i64>>(con)
+    };
+    let answers = match run(con) {
+        Err(e) if e.code() == Some("NOSCRIPT") => {
+            ACQUIRE.load(con)?;
+            run(con)?
+        }
+        other => other?,
+    };
+    let answer = |i: usize| answers.get(i).copied().map(LeaseAnswer::from_script);
+    Ok((answer(0).unwrap_or_default(), answer(1)))
+}
+
+/// Gives lease `member` of set `key` back, from the set and from its
+/// instance's part.
+fn release(con: &mut redis::Connection, key: &str, member: &str) -> redis::RedisResult<()> {
+    redis::pipe()
+        .cmd("ZREM")
+        .arg(key)
+        .arg(member)
+        .ignore()
+        .cmd("ZREM")
+        .arg(lease::own_key(key, member))
+        .arg(member)
+        .ignore()
+        .query(con)
+}
+
 /// One job, one round trip (pipelined where it needs several commands).
 fn run(con: &mut redis::Connection, job: &Job) -> redis::RedisResult<Outcome> {
     Ok(match job {
@@ -253,6 +304,7 @@ fn run(con: &mut redis::Connection, job: &Job) -> redis::RedisResult<Outcome> {
             check,
             status_of,
             lease,
+            ip_lease,
         } => {
             let mut pipe = redis::pipe();
             pipe.cmd("EXISTS").arg(ticket_key(ticket_id));
@@ -305,23 +357,34 @@ fn run(con: &mut redis::Connection, job: &Job) -> redis::RedisResult<Outcome> {
             }
             let checks_pass = facts.ticket_alive && facts.owned.iter().all(|o| *o);
             if let (Some(ask), true) = (lease, checks_pass) {
-                let now = crate::time::epoch_ms();
-                let answer: i64 = ACQUIRE
-                    .key(&ask.key)
-                    .arg(now)
-                    .arg(now + ask.ttl_ms)
-                    .arg(&ask.member)
-                    .arg(&ask.prefix)
-                    .arg(ask.limit)
-                    .arg(ask.ttl_ms)
-                    .invoke(con)?;
-                facts.lease = LeaseAnswer::from_script(answer);
+                // Both leases in one round trip; the address's counts only
+                // if the user's is granted (all or nothing, below).
+                let (user, ip) = acquire(con, ask, ip_lease.as_ref())?;
+                facts.lease = user;
                 facts.lease_ask = Some(ask.clone());
+                if let (Some(ip), Some(ip_ask)) = (ip, ip_lease) {
+                    facts.ip_lease = ip;
+                    facts.ip_lease_ask = Some(ip_ask.clone());
+                    let undo = match (user, ip) {
+                        // The address is full: the user's goes back.
+                        (LeaseAnswer::Granted { .. }, LeaseAnswer::Refused { .. }) => Some(ask),
+                        // The user is full: the address's goes back.
+                        (LeaseAnswer::Refused { .. }, LeaseAnswer::Granted { .. }) => Some(ip_ask),
+                        _ => None,
+                    };
+                    if let Some(undo) = undo {
+                        release(con, &undo.key, &undo.member)?;
+                    }
+                    if let LeaseAnswer::Refused { .. } = user {
+                        facts.ip_lease = LeaseAnswer::NotAsked;
+                        facts.ip_lease_ask = None;
+                    }
+                }
             }
-            Outcome::Facts(facts)
+            Outcome::Facts(Box::new(facts))
         }
         Job::ReleaseLease { key, member } => {
-            redis::cmd("ZREM").arg(key).arg(member).query::<u64>(con)?;
+            release(con, key, member)?;
             Outcome::Published
         }
         Job::Publish { channel, payload } => {

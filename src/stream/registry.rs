@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use serde_json::{json, Value};
 
 use crate::auth::UserId;
+use crate::config::limit_key;
 use crate::metrics::Metrics;
 use crate::stream::frame::Purpose;
 
@@ -28,6 +29,8 @@ pub struct Slot {
     pub connected_at_ms: u64,
     /// Where its socket lives: (reactor, connection key).
     pub owner: (usize, usize),
+    /// The address it counts against (IPv6: its /64); set by `open`.
+    pub ip: IpAddr,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -80,6 +83,14 @@ impl Limits {
     }
 }
 
+/// A user's streams (of the purpose asked) and an address's streams held by
+/// other instances, from their leases in Redis (0 in embedded mode).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Elsewhere {
+    pub user: u32,
+    pub ip: u32,
+}
+
 /// Why a stream may not open.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Refusal {
@@ -95,7 +106,8 @@ struct User {
 
 #[derive(Default)]
 struct Tables {
-    users: HashMap<Box<str>, User>,
+    /// Keyed by user id, shared (not copied) with the lease renewer.
+    users: HashMap<Arc<str>, User>,
     ips: HashMap<IpAddr, u32>,
     total: usize,
 }
@@ -119,18 +131,25 @@ impl Registry {
         self.tables.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Takes a slot for `stream`, or says which limit is reached. `elsewhere`
-    /// counts the user's streams of this purpose on other instances.
+    /// Takes a slot for `stream` from `ip`, or says which limit is reached.
+    /// `elsewhere` counts the user's streams of this purpose and the
+    /// address's streams on other instances. IPv6 addresses count per /64.
     pub fn open(
         &self,
         user: &UserId,
         ip: IpAddr,
-        stream: Slot,
-        elsewhere: u32,
+        mut stream: Slot,
+        elsewhere: Elsewhere,
     ) -> Result<(), Refusal> {
+        let ip = limit_key(ip);
+        stream.ip = ip;
         let mut t = self.lock();
-        let mut current = t.users.get(&user.key).map(|u| u.counts).unwrap_or_default();
-        *current.slot(stream.purpose) += elsewhere;
+        let mut current = t
+            .users
+            .get(&*user.key)
+            .map(|u| u.counts)
+            .unwrap_or_default();
+        *current.slot(stream.purpose) += elsewhere.user;
         let purpose = stream.purpose;
         let limit = match purpose {
             Purpose::Alerts => self.limits.alerts,
@@ -139,7 +158,7 @@ impl Registry {
         if current.get(purpose) >= limit {
             return Err(Refusal::User { purpose, current });
         }
-        let ip_streams = t.ips.get(&ip).copied().unwrap_or(0);
+        let ip_streams = t.ips.get(&ip).copied().unwrap_or(0) + elsewhere.ip;
         if ip_streams >= self.limits.per_ip {
             return Err(Refusal::Ip {
                 current,
@@ -148,10 +167,13 @@ impl Registry {
         }
         *t.ips.entry(ip).or_default() += 1;
         // Most users hold one or two streams: no room for four up front.
-        let u = t.users.entry(user.key.clone()).or_insert_with(|| User {
-            counts: Counts::default(),
-            streams: Vec::with_capacity(1),
-        });
+        let u = t
+            .users
+            .entry(Arc::from(&*user.key))
+            .or_insert_with(|| User {
+                counts: Counts::default(),
+                streams: Vec::with_capacity(1),
+            });
         *u.counts.slot(purpose) += 1;
         u.streams.push(stream);
         t.total += 1;
@@ -162,8 +184,9 @@ impl Registry {
 
     /// Gives back the slot of stream `id`.
     pub fn close(&self, user: &UserId, ip: IpAddr, id: StreamId) {
+        let ip = limit_key(ip);
         let mut t = self.lock();
-        let Some(u) = t.users.get_mut(&user.key) else {
+        let Some(u) = t.users.get_mut(&*user.key) else {
             return;
         };
         let Some(pos) = u.streams.iter().position(|s| s.id == id) else {
@@ -172,7 +195,7 @@ impl Registry {
         let purpose = u.streams.swap_remove(pos).purpose;
         *u.counts.slot(purpose) -= 1;
         if u.streams.is_empty() {
-            t.users.remove(&user.key);
+            t.users.remove(&*user.key);
         }
         if let Some(n) = t.ips.get_mut(&ip) {
             *n -= 1;
@@ -188,7 +211,7 @@ impl Registry {
     pub fn of(&self, user: &UserId) -> (Counts, Vec<Slot>) {
         let t = self.lock();
         t.users
-            .get(&user.key)
+            .get(&*user.key)
             .map(|u| (u.counts, u.streams.clone()))
             .unwrap_or_default()
     }
@@ -196,7 +219,7 @@ impl Registry {
     /// Where the user's streams of `purpose` live: (reactor, connection).
     pub fn holders(&self, user: &UserId, purpose: Purpose) -> Vec<(usize, usize)> {
         let t = self.lock();
-        t.users.get(&user.key).map_or_else(Vec::new, |u| {
+        t.users.get(&*user.key).map_or_else(Vec::new, |u| {
             u.streams
                 .iter()
                 .filter(|s| s.purpose == purpose)
@@ -206,12 +229,13 @@ impl Registry {
     }
 
     /// Every open stream: (user, purpose, stream id), for lease renewal.
-    pub fn all(&self) -> Vec<(Box<str>, Purpose, StreamId)> {
+    /// Holds the lock for one pass, copying no string: user ids are shared.
+    pub fn all(&self) -> Vec<(Arc<str>, Purpose, StreamId, IpAddr)> {
         let t = self.lock();
         let mut out = Vec::with_capacity(t.total);
         for (user, u) in &t.users {
             for s in &u.streams {
-                out.push((user.clone(), s.purpose, s.id));
+                out.push((user.clone(), s.purpose, s.id, s.ip));
             }
         }
         out
@@ -233,6 +257,7 @@ mod tests {
             devices: Arc::from(Vec::new()),
             connected_at_ms: 0,
             owner: (0, 0),
+            ip: "0.0.0.0".parse().unwrap(),
         }
     }
 
@@ -253,18 +278,47 @@ mod tests {
         );
         let (alice, bob) = (UserId::named("alice"), UserId::named("bob"));
         let ip: IpAddr = "127.0.0.1".parse().unwrap();
-        assert_eq!(r.open(&alice, ip, stream("a1", Purpose::Data), 0), Ok(()));
         assert_eq!(
-            r.open(&alice, ip, stream("a2", Purpose::Data), 0),
+            r.open(
+                &alice,
+                ip,
+                stream("a1", Purpose::Data),
+                Elsewhere::default()
+            ),
+            Ok(())
+        );
+        assert_eq!(
+            r.open(
+                &alice,
+                ip,
+                stream("a2", Purpose::Data),
+                Elsewhere::default()
+            ),
             Err(Refusal::User {
                 purpose: Purpose::Data,
                 current: Counts { alerts: 0, data: 1 }
             })
         );
-        assert_eq!(r.open(&alice, ip, stream("a3", Purpose::Alerts), 0), Ok(()));
-        assert_eq!(r.open(&bob, ip, stream("b1", Purpose::Data), 0), Ok(()));
         assert_eq!(
-            r.open(&bob, ip, stream("b2", Purpose::Alerts), 0),
+            r.open(
+                &alice,
+                ip,
+                stream("a3", Purpose::Alerts),
+                Elsewhere::default()
+            ),
+            Ok(())
+        );
+        assert_eq!(
+            r.open(&bob, ip, stream("b1", Purpose::Data), Elsewhere::default()),
+            Ok(())
+        );
+        assert_eq!(
+            r.open(
+                &bob,
+                ip,
+                stream("b2", Purpose::Alerts),
+                Elsewhere::default()
+            ),
             Err(Refusal::Ip {
                 current: Counts { alerts: 0, data: 1 },
                 ip_streams: 3
@@ -273,7 +327,15 @@ mod tests {
         assert_eq!(r.total(), 3);
         r.close(&alice, ip, sid("a1"));
         r.close(&alice, ip, sid("a1")); // twice: harmless
-        assert_eq!(r.open(&alice, ip, stream("a4", Purpose::Data), 0), Ok(()));
+        assert_eq!(
+            r.open(
+                &alice,
+                ip,
+                stream("a4", Purpose::Data),
+                Elsewhere::default()
+            ),
+            Ok(())
+        );
         let (counts, streams) = r.of(&alice);
         assert_eq!(counts, Counts { alerts: 1, data: 1 });
         assert_eq!(streams.len(), 2);
@@ -284,12 +346,63 @@ mod tests {
         assert_eq!(r.of(&alice).0, Counts::default());
         // A stream on another instance counts against the user's limit.
         assert_eq!(
-            r.open(&alice, ip, stream("a5", Purpose::Data), 1),
+            r.open(
+                &alice,
+                ip,
+                stream("a5", Purpose::Data),
+                Elsewhere { user: 1, ip: 0 }
+            ),
             Err(Refusal::User {
                 purpose: Purpose::Data,
                 current: Counts { alerts: 0, data: 1 }
             })
         );
         assert_eq!(r.all().len(), 0);
+    }
+
+    #[test]
+    fn the_per_ip_limit_counts_other_instances_and_ipv6_per_64() {
+        let r = Registry::new(
+            Limits {
+                alerts: 9,
+                data: 9,
+                per_ip: 2,
+            },
+            Arc::default(),
+        );
+        let u = UserId::named("u");
+        let a: IpAddr = "2001:db8:0:1::a".parse().unwrap();
+        let b: IpAddr = "2001:db8:0:1::b".parse().unwrap();
+        let other: IpAddr = "2001:db8:0:2::a".parse().unwrap();
+        assert_eq!(
+            r.open(&u, a, stream("1", Purpose::Data), Elsewhere::default()),
+            Ok(())
+        );
+        // Same /64, one more held by another instance: full.
+        let elsewhere = Elsewhere { user: 0, ip: 1 };
+        assert!(matches!(
+            r.open(&u, b, stream("2", Purpose::Data), elsewhere),
+            Err(Refusal::Ip { ip_streams: 2, .. })
+        ));
+        assert_eq!(
+            r.open(&u, b, stream("3", Purpose::Data), Elsewhere::default()),
+            Ok(())
+        );
+        assert!(r
+            .open(&u, a, stream("4", Purpose::Data), Elsewhere::default())
+            .is_err());
+        assert_eq!(
+            r.open(&u, other, stream("5", Purpose::Data), Elsewhere::default()),
+            Ok(())
+        );
+        r.close(&u, b, sid("1"));
+        assert_eq!(
+            r.open(&u, a, stream("6", Purpose::Data), Elsewhere::default()),
+            Ok(())
+        );
+        assert!(r
+            .all()
+            .iter()
+            .all(|(_, _, _, ip)| ip.to_string().starts_with("2001:db8:0:")));
     }
 }

@@ -2,9 +2,15 @@
 //! frame costs one hash lookup plus its subscribers, not a scan of every
 //! stream. Data and alert streams are indexed apart since the same device's
 //! events go to one kind or the other.
+//!
+//! Each device's subscribers are an insertion-ordered set: fan-out walks a
+//! dense array as a `Vec` would, and a stream leaves in O(1) (a swap with
+//! the last), so a reconnect storm on a hot device is not quadratic.
 
 use std::collections::HashMap;
 use std::sync::Arc;
+
+use indexmap::IndexSet;
 
 use crate::stream::frame::{Frame, Purpose};
 
@@ -19,14 +25,14 @@ pub enum Filter {
 
 #[derive(Default)]
 pub struct Subscriptions {
-    data: HashMap<Box<str>, Vec<usize>>,
-    alerts: HashMap<Box<str>, Vec<usize>>,
+    data: HashMap<Box<str>, IndexSet<usize>>,
+    alerts: HashMap<Box<str>, IndexSet<usize>>,
     /// Alert streams that receive every device (admins).
-    alerts_all: Vec<usize>,
+    alerts_all: IndexSet<usize>,
 }
 
 impl Subscriptions {
-    fn table(&mut self, purpose: Purpose) -> &mut HashMap<Box<str>, Vec<usize>> {
+    fn table(&mut self, purpose: Purpose) -> &mut HashMap<Box<str>, IndexSet<usize>> {
         match purpose {
             Purpose::Data => &mut self.data,
             Purpose::Alerts => &mut self.alerts,
@@ -35,16 +41,20 @@ impl Subscriptions {
 
     pub fn add(&mut self, stream: usize, purpose: Purpose, filter: &Filter) {
         match filter {
-            Filter::All => self.alerts_all.push(stream),
+            Filter::All => {
+                self.alerts_all.insert(stream);
+            }
             Filter::Devices(devices) => {
                 let table = self.table(purpose);
                 for d in devices.iter() {
                     // Look up before inserting: the key is cloned only for a
                     // device nobody here watched yet.
                     match table.get_mut(&**d) {
-                        Some(list) => list.push(stream),
+                        Some(set) => {
+                            set.insert(stream);
+                        }
                         None => {
-                            table.insert(d.clone(), vec![stream]);
+                            table.insert(d.clone(), IndexSet::from([stream]));
                         }
                     }
                 }
@@ -53,10 +63,8 @@ impl Subscriptions {
     }
 
     pub fn remove(&mut self, stream: usize, purpose: Purpose, filter: &Filter) {
-        let drop_from = |list: &mut Vec<usize>| {
-            if let Some(i) = list.iter().position(|s| *s == stream) {
-                list.swap_remove(i);
-            }
+        let drop_from = |set: &mut IndexSet<usize>| {
+            set.swap_remove(&stream);
         };
         match filter {
             Filter::All => drop_from(&mut self.alerts_all),
@@ -155,5 +163,49 @@ mod tests {
             Vec::<usize>::new()
         );
         assert!(!s.data.contains_key("A"), "empty lists are dropped");
+    }
+
+    /// The naive model: every open stream with its filter, scanned.
+    fn naive(open: &[(usize, Purpose, Filter)], f: &Frame) -> Vec<usize> {
+        let mut v: Vec<usize> = open
+            .iter()
+            .filter(|(_, p, filter)| wants(*p, filter, f))
+            .map(|(k, _, _)| *k)
+            .collect();
+        v.sort();
+        v
+    }
+
+    proptest::proptest! {
+        /// Any sequence of opens and closes routes every frame exactly as
+        /// scanning every stream would.
+        #[test]
+        fn matches_the_naive_model(ops in proptest::collection::vec((0..40usize, 0..3usize, 0..8u8, proptest::bool::ANY), 1..200)) {
+            let mut s = Subscriptions::default();
+            let mut open: Vec<(usize, Purpose, Filter)> = Vec::new();
+            let device = |n: u8| format!("D{}", n % 5);
+            for (key, kind, dev, close) in ops {
+                if let Some(i) = open.iter().position(|(k, _, _)| *k == key) {
+                    if close {
+                        let (k, p, f) = open.swap_remove(i);
+                        s.remove(k, p, &f);
+                    }
+                    continue;
+                }
+                let (purpose, filter) = match kind {
+                    0 => (Purpose::Data, Filter::Devices([device(dev), device(dev / 2)].map(|d| d.into_boxed_str()).into())),
+                    1 => (Purpose::Alerts, Filter::Devices([device(dev)].map(|d| d.into_boxed_str()).into())),
+                    _ => (Purpose::Alerts, Filter::All),
+                };
+                s.add(key, purpose, &filter);
+                open.push((key, purpose, filter));
+                for d in 0..5u8 {
+                    for event in [Event::RealtimeUpdate, Event::MachineAlert] {
+                        let f = frame(event, &device(d));
+                        proptest::prop_assert_eq!(who(&s, &f), naive(&open, &f));
+                    }
+                }
+            }
+        }
     }
 }

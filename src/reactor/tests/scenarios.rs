@@ -1,0 +1,225 @@
+//! Named races of the connection state machine, each replayed the same way
+//! every time: page reload, pipelining, partial writes, slow consumers,
+//! drain, a client gone during its lookup, lookups that never come back, a
+//! mailbox that overflowed.
+
+use std::time::Duration;
+
+use super::{stream_request, Client, Lab, T};
+
+#[test]
+fn a_page_reload_never_meets_429() {
+    let mut lab = Lab::new(&[]);
+    lab.memory().grant("u1", "M1");
+    let ticket = lab.ticket("u1");
+    let mut first = Client::connect(&mut lab);
+    first.send(&stream_request(&ticket, "M1"));
+    assert!(lab.until(T, |_| first.pump().statuses() == [200]));
+    lab.check_slots();
+    // The reload: the old page's socket closes and the new one asks in the
+    // same instant; the reactor sees the request before the close.
+    let mut second = Client::connect(&mut lab);
+    second.send(&stream_request(&ticket, "M1"));
+    drop(first);
+    assert!(lab.until(T, |_| !second.pump().statuses().is_empty()));
+    assert_eq!(second.statuses(), [200], "{}", second.text());
+    lab.check_slots();
+    drop(second);
+    assert!(lab.until(T, |lab| lab.reactor.connections() == 0));
+    lab.check_empty();
+}
+
+#[test]
+fn pipelined_requests_are_answered_in_order() {
+    let mut lab = Lab::new(&[]);
+    let mut c = Client::connect(&mut lab);
+    c.send(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\nGET /nope HTTP/1.1\r\nHost: t\r\n\r\nDELETE /health HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+    assert!(lab.until(T, |_| c.pump().closed));
+    assert_eq!(c.statuses(), [200, 404, 405]);
+    assert!(lab.until(T, |lab| lab.reactor.connections() == 0));
+    lab.check_empty();
+}
+
+#[test]
+fn a_large_response_completes_through_partial_writes() {
+    let mut lab = Lab::new(&[]);
+    let mut c = Client::connect_with(&mut lab, Some(2048));
+    c.send(b"GET /sse/client.js HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+    let want = include_bytes!("../../../web/sse-client.js").len();
+    // Read a little at a time: the reactor meets a full socket buffer over
+    // and over, and must resume exactly where it stopped.
+    assert!(lab.until(Duration::from_secs(5), |lab| {
+        lab.turn();
+        c.read_some(700).closed
+    }));
+    let text = c.text();
+    let body = &text[text.find("\r\n\r\n").expect("head") + 4..];
+    assert_eq!(body.len(), want);
+    assert!(lab.until(T, |lab| lab.reactor.connections() == 0));
+    lab.check_empty();
+}
+
+#[test]
+fn a_slow_consumer_is_closed_and_a_fast_one_keeps_up() {
+    let mut lab = Lab::new(&["--max-backlog-bytes", "20000", "--max-data-per-user", "5"]);
+    lab.memory().grant("u1", "M1");
+    let ticket = lab.ticket("u1");
+    let mut slow = Client::connect_with(&mut lab, Some(2048));
+    slow.send(&stream_request(&ticket, "M1"));
+    let mut fast = Client::connect(&mut lab);
+    fast.send(&stream_request(&ticket, "M1"));
+    assert!(lab.until(T, |_| fast.pump().statuses() == [200]));
+    assert!(lab.until(T, |lab| lab.gw.registry.total() == 2));
+    // 6 MB: more than every socket buffer between the slow client and us.
+    let pad = "x".repeat(10_000);
+    for n in 0..600 {
+        let msg = format!(r#"{{"deviceId":"M1","data":{{"n":{n},"pad":"{pad}"}}}}"#);
+        lab.gw
+            .hub
+            .publish("mqtt:realtime:processed", msg.as_bytes())
+            .expect("published");
+        lab.turn();
+        fast.pump();
+    }
+    assert!(lab.until(T, |lab| lab.gw.registry.total() == 1));
+    assert!(lab.until(T, |_| fast.pump().text().contains("\"n\":599")));
+    assert_eq!(
+        lab.gw
+            .metrics
+            .slow_consumers
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+}
+
+#[test]
+fn a_drain_says_shutdown_to_streams_and_closes_everything() {
+    let mut lab = Lab::new(&["--drain-secs", "1"]);
+    lab.memory().grant("u1", "M1");
+    let ticket = lab.ticket("u1");
+    let mut s = Client::connect(&mut lab);
+    s.send(&stream_request(&ticket, "M1"));
+    assert!(lab.until(T, |_| s.pump().statuses() == [200]));
+    let _idle = Client::connect(&mut lab);
+    lab.gw.hub.drain();
+    let mut drained = false;
+    assert!(lab.until(T, |lab| {
+        drained = lab
+            .reactor
+            .turn(&mut lab.events, Some(Duration::from_millis(5)))
+            .expect("turn");
+        drained
+    }));
+    s.pump();
+    assert!(s.text().contains("{\"kind\":\"shutdown\"}"), "{}", s.text());
+    assert_eq!(lab.reactor.connections(), 0);
+    assert_eq!(lab.gw.registry.total(), 0);
+    assert_eq!(lab.gw.peers.addresses(), 0);
+}
+
+#[test]
+fn a_client_that_leaves_during_its_lookup_holds_nothing() {
+    let mut lab = Lab::new(&[]);
+    lab.memory().grant("u1", "M1");
+    let ticket = lab.ticket("u1");
+    lab.memory().hold();
+    let mut c = Client::connect(&mut lab);
+    c.send(&stream_request(&ticket, "M1"));
+    assert!(lab.until(T, |lab| lab.phases() == ["waiting"]));
+    drop(c);
+    lab.turns_for(Duration::from_millis(20));
+    lab.release(&[]);
+    assert!(lab.until(T, |lab| lab.reactor.connections() == 0));
+    lab.check_empty();
+    // And the user's slot is free for the next page.
+    let mut again = Client::connect(&mut lab);
+    again.send(&stream_request(&ticket, "M1"));
+    lab.turns_for(Duration::from_millis(20));
+    lab.release(&[]);
+    assert!(lab.until(T, |_| again.pump().statuses() == [200]));
+}
+
+#[test]
+fn a_lookup_that_never_comes_back_is_answered_503() {
+    let mut lab = Lab::new(&[]);
+    lab.memory().hold();
+    let mut c = Client::connect(&mut lab);
+    let body = format!(
+        "POST /sse/stream-ticket HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {}\r\nContent-Length: 0\r\n\r\n",
+        lab.token("u1")
+    );
+    c.send(body.as_bytes());
+    assert!(lab.until(Duration::from_secs(4), |_| !c.pump().statuses().is_empty()));
+    assert_eq!(c.statuses(), [503]);
+    assert!(c.text().contains("Retry-After: 1"));
+    // Its late answer finds the connection moved on.
+    lab.release(&[]);
+    lab.turns_for(Duration::from_millis(20));
+    assert_eq!(lab.phases(), ["reading"]);
+}
+
+/// Frames of the stream's device, in order: `n` values, and `replay-gap`s.
+fn values(c: &Client) -> Vec<String> {
+    c.text()
+        .split("\n\n")
+        .filter_map(|block| {
+            if block.contains("\"kind\":\"replay-gap\"") {
+                return Some("gap".to_owned());
+            }
+            let at = block.find("\"n\":")? + 4;
+            let end = at + block[at..].find(|ch: char| !ch.is_ascii_digit())?;
+            Some(block[at..end].to_owned())
+        })
+        .collect()
+}
+
+#[test]
+fn a_reactor_whose_mailbox_overflowed_recovers_the_frames_from_the_replay_window() {
+    let mut lab = Lab::new(&["--mailbox-frames", "4"]);
+    lab.memory().grant("u1", "M1");
+    let ticket = lab.ticket("u1");
+    let mut s = Client::connect(&mut lab);
+    s.send(&stream_request(&ticket, "M1"));
+    assert!(lab.until(T, |_| s.pump().statuses() == [200]));
+    // 50 events while the reactor does not turn: 46 find its mailbox full.
+    for n in 0..50 {
+        let msg = format!(r#"{{"deviceId":"M1","data":{{"n":{n}}}}}"#);
+        lab.gw
+            .hub
+            .publish("mqtt:realtime:processed", msg.as_bytes())
+            .expect("published");
+    }
+    let want: Vec<String> = (0..50).map(|n| n.to_string()).collect();
+    assert!(lab.until(T, |_| values(s.pump()).len() >= 50));
+    assert_eq!(values(&s), want, "every frame once, in order");
+    let overflowed = lab
+        .gw
+        .metrics
+        .mailbox_overflows
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(overflowed, 46);
+}
+
+#[test]
+fn frames_the_replay_window_no_longer_holds_become_a_replay_gap() {
+    let mut lab = Lab::new(&["--mailbox-frames", "4", "--replay-events", "8"]);
+    lab.memory().grant("u1", "M1");
+    let ticket = lab.ticket("u1");
+    let mut s = Client::connect(&mut lab);
+    s.send(&stream_request(&ticket, "M1"));
+    assert!(lab.until(T, |_| s.pump().statuses() == [200]));
+    for n in 0..50 {
+        let msg = format!(r#"{{"deviceId":"M1","data":{{"n":{n}}}}}"#);
+        lab.gw
+            .hub
+            .publish("mqtt:realtime:processed", msg.as_bytes())
+            .expect("published");
+    }
+    // The first four arrive; the window (8 events) no longer holds the
+    // hole: a gap at that point, then what it holds, never a silent loss.
+    assert!(lab.until(T, |_| values(s.pump()).last().map(String::as_str)
+        == Some("49")));
+    let mut want: Vec<String> = ["0", "1", "2", "3", "gap"].map(String::from).to_vec();
+    want.extend((42..50).map(|n| n.to_string()));
+    assert_eq!(values(&s), want);
+}
