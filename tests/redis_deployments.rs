@@ -651,9 +651,9 @@ fn move_slot(nodes: &[Server], key: &str, from: usize, to: usize) {
 }
 
 #[test]
-fn cluster_of_three_masters_tickets_leases_streams_and_a_moved_slot() {
+fn cluster_of_three_masters_tickets_leases_streams_a_moved_slot_and_a_lost_node() {
     let dir = Scratch::new("cluster");
-    let nodes: Vec<Server> = (0..3)
+    let mut nodes: Vec<Server> = (0..3)
         .map(|n| {
             let port = free_port();
             let mut args = base_args(port);
@@ -776,6 +776,32 @@ fn cluster_of_three_masters_tickets_leases_streams_and_a_moved_slot() {
     // The others keep receiving.
     publish(&mut nodes[1].con(), &devices[1], 42);
     expect_n(&mut streams[1], 42, T);
+
+    // The node the subscribers listen through (the first live seed) dies:
+    // they move to the next seed, and the same streams deliver again.
+    let listening = |node: &Server| -> i64 {
+        let counts: Vec<(String, i64)> = redis::cmd("PUBSUB")
+            .arg(&["NUMSUB", "mqtt:realtime:processed"][..])
+            .query(&mut node.con())
+            .unwrap_or_default();
+        counts.first().map_or(0, |c| c.1)
+    };
+    assert_eq!(
+        listening(&nodes[0]),
+        2,
+        "both gateways listen on the first live seed"
+    );
+    let since = Instant::now();
+    nodes[0].kill();
+    assert!(
+        wait_until(T, || listening(&nodes[1]) == 2),
+        "no resubscription"
+    );
+    publish(&mut nodes[2].con(), &devices[2], 43);
+    for s in &mut streams[1..5] {
+        expect_n(s, 43, T);
+    }
+    assert!(since.elapsed() < T, "{:?}", since.elapsed());
 }
 
 /// Takes `device` away from `user` and announces it through `node`: the

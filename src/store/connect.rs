@@ -370,7 +370,12 @@ fn sentinel(
     let settings = template.redis_settings();
     let mut builder = SentinelClientBuilder::new(addrs, master_name, SentinelServerType::Master)
         .map_err(|e| format!("{flag}: {e}"))?
-        .set_client_to_redis_db(settings.db());
+        .set_client_to_redis_db(settings.db())
+        // redis-rs asks Sentinels without a read timeout: a Sentinel host
+        // that vanished fails the question after this, not minutes later.
+        .set_client_to_sentinel_tcp_settings(
+            redis::io::tcp::TcpSettings::default().set_user_timeout(IO_TIMEOUT),
+        );
     if let Some(user) = settings.username() {
         builder = builder.set_client_to_redis_username(user);
     }
