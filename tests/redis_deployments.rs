@@ -105,20 +105,15 @@ impl Drop for Server {
     }
 }
 
+/// Loopback, nothing saved; files a server must write (a replica's copy of
+/// the master's data) go to the temp dir, never the working directory.
 fn base_args(port: u16) -> Vec<String> {
-    [
-        "--port",
-        &port.to_string(),
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    let dir = std::env::temp_dir().to_string_lossy().into_owned();
+    let port = port.to_string();
+    let args = ["--port", &port, "--bind", "127.0.0.1", "--save", ""];
+    let mut args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    args.extend(["--appendonly", "no", "--dir", &dir].map(String::from));
+    args
 }
 
 fn connect(url: &str) -> redis::Connection {
@@ -490,7 +485,13 @@ fn sentinel_field(sentinel: &Server, name: &str) -> i64 {
 fn sentinel_failover_keeps_the_open_stream_delivering() {
     let dir = Scratch::new("sentinel");
     let mut master = Server::plain(&[]);
-    let replica = Server::plain(&["--replicaof", "127.0.0.1", &master.port.to_string()]);
+    let replica = Server::plain(&[
+        "--replicaof",
+        "127.0.0.1",
+        &master.port.to_string(),
+        "--dir",
+        &dir.path(""),
+    ]);
     let sentinels: Vec<Server> = (0..3)
         .map(|n| {
             let port = free_port();
