@@ -23,9 +23,33 @@ pub struct Config {
     #[arg(long, env = "SSE_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
-    /// Redis URL (redis://host:port/db). Unset: embedded mode, in-process bus and stores.
+    /// Redis URL (redis[s]://[user:pass@]host:port/db; rediss: TLS). Unset: embedded mode, in-process bus and stores. With Sentinels or a Cluster: only its scheme, user, password and db are used.
     #[arg(long, env = "REDIS_URL")]
     pub redis_url: Option<String>,
+
+    /// PEM CA bundle that a rediss:// Redis's certificate must chain to [default: the system roots].
+    #[arg(long, env = "REDIS_CA_FILE")]
+    pub redis_ca_file: Option<PathBuf>,
+
+    /// PEM client certificate for mutual TLS with Redis (with --redis-key-file).
+    #[arg(long, env = "REDIS_CERT_FILE")]
+    pub redis_cert_file: Option<PathBuf>,
+
+    /// PEM private key of --redis-cert-file.
+    #[arg(long, env = "REDIS_KEY_FILE")]
+    pub redis_key_file: Option<PathBuf>,
+
+    /// Sentinels (comma-separated host:port) that name the Redis master; failovers are followed. Needs --redis-master-name.
+    #[arg(long, env = "REDIS_SENTINELS", value_delimiter = ',')]
+    pub redis_sentinels: Vec<String>,
+
+    /// The master name the Sentinels monitor.
+    #[arg(long, env = "REDIS_MASTER_NAME")]
+    pub redis_master_name: Option<String>,
+
+    /// Seed nodes (comma-separated host:port) of a Redis Cluster.
+    #[arg(long, env = "REDIS_CLUSTER", value_delimiter = ',')]
+    pub redis_cluster: Vec<String>,
 
     /// HS256 key of the access tokens the main app issues. Required unless --demo (then random).
     #[arg(long, env = "JWT_SECRET", hide_env_values = true)]

@@ -20,6 +20,7 @@ use crate::metrics::Metrics;
 use crate::reactor::mailbox::{Inbox, Mailbox, Mailboxes};
 use crate::reactor::peers::PeerCounts;
 use crate::reactor::{listener, Reactor, WAKER};
+use crate::store::connect::Deployment;
 use crate::store::lease::Leases;
 use crate::store::memory::Memory;
 use crate::store::redis::RedisPool;
@@ -43,7 +44,7 @@ pub struct Assembly {
     pub reactors: Vec<Reactor>,
     /// Where the listeners are bound (the real port when `--listen` said 0).
     pub local: SocketAddr,
-    redis: Option<redis::Client>,
+    redis: Option<Arc<Deployment>>,
     conflator: Option<Arc<Conflator>>,
 }
 
@@ -51,19 +52,10 @@ pub struct Assembly {
 /// context and the reactors. No thread is started, except the Redis store's
 /// workers and lease renewer (Redis mode).
 pub fn assemble(config: Config) -> Result<Assembly, Fatal> {
-    if config.demo && config.redis_url.is_some() {
-        return Err(Fatal::Config(
-            "--demo runs embedded: leave --redis-url (REDIS_URL) unset".into(),
-        ));
-    }
+    let redis_client = Deployment::from_config(&config)
+        .map_err(Fatal::Config)?
+        .map(Arc::new);
     let credentials = crate::auth::credentials::load(&config).map_err(Fatal::Config)?;
-    let redis_client = match &config.redis_url {
-        Some(url) => Some(
-            redis::Client::open(url.as_str())
-                .map_err(|e| Fatal::Config(format!("--redis-url (REDIS_URL): {e}")))?,
-        ),
-        None => None,
-    };
     let io = |e: std::io::Error| Fatal::Io(e.to_string());
 
     let workers = config.workers();
@@ -111,7 +103,7 @@ pub fn assemble(config: Config) -> Result<Assembly, Fatal> {
             .store(1, std::sync::atomic::Ordering::Relaxed);
     }
     let store = match &redis_client {
-        Some(client) => Store::Redis(RedisPool::start(client.clone(), completions(&mailboxes))),
+        Some(redis) => Store::Redis(RedisPool::start(redis.clone(), completions(&mailboxes))),
         None => Store::Memory(Memory::default()),
     };
     if let (true, Some(memory)) = (config.demo, store.memory()) {
@@ -201,8 +193,8 @@ pub fn run(config: Config) -> Result<(), Fatal> {
             .spawn(move || hub.run_conflator(&conflator))
             .map_err(io)?;
     }
-    if let Some(client) = redis {
-        crate::ingress::subscriber::subscribe(client, gw.hub.clone()).map_err(io)?;
+    if let Some(redis) = redis {
+        crate::ingress::subscriber::subscribe(redis, gw.hub.clone()).map_err(io)?;
     }
     if gw.config.demo {
         demo::start(gw.hub.clone()).map_err(io)?;
@@ -211,7 +203,7 @@ pub fn run(config: Config) -> Result<(), Fatal> {
 
     let mode = if gw.config.demo {
         "demo"
-    } else if gw.config.redis_url.is_some() {
+    } else if matches!(gw.store, Store::Redis(_)) {
         "redis"
     } else {
         "embedded"

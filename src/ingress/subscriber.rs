@@ -3,7 +3,9 @@
 //! (`sse:revoke`) and access changes (`sse:access-changed`) go to every
 //! reactor. When Redis goes away it tells every stream `degraded`,
 //! reconnects with capped exponential backoff and jitter, resubscribes and
-//! tells them `recovered`.
+//! tells them `recovered`. Where it reconnects (the server, the master the
+//! Sentinels name now, the next Cluster seed) is the [`Deployment`]'s
+//! business.
 
 use std::sync::Arc;
 use std::thread;
@@ -13,15 +15,16 @@ use log::{info, warn};
 use rand::Rng;
 
 use super::{Hub, RedisState};
+use crate::store::connect::{Deployment, Link};
 use crate::store::protocol::{Job, Outcome, ACCESS_CHANGED_CHANNEL, REVOKE_CHANNEL};
-use crate::store::redis::{run_once_more, CONNECT_TIMEOUT};
+use crate::store::redis::run_once_more;
 use crate::stream::frame::{Frame, CHANNELS};
 
 /// Starts the subscriber thread.
-pub fn subscribe(client: redis::Client, hub: Arc<Hub>) -> std::io::Result<thread::JoinHandle<()>> {
+pub fn subscribe(redis: Arc<Deployment>, hub: Arc<Hub>) -> std::io::Result<thread::JoinHandle<()>> {
     thread::Builder::new()
         .name("redis-subscriber".into())
-        .spawn(move || subscriber(client, hub))
+        .spawn(move || subscriber(&redis, hub))
 }
 
 /// Where the subscriber stands in an outage.
@@ -33,15 +36,21 @@ struct Outage {
     failures: u32,
 }
 
-fn subscriber(client: redis::Client, hub: Arc<Hub>) {
+fn subscriber(redis: &Deployment, hub: Arc<Hub>) {
     let mut outage = Outage::default();
     loop {
-        match listen(&client, &hub, &mut outage) {
+        match listen(redis, &hub, &mut outage) {
             Ok(()) => return,
             Err(e) => {
-                if hub.redis_state() != RedisState::Down {
-                    warn!("redis subscriber lost Redis: {e}");
+                // The first failure of an outage (or of the start: a wrong
+                // password or CA is told here, once) is logged.
+                if outage.failures == 0 {
+                    warn!(
+                        "redis subscriber cannot reach Redis ({}): {e}",
+                        redis.describe()
+                    );
                 }
+                redis.pubsub_failed();
                 hub.set_redis_state(RedisState::Down);
                 if !outage.degraded {
                     outage.degraded = true;
@@ -61,10 +70,10 @@ pub fn backoff(failures: u32) -> Duration {
     Duration::from_millis(rand::rng().random_range(cap_ms / 2..=cap_ms))
 }
 
-fn listen(client: &redis::Client, hub: &Hub, outage: &mut Outage) -> redis::RedisResult<()> {
-    let mut con = client.get_connection_with_timeout(CONNECT_TIMEOUT)?;
+fn listen(redis: &Deployment, hub: &Hub, outage: &mut Outage) -> redis::RedisResult<()> {
+    let mut con = redis.pubsub()?;
     // Access changes need a set read, which a subscribed connection cannot do.
-    let mut reads: Option<redis::Connection> = None;
+    let mut reads: Option<Link> = None;
     let mut pubsub = con.as_pubsub();
     pubsub.subscribe(&CHANNELS[..])?;
     pubsub.subscribe(&[REVOKE_CHANNEL, ACCESS_CHANGED_CHANNEL][..])?;
@@ -73,7 +82,8 @@ fn listen(client: &redis::Client, hub: &Hub, outage: &mut Outage) -> redis::Redi
     pubsub.set_read_timeout(Some(Duration::from_secs(15)))?;
     if hub.redis_state() != RedisState::Up {
         info!(
-            "redis subscriber connected, channels: {}",
+            "redis subscriber connected ({}), channels: {}",
+            redis.describe(),
             CHANNELS.join(", ")
         );
     }
@@ -92,7 +102,7 @@ fn listen(client: &redis::Client, hub: &Hub, outage: &mut Outage) -> redis::Redi
             Ok(msg) => match msg.get_channel_name() {
                 REVOKE_CHANNEL => revoke(hub, msg.get_payload_bytes()),
                 ACCESS_CHANGED_CHANNEL => {
-                    access_changed(client, &mut reads, hub, msg.get_payload_bytes())
+                    access_changed(redis, &mut reads, hub, msg.get_payload_bytes())
                 }
                 // Bad messages are counted inside and never stop the loop.
                 channel => {
@@ -120,12 +130,7 @@ fn revoke(hub: &Hub, payload: &[u8]) {
 
 /// `PUBLISH sse:access-changed <user id>`: read the user's devices again
 /// and let every reactor apply them.
-fn access_changed(
-    client: &redis::Client,
-    reads: &mut Option<redis::Connection>,
-    hub: &Hub,
-    payload: &[u8],
-) {
+fn access_changed(redis: &Deployment, reads: &mut Option<Link>, hub: &Hub, payload: &[u8]) {
     let user = std::str::from_utf8(payload)
         .ok()
         .map(str::trim)
@@ -134,7 +139,7 @@ fn access_changed(
         warn!("ignored a {ACCESS_CHANGED_CHANNEL} message that is not a user id");
         return;
     };
-    match run_once_more(client, reads, &Job::Owned { user: user.clone() }) {
+    match run_once_more(redis, reads, &Job::Owned { user: user.clone() }) {
         Outcome::Owned(owned) => hub.access_changed(&user, owned),
         _ => warn!("could not read the devices of user {user} after an access change"),
     }

@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use log::warn;
 
+use super::connect::{Deployment, Link};
 use crate::auth::UserId;
 use crate::stream::frame::Purpose;
 use crate::stream::registry::{Registry, StreamId};
@@ -151,19 +152,19 @@ impl Leases {
     /// Starts the thread that renews every local stream's lease.
     pub fn start_renewing(
         self: &Arc<Self>,
-        client: redis::Client,
+        redis: Arc<Deployment>,
         registry: Arc<Registry>,
     ) -> std::io::Result<()> {
         let leases = self.clone();
         thread::Builder::new()
             .name("lease-renewer".into())
-            .spawn(move || leases.renew_forever(&client, &registry))?;
+            .spawn(move || leases.renew_forever(&redis, &registry))?;
         Ok(())
     }
 
-    fn renew_forever(&self, client: &redis::Client, registry: &Registry) {
+    fn renew_forever(&self, redis: &Deployment, registry: &Registry) {
         let period = self.ttl / 3;
-        let mut con: Option<redis::Connection> = None;
+        let mut con: Option<Link> = None;
         loop {
             thread::sleep(period);
             let streams = registry.all();
@@ -171,16 +172,15 @@ impl Leases {
                 continue;
             }
             if con.is_none() {
-                con = client
-                    .get_connection_with_timeout(Duration::from_secs(1))
-                    .ok();
+                con = redis.link().ok();
             }
             let Some(c) = con.as_mut() else { continue };
             let expiry = epoch_ms() + self.ttl.as_millis() as u64;
             // In pipelines of a bounded size: one for 100,000 streams would
             // need tens of megabytes of buffers, which the allocator keeps.
+            // In a Cluster, each goes to the nodes of its keys' slots.
             for batch in streams.chunks(RENEW_BATCH) {
-                let mut pipe = redis::pipe();
+                let mut cmds = Vec::with_capacity(batch.len() * 8);
                 for (user, purpose, id, ip) in batch {
                     let member = self.member(*id);
                     for set in [ip_key(*ip), key(user, *purpose)] {
@@ -188,20 +188,15 @@ impl Leases {
                         for k in [set, own] {
                             // XX: never bring back a lease released since
                             // the snapshot.
-                            pipe.cmd("ZADD")
-                                .arg(&k)
-                                .arg("XX")
-                                .arg(expiry)
-                                .arg(&member)
-                                .ignore();
-                            pipe.cmd("PEXPIRE")
-                                .arg(&k)
-                                .arg(self.ttl.as_millis() as u64)
-                                .ignore();
+                            let mut zadd = redis::cmd("ZADD");
+                            zadd.arg(&k).arg("XX").arg(expiry).arg(&member);
+                            let mut pexpire = redis::cmd("PEXPIRE");
+                            pexpire.arg(&k).arg(self.ttl.as_millis() as u64);
+                            cmds.extend([zadd, pexpire]);
                         }
                     }
                 }
-                if let Err(e) = pipe.query::<()>(c) {
+                if let Err(e) = c.batch(cmds) {
                     warn!("lease renewal failed: {e}");
                     con = None;
                     break;

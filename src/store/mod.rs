@@ -11,8 +11,10 @@
 //! - [`protocol`]: jobs, outcomes, addresses and the Redis key names.
 //! - [`memory`]: the embedded store.
 //! - [`redis`]: the Redis worker pool.
+//! - [`connect`]: where Redis is (one server, Sentinel, Cluster) and how to connect.
 //! - [`lease`]: cluster-wide per-user limits.
 
+pub mod connect;
 pub mod lease;
 pub mod memory;
 pub mod protocol;

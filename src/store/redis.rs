@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use log::warn;
+use redis::Value;
 
+use super::connect::{worth_a_fresh_link, Deployment, Link};
 use super::lease::{self, LeaseAnswer};
 use super::protocol::{
     device_id, devices_key, mints_key, status_key, ticket_key, Job, Outcome, Reply, StreamFacts,
@@ -20,11 +22,6 @@ use super::protocol::{
 };
 use super::Completions;
 
-pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(1000);
-/// Longer than the reactors' 2 s lookup deadline, so that a lookup Redis
-/// answers late still comes back (and a lease it took is given back)
-/// instead of dying with its connection while Redis runs it anyway.
-const IO_TIMEOUT: Duration = Duration::from_secs(5);
 const QUEUE_BOUND: usize = 16_384;
 const WORKERS: usize = 4;
 
@@ -57,17 +54,17 @@ pub struct RedisPool {
 }
 
 impl RedisPool {
-    pub fn start(client: redis::Client, completions: Completions) -> RedisPool {
+    pub fn start(redis: Arc<Deployment>, completions: Completions) -> RedisPool {
         let (tx, rx) = crossbeam_channel::bounded(QUEUE_BOUND);
         let (fired, fired_rx) = crossbeam_channel::unbounded();
         let pending = Arc::new(AtomicUsize::new(0));
         for n in 0..WORKERS {
-            let (client, completions) = (client.clone(), completions.clone());
+            let (redis, completions) = (redis.clone(), completions.clone());
             let queues = (rx.clone(), fired_rx.clone());
             let pending = pending.clone();
             let spawned = thread::Builder::new()
                 .name(format!("redis-worker-{n}"))
-                .spawn(move || worker(client, queues, &completions, &pending));
+                .spawn(move || worker(&redis, queues, &completions, &pending));
             if let Err(e) = spawned {
                 warn!("could not start redis worker: {e}");
             }
@@ -112,20 +109,16 @@ impl RedisPool {
 }
 
 /// Runs `job` on the worker's connection. A connection that died while it
-/// sat idle (Redis restarted, a proxy dropped it) fails on first use: the
-/// job then runs once more on a fresh connection, so the first request
-/// after an outage does not fail. Safe for every job: each is idempotent,
-/// or (PUBLISH) was never delivered by a connection that was already dead.
-pub fn run_once_more(
-    client: &redis::Client,
-    con: &mut Option<redis::Connection>,
-    job: &Job,
-) -> Outcome {
+/// sat idle (Redis restarted, a proxy dropped it, a Sentinel failover killed
+/// or demoted its master, a Cluster moved slots under it) fails on first
+/// use: the job then runs once more on a fresh connection (to the new
+/// master), so the first request after an outage does not fail. Safe for
+/// every job: each is idempotent, or (PUBLISH) was never delivered by a
+/// connection that was already dead.
+pub fn run_once_more(redis: &Deployment, con: &mut Option<Link>, job: &Job) -> Outcome {
     let reused = con.is_some();
-    let result = match attempt(client, con, job) {
-        Err(e) if reused && !e.is_timeout() && (e.is_connection_dropped() || e.is_io_error()) => {
-            attempt(client, con, job)
-        }
+    let result = match attempt(redis, con, job) {
+        Err(e) if reused && worth_a_fresh_link(&e) => attempt(redis, con, job),
         other => other,
     };
     result.unwrap_or_else(|e| {
@@ -134,14 +127,10 @@ pub fn run_once_more(
     })
 }
 
-fn attempt(
-    client: &redis::Client,
-    con: &mut Option<redis::Connection>,
-    job: &Job,
-) -> redis::RedisResult<Outcome> {
+fn attempt(redis: &Deployment, con: &mut Option<Link>, job: &Job) -> redis::RedisResult<Outcome> {
     let c = match con {
         Some(c) => c,
-        None => con.insert(connect(client)?),
+        None => con.insert(redis.link()?),
     };
     let result = run(c, job);
     if result.is_err() {
@@ -150,18 +139,11 @@ fn attempt(
     result
 }
 
-fn connect(client: &redis::Client) -> redis::RedisResult<redis::Connection> {
-    let con = client.get_connection_with_timeout(CONNECT_TIMEOUT)?;
-    con.set_read_timeout(Some(IO_TIMEOUT))?;
-    con.set_write_timeout(Some(IO_TIMEOUT))?;
-    Ok(con)
-}
-
 type Queues = (Receiver<(Job, Option<Reply>)>, Receiver<Job>);
 
-fn worker(client: redis::Client, queues: Queues, completions: &Completions, pending: &AtomicUsize) {
+fn worker(redis: &Deployment, queues: Queues, completions: &Completions, pending: &AtomicUsize) {
     let (jobs, fired) = queues;
-    let mut con: Option<redis::Connection> = None;
+    let mut con: Option<Link> = None;
     loop {
         let (job, reply) = crossbeam_channel::select! {
             recv(fired) -> job => match job {
@@ -173,7 +155,7 @@ fn worker(client: redis::Client, queues: Queues, completions: &Completions, pend
                 Err(_) => return,
             },
         };
-        let outcome = run_once_more(&client, &mut con, &job);
+        let outcome = run_once_more(redis, &mut con, &job);
         if let (Outcome::Unavailable, None) = (&outcome, &reply) {
             warn!("redis job nobody waits for was lost (Redis unavailable)");
         }
@@ -184,59 +166,66 @@ fn worker(client: redis::Client, queues: Queues, completions: &Completions, pend
     }
 }
 
-/// Runs the lease script for `user` and, in the same round trip, for `ip`.
-/// EVALSHA in a pipeline; a Redis that lost its script cache (a restart)
-/// gets it loaded and the pipeline runs again.
+/// Runs the lease script for `user` and, in the same round trip, for `ip`
+/// (in a Cluster, one per node of their slots). EVALSHA in a batch; a Redis
+/// that lost its script cache (a restart) gets it loaded and the batch runs
+/// again.
 fn acquire(
-    con: &mut redis::Connection,
+    link: &mut Link,
     user: &lease::LeaseAsk,
     ip: Option<&lease::LeaseAsk>,
 ) -> redis::RedisResult<(LeaseAnswer, Option<LeaseAnswer>)> {
-    let run = |con: &mut redis::Connection| {
+    let run = |link: &mut Link| {
         let now = crate::time::epoch_ms();
-        let mut pipe = redis::pipe();
-        for ask in std::iter::once(user).chain(ip) {
-            pipe.cmd("EVALSHA")
-                .arg(ACQUIRE.get_hash())
-                .arg(2)
-                .arg(&ask.key)
-                .arg(lease::own_key(&ask.key, &ask.member))
-                .arg(now)
-                .arg(now + ask.ttl_ms)
-                .arg(&ask.member)
-                .arg(ask.limit)
-                .arg(ask.ttl_ms);
-        }
-        pipe.query::<Vec<i64>>(con)
+        let cmds = std::iter::once(user)
+            .chain(ip)
+            .map(|ask| {
+                let mut evalsha = redis::cmd("EVALSHA");
+                evalsha
+                    .arg(ACQUIRE.get_hash())
+                    .arg(2)
+                    .arg(&ask.key)
+                    .arg(lease::own_key(&ask.key, &ask.member))
+                    .arg(now)
+                    .arg(now + ask.ttl_ms)
+                    .arg(&ask.member)
+                    .arg(ask.limit)
+                    .arg(ask.ttl_ms);
+                evalsha
+            })
+            .collect();
+        link.batch(cmds)
     };
-    let answers = match run(con) {
+    let answers = match run(link) {
         Err(e) if e.code() == Some("NOSCRIPT") => {
-            ACQUIRE.load(con)?;
-            run(con)?
+            ACQUIRE.load(link.con())?;
+            run(link)?
         }
         other => other?,
     };
-    let answer = |i: usize| answers.get(i).copied().map(LeaseAnswer::from_script);
+    let answer = |i: usize| {
+        answers
+            .get(i)
+            .and_then(|v| redis::from_redis_value::<i64>(v.clone()).ok())
+            .map(LeaseAnswer::from_script)
+    };
     Ok((answer(0).unwrap_or_default(), answer(1)))
 }
 
 /// Gives lease `member` of set `key` back, from the set and from its
-/// instance's part.
-fn release(con: &mut redis::Connection, key: &str, member: &str) -> redis::RedisResult<()> {
-    redis::pipe()
-        .cmd("ZREM")
-        .arg(key)
-        .arg(member)
-        .ignore()
-        .cmd("ZREM")
-        .arg(lease::own_key(key, member))
-        .arg(member)
-        .ignore()
-        .query(con)
+/// instance's part (one hash slot).
+fn release(link: &mut Link, key: &str, member: &str) -> redis::RedisResult<()> {
+    let mut all = redis::cmd("ZREM");
+    all.arg(key).arg(member);
+    let mut own = redis::cmd("ZREM");
+    own.arg(lease::own_key(key, member)).arg(member);
+    link.batch(vec![all, own]).map(drop)
 }
 
-/// One job, one round trip (pipelined where it needs several commands).
-fn run(con: &mut redis::Connection, job: &Job) -> redis::RedisResult<Outcome> {
+/// One job, one round trip (pipelined where it needs several commands; in
+/// a Cluster, one per node holding its keys). No script touches more than
+/// one key, so none spans hash slots.
+fn run(link: &mut Link, job: &Job) -> redis::RedisResult<Outcome> {
     Ok(match job {
         Job::PutTicket {
             id,
@@ -251,7 +240,7 @@ fn run(con: &mut redis::Connection, job: &Job) -> redis::RedisResult<Outcome> {
                 .arg(id)
                 .arg(per_minute)
                 .arg(MINT_WINDOW_MS)
-                .invoke(con)?;
+                .invoke(link.con())?;
             if count < 0 {
                 return Ok(Outcome::TooManyTickets {
                     retry_after_secs: count.unsigned_abs().div_ceil(1000).max(1),
@@ -262,30 +251,31 @@ fn run(con: &mut redis::Connection, job: &Job) -> redis::RedisResult<Outcome> {
                 .arg(&*user.key)
                 .arg("EX")
                 .arg(ttl_secs)
-                .query::<()>(con)?;
+                .query::<()>(link.con())?;
             Outcome::TicketStored
         }
         Job::Owned { user } => {
-            let members: Vec<Vec<u8>> = redis::cmd("SMEMBERS").arg(devices_key(user)).query(con)?;
+            let members: Vec<Vec<u8>> = redis::cmd("SMEMBERS")
+                .arg(devices_key(user))
+                .query(link.con())?;
             Outcome::Owned(members.into_iter().filter_map(device_id).collect())
         }
         Job::DeleteTicket { id, user } => {
             let key = ticket_key(id);
-            let owner: Option<Vec<u8>> = redis::cmd("GET").arg(&key).query(con)?;
+            let owner: Option<Vec<u8>> = redis::cmd("GET").arg(&key).query(link.con())?;
             match owner {
                 None => Outcome::NotFound,
                 Some(o) if o != user.key.as_bytes() => Outcome::NotOwner,
                 Some(_) => {
                     // Gone from Redis, then every instance closes the
                     // streams opened with it (contract 7.2).
-                    let (n, _): (u64, u64) = redis::pipe()
-                        .atomic()
-                        .cmd("DEL")
-                        .arg(&key)
-                        .cmd("PUBLISH")
-                        .arg(REVOKE_CHANNEL)
-                        .arg(id)
-                        .query(con)?;
+                    let mut del = redis::cmd("DEL");
+                    del.arg(&key);
+                    let mut publish = redis::cmd("PUBLISH");
+                    publish.arg(REVOKE_CHANNEL).arg(id);
+                    let (n, _): (u64, u64) = redis::from_redis_value(Value::Array(
+                        link.transaction(vec![del, publish])?,
+                    ))?;
                     if n == 0 {
                         Outcome::NotFound
                     } else {
@@ -295,7 +285,7 @@ fn run(con: &mut redis::Connection, job: &Job) -> redis::RedisResult<Outcome> {
             }
         }
         Job::TicketAlive { id } => {
-            let n: u64 = redis::cmd("EXISTS").arg(ticket_key(id)).query(con)?;
+            let n: u64 = redis::cmd("EXISTS").arg(ticket_key(id)).query(link.con())?;
             Outcome::TicketAlive(n == 1)
         }
         Job::StreamFacts {
@@ -306,60 +296,60 @@ fn run(con: &mut redis::Connection, job: &Job) -> redis::RedisResult<Outcome> {
             lease,
             ip_lease,
         } => {
-            let mut pipe = redis::pipe();
-            pipe.cmd("EXISTS").arg(ticket_key(ticket_id));
+            // Single-key commands only (GET per status, not one MGET), so a
+            // Cluster sends each to the node of its slot.
+            let mut cmds = vec![redis::cmd("EXISTS")];
+            cmds[0].arg(ticket_key(ticket_id));
             match check {
                 Some(devices) if !devices.is_empty() => {
-                    pipe.cmd("SMISMEMBER").arg(devices_key(user)).arg(devices);
+                    let mut smismember = redis::cmd("SMISMEMBER");
+                    smismember.arg(devices_key(user)).arg(devices);
+                    cmds.push(smismember);
                 }
-                Some(_) => {
-                    pipe.cmd("PING");
-                }
+                Some(_) => {}
                 None => {
-                    pipe.cmd("SMEMBERS").arg(devices_key(user));
+                    let mut smembers = redis::cmd("SMEMBERS");
+                    smembers.arg(devices_key(user));
+                    cmds.push(smembers);
                 }
             }
-            if !status_of.is_empty() {
-                pipe.cmd("MGET")
-                    .arg(status_of.iter().map(|d| status_key(d)).collect::<Vec<_>>());
+            for device in status_of {
+                let mut get = redis::cmd("GET");
+                get.arg(status_key(device));
+                cmds.push(get);
             }
-            let mut values: Vec<redis::Value> = pipe.query(con)?;
-            let mut facts = StreamFacts::default();
-            let statuses = if status_of.is_empty() {
-                None
-            } else {
-                values.pop()
+            let mut values = link.batch(cmds)?.into_iter();
+            let mut facts = StreamFacts {
+                ticket_alive: matches!(values.next(), Some(Value::Int(1))),
+                ..StreamFacts::default()
             };
-            let membership = values.pop();
-            let exists = values.pop();
-            facts.ticket_alive = matches!(exists, Some(redis::Value::Int(1)));
-            match (&check, membership) {
-                (Some(devices), Some(v)) if !devices.is_empty() => {
-                    facts.owned = redis::from_redis_value::<Vec<bool>>(v)?;
+            match check {
+                Some(devices) if !devices.is_empty() => {
+                    facts.owned = redis::from_redis_value::<Vec<bool>>(next(&mut values)?)?;
                 }
+                Some(_) => {}
                 // Members that are not UTF-8 name no device a stream could
                 // ask for: skipped, never an error for the user's streams.
-                (None, Some(v)) => {
-                    facts.owned_set = redis::from_redis_value::<Vec<Vec<u8>>>(v)?
+                None => {
+                    facts.owned_set = redis::from_redis_value::<Vec<Vec<u8>>>(next(&mut values)?)?
                         .into_iter()
                         .filter_map(device_id)
                         .map(String::from)
                         .collect()
                 }
-                _ => {}
             }
-            if let Some(v) = statuses {
-                // A status that is not UTF-8 is sent as what it can be.
-                facts.statuses = redis::from_redis_value::<Vec<Option<Vec<u8>>>>(v)?
-                    .into_iter()
-                    .map(|s| s.map(|b| String::from_utf8_lossy(&b).into_owned()))
-                    .collect();
-            }
+            // A status that is not UTF-8 is sent as what it can be.
+            facts.statuses = values
+                .map(|v| {
+                    redis::from_redis_value::<Option<Vec<u8>>>(v)
+                        .map(|s| s.map(|b| String::from_utf8_lossy(&b).into_owned()))
+                })
+                .collect::<Result<_, _>>()?;
             let checks_pass = facts.ticket_alive && facts.owned.iter().all(|o| *o);
             if let (Some(ask), true) = (lease, checks_pass) {
                 // Both leases in one round trip; the address's counts only
                 // if the user's is granted (all or nothing, below).
-                let (user, ip) = acquire(con, ask, ip_lease.as_ref())?;
+                let (user, ip) = acquire(link, ask, ip_lease.as_ref())?;
                 facts.lease = user;
                 facts.lease_ask = Some(ask.clone());
                 if let (Some(ip), Some(ip_ask)) = (ip, ip_lease) {
@@ -373,7 +363,7 @@ fn run(con: &mut redis::Connection, job: &Job) -> redis::RedisResult<Outcome> {
                         _ => None,
                     };
                     if let Some(undo) = undo {
-                        release(con, &undo.key, &undo.member)?;
+                        release(link, &undo.key, &undo.member)?;
                     }
                     if let LeaseAnswer::Refused { .. } = user {
                         facts.ip_lease = LeaseAnswer::NotAsked;
@@ -384,15 +374,22 @@ fn run(con: &mut redis::Connection, job: &Job) -> redis::RedisResult<Outcome> {
             Outcome::Facts(Box::new(facts))
         }
         Job::ReleaseLease { key, member } => {
-            release(con, key, member)?;
+            release(link, key, member)?;
             Outcome::Published
         }
         Job::Publish { channel, payload } => {
             redis::cmd("PUBLISH")
                 .arg(channel)
                 .arg(payload)
-                .query::<u64>(con)?;
+                .query::<u64>(link.con())?;
             Outcome::Published
         }
     })
+}
+
+/// The next reply of a batch; a batch answers every command it sent.
+fn next(values: &mut impl Iterator<Item = Value>) -> redis::RedisResult<Value> {
+    values
+        .next()
+        .ok_or_else(|| (redis::ErrorKind::UnexpectedReturnType, "a reply is missing").into())
 }

@@ -1,0 +1,545 @@
+//! How the gateway reaches Redis, in one place: the [`Deployment`] (one
+//! server, plain or TLS; a master found through Sentinels; a Redis Cluster)
+//! built once from the flags at start, and what it hands out: a [`Link`] for
+//! commands and a Pub/Sub connection for the subscriber, both with timeouts.
+//! The store's workers, the lease renewer and the subscriber take a
+//! deployment and never build a `redis::Client` of their own, so a new kind
+//! of deployment is added here and nowhere else.
+//!
+//! - One server: `REDIS_URL`, `rediss://` for TLS (`--redis-ca-file`, else
+//!   the system roots; `--redis-cert-file`/`--redis-key-file` for mutual TLS),
+//!   ACL user and password in the URL.
+//! - Sentinel: every new connection asks the Sentinels for the current
+//!   master (and checks with `ROLE` that it is one), so a reconnect after a
+//!   failover lands on the promoted master.
+//! - Cluster: commands go through redis-rs's cluster connection (routing by
+//!   slot, following `MOVED`/`ASK`, refreshing the slot map); Pub/Sub goes
+//!   through one node, since a `PUBLISH` on any node reaches the subscribers
+//!   of every node, and moves to the next seed when that node fails.
+//!
+//! In Sentinel and Cluster modes `REDIS_URL` is optional: its scheme, user,
+//! password and db apply to every node; its host and port are not used.
+
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use redis::cluster::{ClusterClient, ClusterConnection};
+use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
+use redis::{
+    ClientTlsConfig, ConnectionAddr, ConnectionInfo, ConnectionLike, ErrorKind, IntoConnectionInfo,
+    RedisResult, ServerErrorKind, TlsCertificates, TlsMode, Value,
+};
+
+use crate::config::Config;
+
+/// Longest wait for a connection to be set up.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(1000);
+/// Longest wait for an answer. Longer than the reactors' 2 s lookup
+/// deadline, so that a lookup Redis answers late still comes back (and a
+/// lease it took is given back) instead of dying with its connection while
+/// Redis runs it anyway.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where Redis is and how to talk to it.
+pub enum Deployment {
+    /// One server, plain or TLS.
+    Single(redis::Client),
+    /// A master named by Sentinels.
+    Sentinel(Sentinels),
+    /// A Redis Cluster.
+    Cluster(Cluster),
+}
+
+pub struct Sentinels {
+    /// Asked for the master on every new connection.
+    client: Mutex<SentinelClient>,
+    master_name: String,
+}
+
+pub struct Cluster {
+    client: ClusterClient,
+    /// One client per seed node: where Pub/Sub connects.
+    seeds: Vec<redis::Client>,
+    /// The seed the subscriber tries first; moves on when one fails.
+    next_seed: AtomicUsize,
+}
+
+/// A blocking connection for commands.
+pub enum Link {
+    Node(redis::Connection),
+    /// Boxed: a cluster connection is several times a node connection's size.
+    Cluster(Box<ClusterConnection>),
+}
+
+impl Deployment {
+    /// The deployment the flags describe: None in embedded mode, or the one
+    /// line (naming the flag) that makes the gateway exit 2.
+    pub fn from_config(config: &Config) -> Result<Option<Deployment>, String> {
+        check_combinations(config)?;
+        let sentinels = !config.redis_sentinels.is_empty();
+        let cluster = !config.redis_cluster.is_empty();
+        let Some(url) = config
+            .redis_url
+            .clone()
+            .or_else(|| (sentinels || cluster).then(|| "redis://127.0.0.1/".to_owned()))
+        else {
+            return Ok(None);
+        };
+        let template = url
+            .as_str()
+            .into_connection_info()
+            .map_err(|e| format!("--redis-url (REDIS_URL): {e}"))?;
+        let tls = matches!(template.addr(), ConnectionAddr::TcpTls { .. });
+        let certs = certificates(config, tls)?;
+        if sentinels {
+            let master_name = config.redis_master_name.clone().unwrap_or_default();
+            let nodes = addresses(
+                "--redis-sentinels (REDIS_SENTINELS)",
+                &config.redis_sentinels,
+            )?;
+            return sentinel(&template, nodes, &master_name, certs).map(Some);
+        }
+        if cluster {
+            let nodes = addresses("--redis-cluster (REDIS_CLUSTER)", &config.redis_cluster)?;
+            return cluster_of(&template, nodes, certs).map(Some);
+        }
+        let client = match certs {
+            Some(certs) => redis::Client::build_with_tls(template, certs),
+            None => redis::Client::open(template),
+        };
+        client
+            .map(|c| Some(Deployment::Single(c)))
+            .map_err(|e| format!("--redis-url (REDIS_URL): {e}"))
+    }
+
+    /// A fresh connection for commands, with [`IO_TIMEOUT`] on every answer.
+    pub fn link(&self) -> RedisResult<Link> {
+        match self {
+            Deployment::Cluster(c) => Ok(Link::Cluster(Box::new(c.client.get_connection()?))),
+            other => Ok(Link::Node(other.node()?)),
+        }
+    }
+
+    /// A fresh connection to subscribe on (the caller sets its own read
+    /// timeout): the server, the current master, or one cluster node.
+    pub fn pubsub(&self) -> RedisResult<redis::Connection> {
+        match self {
+            Deployment::Cluster(c) => {
+                let first = c.next_seed.load(Relaxed);
+                let mut failure = None;
+                for n in 0..c.seeds.len() {
+                    let at = (first + n) % c.seeds.len();
+                    match c.seeds[at].get_connection_with_timeout(CONNECT_TIMEOUT) {
+                        Ok(con) => {
+                            c.next_seed.store(at, Relaxed);
+                            return Ok(con);
+                        }
+                        Err(e) => failure = Some(e),
+                    }
+                }
+                Err(failure.unwrap_or_else(|| (ErrorKind::Client, "no cluster seed").into()))
+            }
+            other => other.node(),
+        }
+    }
+
+    /// After the subscriber lost its node: start with the next seed.
+    pub fn pubsub_failed(&self) {
+        if let Deployment::Cluster(c) = self {
+            c.next_seed.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// What the log says of where Redis is.
+    pub fn describe(&self) -> String {
+        match self {
+            Deployment::Single(c) => format!("redis at {}", c.get_connection_info().addr()),
+            Deployment::Sentinel(s) => format!("redis master {:?} via sentinels", s.master_name),
+            Deployment::Cluster(c) => format!("redis cluster ({} seeds)", c.seeds.len()),
+        }
+    }
+
+    fn node(&self) -> RedisResult<redis::Connection> {
+        let client = match self {
+            Deployment::Single(c) => c.clone(),
+            Deployment::Sentinel(s) => s
+                .client
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .get_client()?,
+            Deployment::Cluster(c) => c.seeds[c.next_seed.load(Relaxed) % c.seeds.len()].clone(),
+        };
+        let con = client.get_connection_with_timeout(CONNECT_TIMEOUT)?;
+        con.set_read_timeout(Some(IO_TIMEOUT))?;
+        con.set_write_timeout(Some(IO_TIMEOUT))?;
+        Ok(con)
+    }
+}
+
+impl Link {
+    /// The connection for one command or script.
+    pub fn con(&mut self) -> &mut dyn ConnectionLike {
+        match self {
+            Link::Node(c) => c,
+            Link::Cluster(c) => c.as_mut(),
+        }
+    }
+
+    /// `cmds` in one round trip per node (one pipeline on a single server;
+    /// in a Cluster, one per node owning the keys): their replies in order.
+    pub fn batch(&mut self, cmds: Vec<redis::Cmd>) -> RedisResult<Vec<Value>> {
+        match self {
+            Link::Node(c) => {
+                let mut pipe = redis::pipe();
+                cmds.into_iter().for_each(|cmd| {
+                    pipe.add_command(cmd);
+                });
+                pipe.query(c)
+            }
+            Link::Cluster(c) => {
+                let mut pipe = redis::cluster::cluster_pipe();
+                cmds.into_iter().for_each(|cmd| {
+                    pipe.add_command(cmd);
+                });
+                pipe.query(c)
+            }
+        }
+    }
+
+    /// `cmds` all or nothing (MULTI/EXEC) on a single server. In a Cluster,
+    /// where one transaction cannot span nodes, they run in order one by one.
+    pub fn transaction(&mut self, cmds: Vec<redis::Cmd>) -> RedisResult<Vec<Value>> {
+        match self {
+            Link::Node(c) => {
+                let mut pipe = redis::pipe();
+                pipe.atomic();
+                cmds.into_iter().for_each(|cmd| {
+                    pipe.add_command(cmd);
+                });
+                pipe.query(c)
+            }
+            Link::Cluster(c) => cmds.iter().map(|cmd| cmd.query(c)).collect(),
+        }
+    }
+}
+
+/// Whether a command that failed this way may succeed on a fresh link: the
+/// connection died (Redis restarted, a proxy dropped it, a failover killed
+/// the master), the server became a replica under it (`READONLY` after a
+/// Sentinel failover), or the cluster moved slots faster than redis-rs's own
+/// redirections followed.
+pub fn worth_a_fresh_link(e: &redis::RedisError) -> bool {
+    if e.is_timeout() {
+        return false;
+    }
+    e.is_connection_dropped()
+        || e.is_io_error()
+        || e.is_cluster_error()
+        || matches!(
+            e.kind(),
+            ErrorKind::Server(ServerErrorKind::ReadOnly | ServerErrorKind::MasterDown)
+                | ErrorKind::ClusterConnectionNotFound
+        )
+}
+
+/// Flags that make no sense together or alone.
+fn check_combinations(config: &Config) -> Result<(), String> {
+    let sentinels = !config.redis_sentinels.is_empty();
+    let cluster = !config.redis_cluster.is_empty();
+    let any = config.redis_url.is_some() || sentinels || cluster;
+    if config.demo && any {
+        return Err("--demo runs embedded: leave --redis-url (REDIS_URL), --redis-sentinels (REDIS_SENTINELS) and --redis-cluster (REDIS_CLUSTER) unset".into());
+    }
+    if sentinels && cluster {
+        return Err("--redis-sentinels (REDIS_SENTINELS) and --redis-cluster (REDIS_CLUSTER) exclude each other".into());
+    }
+    if sentinels != config.redis_master_name.is_some() {
+        return Err(if sentinels {
+            "--redis-sentinels (REDIS_SENTINELS) needs --redis-master-name (REDIS_MASTER_NAME)"
+        } else {
+            "--redis-master-name (REDIS_MASTER_NAME) needs --redis-sentinels (REDIS_SENTINELS)"
+        }
+        .into());
+    }
+    let tls_files = [
+        (&config.redis_ca_file, "--redis-ca-file (REDIS_CA_FILE)"),
+        (
+            &config.redis_cert_file,
+            "--redis-cert-file (REDIS_CERT_FILE)",
+        ),
+        (&config.redis_key_file, "--redis-key-file (REDIS_KEY_FILE)"),
+    ];
+    let tls = config
+        .redis_url
+        .as_deref()
+        .is_some_and(|u| u.starts_with("rediss://"));
+    if let Some((_, flag)) = tls_files.iter().find(|(f, _)| f.is_some() && !tls) {
+        return Err(format!("{flag} needs a rediss:// --redis-url (REDIS_URL)"));
+    }
+    match (&config.redis_cert_file, &config.redis_key_file) {
+        (Some(_), None) => Err(
+            "--redis-cert-file (REDIS_CERT_FILE) needs --redis-key-file (REDIS_KEY_FILE)".into(),
+        ),
+        (None, Some(_)) => Err(
+            "--redis-key-file (REDIS_KEY_FILE) needs --redis-cert-file (REDIS_CERT_FILE)".into(),
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// The CA and client certificate files, read and checked now (a bad file
+/// is a start-up error naming its flag, not a Redis outage later). None:
+/// no TLS, or TLS with the system roots and no client certificate.
+fn certificates(config: &Config, tls: bool) -> Result<Option<TlsCertificates>, String> {
+    let read = |path: &std::path::Path, flag: &str| {
+        std::fs::read(path).map_err(|e| format!("{flag}: {}: {e}", path.display()))
+    };
+    let root_cert = match &config.redis_ca_file {
+        Some(p) => {
+            let flag = "--redis-ca-file (REDIS_CA_FILE)";
+            let pem = read(p, flag)?;
+            // An empty trust store would refuse every server, silently.
+            if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
+                return Err(format!("{flag}: {}: no PEM certificate", p.display()));
+            }
+            Some(pem)
+        }
+        None => None,
+    };
+    let client_tls = match (&config.redis_cert_file, &config.redis_key_file) {
+        (Some(cert), Some(key)) => Some(ClientTlsConfig {
+            client_cert: read(cert, "--redis-cert-file (REDIS_CERT_FILE)")?,
+            client_key: read(key, "--redis-key-file (REDIS_KEY_FILE)")?,
+        }),
+        _ => None,
+    };
+    if !tls || (root_cert.is_none() && client_tls.is_none()) {
+        return Ok(None);
+    }
+    let certs = TlsCertificates {
+        client_tls,
+        root_cert,
+    };
+    // Parses the PEM now, on a throwaway client, to name the bad file.
+    redis::Client::build_with_tls("rediss://127.0.0.1/", certs.clone())
+        .map_err(|e| format!("--redis-ca-file/--redis-cert-file/--redis-key-file: {e}"))?;
+    Ok(Some(certs))
+}
+
+/// `host:port` entries of a list flag.
+fn addresses(flag: &str, entries: &[String]) -> Result<Vec<(String, u16)>, String> {
+    entries
+        .iter()
+        .map(|entry| {
+            let entry = entry.trim();
+            entry
+                .rsplit_once(':')
+                .and_then(|(host, port)| {
+                    let host = host.trim_start_matches('[').trim_end_matches(']');
+                    let port = port.parse::<u16>().ok().filter(|p| *p > 0)?;
+                    (!host.is_empty()).then(|| (host.to_owned(), port))
+                })
+                .ok_or_else(|| format!("{flag}: `{entry}` is not host:port"))
+        })
+        .collect()
+}
+
+/// `template` (scheme, user, password, db) pointed at `host:port`.
+fn at(template: &ConnectionInfo, (host, port): (String, u16)) -> ConnectionInfo {
+    let addr = match template.addr() {
+        ConnectionAddr::TcpTls { .. } => ConnectionAddr::TcpTls {
+            host,
+            port,
+            insecure: false,
+            tls_params: None,
+        },
+        _ => ConnectionAddr::Tcp(host, port),
+    };
+    template.clone().set_addr(addr)
+}
+
+fn sentinel(
+    template: &ConnectionInfo,
+    nodes: Vec<(String, u16)>,
+    master_name: &str,
+    certs: Option<TlsCertificates>,
+) -> Result<Deployment, String> {
+    let flag = "--redis-sentinels (REDIS_SENTINELS)";
+    let addrs = nodes.into_iter().map(|n| at(template, n).addr().clone());
+    let settings = template.redis_settings();
+    let mut builder = SentinelClientBuilder::new(addrs, master_name, SentinelServerType::Master)
+        .map_err(|e| format!("{flag}: {e}"))?
+        .set_client_to_redis_db(settings.db())
+        // redis-rs asks Sentinels without a read timeout: a Sentinel host
+        // that vanished fails the question after this, not minutes later.
+        .set_client_to_sentinel_tcp_settings(
+            redis::io::tcp::TcpSettings::default().set_user_timeout(IO_TIMEOUT),
+        );
+    if let Some(user) = settings.username() {
+        builder = builder.set_client_to_redis_username(user);
+    }
+    if let Some(password) = settings.password() {
+        builder = builder.set_client_to_redis_password(password);
+    }
+    if matches!(template.addr(), ConnectionAddr::TcpTls { .. }) {
+        builder = builder
+            .set_client_to_redis_tls_mode(TlsMode::Secure)
+            .set_client_to_sentinel_tls_mode(TlsMode::Secure);
+        if let Some(certs) = certs {
+            builder = builder
+                .set_client_to_redis_certificates(certs.clone())
+                .set_client_to_sentinel_certificates(certs);
+        }
+    }
+    let client = builder.build().map_err(|e| format!("{flag}: {e}"))?;
+    Ok(Deployment::Sentinel(Sentinels {
+        client: Mutex::new(client),
+        master_name: master_name.to_owned(),
+    }))
+}
+
+fn cluster_of(
+    template: &ConnectionInfo,
+    nodes: Vec<(String, u16)>,
+    certs: Option<TlsCertificates>,
+) -> Result<Deployment, String> {
+    let flag = "--redis-cluster (REDIS_CLUSTER)";
+    if template.redis_settings().db() != 0 {
+        return Err(format!(
+            "{flag}: a Redis Cluster has only db 0; --redis-url (REDIS_URL) names db {}",
+            template.redis_settings().db()
+        ));
+    }
+    let infos: Vec<ConnectionInfo> = nodes.into_iter().map(|n| at(template, n)).collect();
+    let seeds = infos
+        .iter()
+        .map(|info| match &certs {
+            Some(certs) => redis::Client::build_with_tls(info.clone(), certs.clone()),
+            None => redis::Client::open(info.clone()),
+        })
+        .collect::<RedisResult<Vec<_>>>()
+        .map_err(|e| format!("{flag}: {e}"))?;
+    let mut builder = ClusterClient::builder(infos)
+        .connection_timeout(CONNECT_TIMEOUT)
+        .response_timeout(IO_TIMEOUT);
+    if matches!(template.addr(), ConnectionAddr::TcpTls { .. }) {
+        builder = builder.tls(TlsMode::Secure);
+        if let Some(certs) = certs {
+            builder = builder.certs(certs);
+        }
+    }
+    let client = builder.build().map_err(|e| format!("{flag}: {e}"))?;
+    Ok(Deployment::Cluster(Cluster {
+        client,
+        seeds,
+        next_seed: AtomicUsize::new(0),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn deployment(args: &[&str]) -> Result<Option<Deployment>, String> {
+        let mut all = vec!["sse-gateway"];
+        all.extend_from_slice(args);
+        Deployment::from_config(&Config::try_parse_from(all).map_err(|e| e.to_string())?)
+    }
+
+    fn refused(args: &[&str], flag: &str) {
+        match deployment(args) {
+            Err(line) => assert!(line.starts_with(flag), "{args:?}: {line}"),
+            Ok(_) => panic!("{args:?} accepted"),
+        }
+    }
+
+    #[test]
+    fn bad_combinations_name_their_flag() {
+        refused(
+            &["--redis-sentinels", "127.0.0.1:26379"],
+            "--redis-sentinels",
+        );
+        refused(&["--redis-master-name", "m"], "--redis-master-name");
+        refused(
+            &[
+                "--redis-sentinels",
+                "127.0.0.1:1",
+                "--redis-master-name",
+                "m",
+                "--redis-cluster",
+                "127.0.0.1:2",
+            ],
+            "--redis-sentinels",
+        );
+        refused(
+            &["--redis-url", "redis://127.0.0.1/", "--redis-ca-file", "/x"],
+            "--redis-ca-file",
+        );
+        refused(
+            &[
+                "--redis-url",
+                "rediss://127.0.0.1/",
+                "--redis-cert-file",
+                "/x",
+            ],
+            "--redis-cert-file",
+        );
+        refused(
+            &[
+                "--redis-url",
+                "rediss://127.0.0.1/",
+                "--redis-ca-file",
+                "/nonexistent",
+            ],
+            "--redis-ca-file",
+        );
+        refused(&["--redis-cluster", "127.0.0.1"], "--redis-cluster");
+        refused(&["--redis-cluster", "127.0.0.1:0"], "--redis-cluster");
+        refused(
+            &[
+                "--redis-url",
+                "redis://127.0.0.1/3",
+                "--redis-cluster",
+                "127.0.0.1:7000",
+            ],
+            "--redis-cluster",
+        );
+        refused(&["--demo", "--redis-cluster", "127.0.0.1:7000"], "--demo");
+    }
+
+    #[test]
+    fn good_flags_make_their_deployment() {
+        assert!(deployment(&[]).unwrap().is_none());
+        let single = deployment(&["--redis-url", "redis://u:p@127.0.0.1:6390/2"]).unwrap();
+        assert!(matches!(single, Some(Deployment::Single(_))));
+        let cluster = deployment(&["--redis-cluster", "127.0.0.1:7000,[::1]:7001"]).unwrap();
+        assert!(matches!(cluster, Some(Deployment::Cluster(ref c)) if c.seeds.len() == 2));
+        let sentinel = deployment(&[
+            "--redis-sentinels",
+            "127.0.0.1:26379,127.0.0.1:26380",
+            "--redis-master-name",
+            "mymaster",
+        ])
+        .unwrap();
+        assert!(matches!(sentinel, Some(Deployment::Sentinel(_))));
+    }
+
+    #[test]
+    fn only_connection_trouble_is_worth_a_fresh_link() {
+        let readonly =
+            redis::RedisError::from((ErrorKind::Server(ServerErrorKind::ReadOnly), "READONLY"));
+        assert!(worth_a_fresh_link(&readonly));
+        let io: redis::RedisError =
+            std::io::Error::from(std::io::ErrorKind::ConnectionReset).into();
+        assert!(worth_a_fresh_link(&io));
+        let timeout: redis::RedisError = std::io::Error::from(std::io::ErrorKind::TimedOut).into();
+        assert!(!worth_a_fresh_link(&timeout));
+        let wrong = redis::RedisError::from((
+            ErrorKind::Server(ServerErrorKind::ResponseError),
+            "WRONGTYPE",
+        ));
+        assert!(!worth_a_fresh_link(&wrong));
+    }
+}
