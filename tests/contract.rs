@@ -1024,6 +1024,9 @@ fn redis_outage_degrades_health_and_streams_then_recovers() {
     redis.restart();
     let f = s.expect_event("system", Duration::from_secs(12));
     assert!(f.is_system("recovered"), "{:?}", f.raw);
+    // What was published during the outage is lost: said at this point.
+    let f = s.expect_event("system", T);
+    assert!(f.is_system("replay-gap"), "{:?}", f.raw);
     assert!(wait_until(T, || get(gw.addr(), "/health", &[]).status == 200));
     redis.publish("mqtt:realtime:processed", r#"{"deviceId":"D1","data":{}}"#);
     s.expect_event("realtime-update", T);

@@ -228,6 +228,7 @@ fn redis_down_answers_503_at_once_and_streams_stay_open() {
     assert!(stream
         .expect_event("system", Duration::from_secs(12))
         .is_system("recovered"));
+    assert!(stream.expect_event("system", T).is_system("replay-gap"));
     redis.publish("mqtt:spc:processed", r#"{"deviceId":"D1","data":{}}"#);
     stream.expect_event("spc-update", T);
 }

@@ -279,8 +279,8 @@ fn publish(con: &mut redis::Connection, device: &str, n: u64) -> u64 {
 }
 
 /// Reads `s` until the realtime-update numbered `n` arrives (skipping
-/// earlier ones and `degraded`/`recovered`); panics after `limit` or on
-/// any other event.
+/// earlier ones and `degraded`/`recovered`/`replay-gap`: what the failover
+/// lost is said, not hidden); panics after `limit` or on any other event.
 fn expect_n(s: &mut SseStream, n: u64, limit: Duration) {
     let deadline = Instant::now() + limit;
     loop {
@@ -288,7 +288,7 @@ fn expect_n(s: &mut SseStream, n: u64, limit: Duration) {
         let f = s
             .next_event(left)
             .unwrap_or_else(|| panic!("event {n} not within {limit:?}"));
-        if f.is_system("degraded") || f.is_system("recovered") {
+        if f.is_system("degraded") || f.is_system("recovered") || f.is_system("replay-gap") {
             continue;
         }
         assert_eq!(f.event.as_deref(), Some("realtime-update"), "{:?}", f.raw);

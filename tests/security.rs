@@ -680,3 +680,41 @@ fn forwarded_addresses_with_ports_and_brackets_count_ipv6_per_64() {
     let v4 = open("192.0.2.7:5678").expect("an IPv4 with a port");
     drop(v4);
 }
+
+// ----- no silent loss across a lost subscriber connection (contract 7.3) -----
+
+#[test]
+fn a_lost_subscriber_connection_is_a_replay_gap_never_a_silent_hole() {
+    let (redis, gw) = redis_gw(&[]);
+    let mut s = data_stream(&redis, &gw, "u1", &["M1"]);
+    publish_value(&redis, "M1", 1);
+    let before = s.expect_event("realtime-update", T);
+    let before_id = before.id.clone().expect("an id");
+    // Redis drops the subscriber: whatever is published until it is back
+    // is lost, and every stream is told where.
+    redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query::<()>(&mut redis.con())
+        .unwrap();
+    let mut kinds = Vec::new();
+    while !kinds.iter().any(|k| k == "replay-gap") {
+        let f = s
+            .next_event(Duration::from_secs(10))
+            .expect("system frames");
+        assert_eq!(f.event.as_deref(), Some("system"), "{}", f.raw);
+        kinds.push(f.json()["kind"].as_str().unwrap_or("").to_owned());
+    }
+    assert_eq!(kinds, ["degraded", "recovered", "replay-gap"]);
+    publish_value(&redis, "M1", 2);
+    expect_value(&mut s, 2);
+    // A client resuming from before the hole hears of it too, in place.
+    let (ticket, _) = gw.ticket_for("u1", "");
+    drop(s);
+    let path = format!("{}&lastEventId={before_id}", data_path(&ticket, &["M1"]));
+    let mut resumed = SseStream::must_open(gw.addr(), &path, &[]);
+    let gap = resumed.next_event(T).expect("the gap marker");
+    assert!(gap.is_system("replay-gap"), "{}", gap.raw);
+    expect_value(&mut resumed, 2);
+}

@@ -181,6 +181,34 @@ impl Hub {
         id
     }
 
+    /// Marks a hole in the sequence: what the ingest published while the bus
+    /// was away is lost, so every stream receives `replay-gap` at this
+    /// point, live, and so does a stream that resumes from before it (the
+    /// marker has an id and sits in the replay window like an event).
+    pub fn mark_gap(&self) -> EventId {
+        let now = epoch_ms();
+        let mut s = self.lock();
+        s.last_ms = s.last_ms.max(now);
+        s.last_seq += 1;
+        let id = EventId {
+            ms: s.last_ms,
+            seq: s.last_seq,
+        };
+        let frame = Arc::new(Frame::encode(
+            Some(id),
+            Event::System,
+            "",
+            br#"{"kind":"replay-gap"}"#,
+        ));
+        s.replay.push(frame.clone(), now);
+        for mailbox in self.mailboxes.iter() {
+            if !mailbox.send_frame(frame.clone()) {
+                self.metrics.mailbox_overflows.fetch_add(1, Relaxed);
+            }
+        }
+        id
+    }
+
     /// Sends a `system` frame to every stream of every reactor.
     pub fn broadcast_system(&self, frame: Arc<Frame>) {
         for mailbox in self.mailboxes.iter() {

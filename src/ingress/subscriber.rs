@@ -96,6 +96,9 @@ fn listen(redis: &Deployment, hub: &Hub, outage: &mut Outage) -> redis::RedisRes
             .redis_reconnects
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         hub.broadcast_system(Frame::system(r#"{"kind":"recovered"}"#));
+        // Pub/Sub keeps nothing for a subscriber that was away: whatever was
+        // published meanwhile is lost, so say so at this point.
+        hub.mark_gap();
     }
     loop {
         match pubsub.get_message() {

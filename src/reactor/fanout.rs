@@ -15,7 +15,7 @@ use super::mailbox::Inbox;
 use super::{ms, Cause, Listening, Reactor, LINGER, TIMER_DRAIN};
 use crate::auth::UserId;
 use crate::http::response::{self, Response};
-use crate::stream::frame::{EventId, Frame, Purpose};
+use crate::stream::frame::{Event, EventId, Frame, Purpose};
 use crate::stream::replay::Resume;
 use crate::stream::subscriptions::{wants, Filter};
 use crate::stream::Stream;
@@ -170,8 +170,16 @@ impl Reactor {
         }
     }
 
-    /// Queues a bus frame on every stream that subscribed to its device.
+    /// Queues a bus frame on every stream that subscribed to its device (a
+    /// gap marker on every stream).
     fn fan_out(&mut self, frame: &Arc<Frame>) {
+        if frame.event == Event::System {
+            for key in self.stream_keys() {
+                self.gw.metrics.replay_gaps.fetch_add(1, Relaxed);
+                self.push_frame(key, frame);
+            }
+            return;
+        }
         let max = self.gw.config.max_backlog_bytes;
         let (conns, dirty) = (&mut self.conns, &mut self.dirty);
         let mut slow: Vec<usize> = Vec::new();

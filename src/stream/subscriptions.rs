@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use indexmap::IndexSet;
 
-use crate::stream::frame::{Frame, Purpose};
+use crate::stream::frame::{Event, Frame, Purpose};
 
 /// Which events a stream receives.
 #[derive(Debug, Clone)]
@@ -106,6 +106,10 @@ impl Subscriptions {
 
 /// Whether a stream of `purpose` with `filter` receives `frame` (for replay).
 pub fn wants(purpose: Purpose, filter: &Filter, frame: &Frame) -> bool {
+    // A gap marker in the sequence is every stream's business.
+    if frame.event == Event::System {
+        return true;
+    }
     frame.event.purpose() == Some(purpose)
         && match filter {
             Filter::All => true,

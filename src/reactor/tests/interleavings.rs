@@ -171,10 +171,15 @@ fn run_ops(ops: Vec<Op>) -> Result<(), TestCaseError> {
     prop_assert!(ended, "stuck: {:?}", lab.phases());
     lab.check_slots();
     // Every answer a client got is one the model allows.
+    // A part of one request followed by another makes a request of its own
+    // (`GETGET /health`): malformed (400), an unknown path (404) or method
+    // (405) is then the right answer too.
+    let spliced: &[u16] = &[400, 404, 405];
     for c in clients.iter_mut().flatten() {
         c.pump();
         for status in c.statuses() {
-            let allowed = requests.iter().any(|(_, ok)| ok.contains(&status));
+            let allowed =
+                requests.iter().any(|(_, ok)| ok.contains(&status)) || spliced.contains(&status);
             prop_assert!(allowed, "unexpected status {status}: {}", c.text());
         }
     }
