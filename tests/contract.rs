@@ -72,12 +72,7 @@ fn assert_refused(gw: &Gateway, path: &str, headers: &[(&str, &str)], status: u1
 }
 
 fn sign(secret: &str, claims: Value) -> String {
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::default(),
-        &claims,
-        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
-    )
-    .unwrap()
+    sign_hs256(secret.as_bytes(), &claims)
 }
 
 fn now_s() -> u64 {
