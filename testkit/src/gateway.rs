@@ -46,6 +46,15 @@ pub fn gateway_binary() -> PathBuf {
     bin
 }
 
+/// Starts `cmd` with no stdin, `stdout`, and stderr piped to the caller.
+fn spawn(cmd: &mut Command, stdout: Stdio) -> Child {
+    cmd.stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn sse-gateway")
+}
+
 /// How to start a [`Gateway`]. Defaults: `--listen 127.0.0.1:<free port>`,
 /// `--jwt-secret` [`SECRET`], `--workers 2`, embedded mode, an empty
 /// environment (nothing leaks in from the caller's `SSE_*` variables).
@@ -151,12 +160,7 @@ impl GatewayBuilder {
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn sse-gateway");
+        let mut child = spawn(&mut cmd, Stdio::null());
         let log = Arc::new(Mutex::new(String::new()));
         let stderr = child.stderr.take().unwrap();
         let sink = log.clone();
@@ -328,12 +332,7 @@ pub fn run_cli(
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn sse-gateway");
+    let mut child = spawn(&mut cmd, Stdio::piped());
     let mut out = child.stdout.take().unwrap();
     let mut err = child.stderr.take().unwrap();
     let t_out = thread::spawn(move || {
