@@ -192,17 +192,11 @@ impl SseStream {
         }
     }
 
-    /// Panics if an event (other than heartbeats) arrives within `timeout`.
-    pub fn expect_no_event(&mut self, timeout: Duration) {
-        if let Some(f) = self.next_event(timeout) {
-            panic!("expected no event, got {:?}", f.raw);
-        }
-    }
-
     /// The proof that nothing arrived before a sentinel: the next event must
     /// be `name` and satisfy `is_sentinel`; panics otherwise, showing what
     /// arrived instead. Publish the sentinel after whatever must not arrive:
     /// events are delivered in order, so this is exact, with no fixed wait.
+    #[track_caller]
     pub fn expect_sentinel(
         &mut self,
         name: &str,
@@ -220,6 +214,7 @@ impl SseStream {
 
     /// The next heartbeat, skipping control blocks but no event; panics when
     /// an event comes first or none arrives within `timeout`.
+    #[track_caller]
     pub fn expect_heartbeat(&mut self, timeout: Duration) -> Frame {
         let deadline = Instant::now() + timeout;
         loop {
