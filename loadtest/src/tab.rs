@@ -235,3 +235,63 @@ pub fn errno_name(e: &io::Error) -> String {
         None => format!("{:?}", e.kind()).to_lowercase(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sse_gateway::auth::token::TokenKey;
+
+    fn slot() -> Slot {
+        Slot {
+            user: "u7".into(),
+            device: "d3".into(),
+            token: None,
+            ticket: None,
+            conn: None,
+            attempt: 0,
+            open: false,
+            highest: 0,
+            unique: 0,
+            dups: 0,
+        }
+    }
+
+    fn target(kind: TargetKind) -> Target {
+        Target {
+            kind,
+            addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            host: "127.0.0.1:8080".into(),
+            secret: "load-secret".into(),
+        }
+    }
+
+    #[test]
+    fn a_tab_asks_for_a_ticket_with_a_token_the_gateway_verifies_then_streams() {
+        let (t, mut s) = (target(TargetKind::Gateway), slot());
+        let req = String::from_utf8(first_request(&t, Some(StreamKind::Alerts), &mut s).unwrap())
+            .unwrap();
+        assert!(req.starts_with("POST /sse/stream-ticket HTTP/1.1\r\n"));
+        assert!(req.ends_with(r#"{"purpose":"alerts","ttlSeconds":3600}"#));
+        let token = s.token.clone().unwrap();
+        assert!(req.contains(&format!("Authorization: Bearer {token}\r\n")));
+        let who = TokenKey::new(b"load-secret").verify(&token).expect("valid");
+        assert_eq!(who.user.to_string(), "u7");
+        s.ticket = Some("tk".into());
+        let req = first_request(&t, Some(StreamKind::Data), &mut s).unwrap();
+        assert!(req.starts_with(b"GET /sse/stream?deviceId=d3&ticket=tk HTTP/1.1\r\n"));
+        let floor = first_request(&target(TargetKind::Floor), None, &mut slot()).unwrap();
+        assert!(floor.starts_with(b"GET /floor?deviceId=d3 HTTP/1.1\r\n"));
+    }
+
+    #[test]
+    fn source_addresses_are_distinct_loopback_hosts_per_worker() {
+        let mut seen = std::collections::HashSet::new();
+        for index in [0, 1] {
+            for k in 0..1000 {
+                let a = source_addr(index, k);
+                assert!(is_loopback(&a) && a.port() == 0, "{a}");
+                assert!(seen.insert(a.ip()), "{a} twice");
+            }
+        }
+    }
+}
