@@ -126,18 +126,8 @@ impl Client {
             secret: secret.to_owned(),
         });
         for i in clients.first..clients.first + clients.count {
-            self.slots.push(Slot {
-                user: clients.user(i),
-                device: clients.device(i),
-                token: None,
-                ticket: None,
-                conn: None,
-                attempt: 0,
-                open: false,
-                highest: 0,
-                unique: 0,
-                dups: 0,
-            });
+            self.slots
+                .push(Slot::new(clients.user(i), clients.device(i)));
         }
         self.clients = Some(clients);
         self.stats.clients = self.slots.len() as u64;

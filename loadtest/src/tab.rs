@@ -48,6 +48,24 @@ pub struct Slot {
     pub dups: u64,
 }
 
+impl Slot {
+    /// A tab of `user` on `device` that has opened nothing yet.
+    pub fn new(user: String, device: String) -> Slot {
+        Slot {
+            user,
+            device,
+            token: None,
+            ticket: None,
+            conn: None,
+            attempt: 0,
+            open: false,
+            highest: 0,
+            unique: 0,
+            dups: 0,
+        }
+    }
+}
+
 #[derive(Debug, PartialEq, Eq)]
 pub enum Phase {
     Connecting,
@@ -242,18 +260,7 @@ mod tests {
     use sse_gateway::auth::token::TokenKey;
 
     fn slot() -> Slot {
-        Slot {
-            user: "u7".into(),
-            device: "d3".into(),
-            token: None,
-            ticket: None,
-            conn: None,
-            attempt: 0,
-            open: false,
-            highest: 0,
-            unique: 0,
-            dups: 0,
-        }
+        Slot::new("u7".into(), "d3".into())
     }
 
     fn target(kind: TargetKind) -> Target {

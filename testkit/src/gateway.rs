@@ -164,7 +164,7 @@ impl GatewayBuilder {
         let log = Arc::new(Mutex::new(String::new()));
         let stderr = child.stderr.take().unwrap();
         let sink = log.clone();
-        thread::spawn(move || {
+        let reader = thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
                 let mut l = sink.lock().unwrap();
@@ -177,6 +177,7 @@ impl GatewayBuilder {
             secret: self.secret,
             child,
             log,
+            reader: Some(reader),
         };
         let want_ok = self.wait_healthy;
         let ready = wait_until(Duration::from_secs(10), || {
@@ -205,6 +206,9 @@ pub struct Gateway {
     secret: String,
     child: Child,
     log: Arc<Mutex<String>>,
+    /// The thread that copies stderr into `log`; it ends when the process
+    /// does (the process holds the pipe's only write end).
+    reader: Option<thread::JoinHandle<()>>,
 }
 
 impl Gateway {
@@ -312,8 +316,10 @@ impl Drop for Gateway {
         let _ = self.child.kill();
         let _ = self.child.wait();
         if thread::panicking() {
-            // Give the reader thread a moment to collect the last lines.
-            thread::sleep(Duration::from_millis(50));
+            // The process is gone: its last lines are in once the reader ends.
+            if let Some(reader) = self.reader.take() {
+                let _ = reader.join();
+            }
             eprintln!("----- gateway log ({}) -----\n{}", self.addr, self.log());
         }
     }
