@@ -44,7 +44,12 @@ fn every_instance_delivers_every_event_to_its_streams_exactly_once() {
             let f = s.expect_event("realtime-update", T);
             assert_eq!(f.json()["data"]["n"], n, "instance {i}");
         }
-        s.expect_no_event(Duration::from_millis(300));
+    }
+    // A sentinel published after every stream saw all 20 comes next on each:
+    // no instance sent any of them twice.
+    publish_n(&redis, "D1", 20, 21);
+    for s in streams.iter_mut() {
+        s.expect_sentinel("realtime-update", T, |f| f.json()["data"]["n"] == 20);
     }
 }
 
@@ -234,7 +239,10 @@ fn max_rate_per_device_sends_the_newest_value_and_nothing_stale() {
         vec![0, 100, 9],
         "first at once, other device at once, then the newest"
     );
-    s.expect_no_event(Duration::from_millis(800));
+    // A sentinel on D1 comes next, at D1's next slot: nothing stale was
+    // left to send after the newest value.
+    publish_n(&redis, "D1", 1000, 1001);
+    s.expect_sentinel("realtime-update", T, |f| f.json()["data"]["n"] == 1000);
     let conflated = metric_sum(
         &gws[0].metrics(),
         |n| n == "sse_events_conflated_total",

@@ -71,12 +71,7 @@ fn hs256(secret: &[u8], extra: Value) -> String {
         .as_object_mut()
         .unwrap()
         .extend(extra.as_object().unwrap().clone());
-    jsonwebtoken::encode(
-        &Header::default(),
-        &claims,
-        &EncodingKey::from_secret(secret),
-    )
-    .unwrap()
+    common::sign_hs256(secret, &claims)
 }
 
 /// The public JWK of fixture key `name`, with `kid` (and `alg`, as

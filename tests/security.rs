@@ -94,10 +94,7 @@ fn a_ticket_is_refused_wherever_an_access_token_is_expected() {
 fn access_tokens_honour_nbf() {
     let gw = Gateway::builder().start();
     let now = now_ms() / 1000;
-    let key = jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes());
-    let sign = |claims: Value| {
-        jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key).unwrap()
-    };
+    let sign = |claims: Value| sign_hs256(SECRET.as_bytes(), &claims);
     let early = sign(json!({"sub": "u", "exp": now + 600, "nbf": now + 120}));
     assert_eq!(gw.ticket(&early, "").0, 401);
     let ok = sign(json!({"sub": "u", "exp": now + 600, "nbf": now - 1}));

@@ -91,13 +91,13 @@ fn pump(c: &mut Client, last_published: &[Option<u64>]) -> Result<bool, String> 
         }
     }
     if !c.head_done {
-        let Some(end) = c.buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+        let Some((head, start)) = parse_head(&c.buf).map_err(|e| e.to_string())? else {
             return Ok(open);
         };
-        if !c.buf.starts_with(b"HTTP/1.1 200") {
+        if head.status != 200 {
             return Err(format!("refused: {}", String::from_utf8_lossy(&c.buf)));
         }
-        c.buf.drain(..end + 4);
+        c.buf.drain(..start);
         c.head_done = true;
     }
     while let Some((frame, used)) = parse_frame(&c.buf, false) {

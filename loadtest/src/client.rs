@@ -8,24 +8,28 @@
 //!                                   (same keep-alive connection)
 //! ```
 //! A reconnect reuses the ticket, as EventSource reuses its URL. Streaming
-//! bytes are de-chunked when the server chunks them, parsed as SSE, and each
-//! data/alert event's `seq` and `t_pub_ns` feed the loss/duplicate counters
-//! and the latency histogram.
+//! bytes are de-chunked when the server chunks them, parsed as SSE by the
+//! test kit's parser, and each data/alert event's `seq` and `t_pub_ns` feed
+//! the loss/duplicate counters and the latency histogram. Access tokens are
+//! minted by the gateway's own minter, through the kit.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::io::{self, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::io::{self, Read};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
-use mio::net::TcpStream;
 use mio::{Interest, Poll, Token};
 use serde::Deserialize;
-use socket2::{Domain, Protocol, Socket, Type};
+use sse_testkit::{parse_head, FrameReader};
 
-use crate::auth::Minter;
 use crate::hist::Histogram;
-use crate::protocol::{Check, Clients, Stats, StreamKind, TargetKind};
-use crate::sse::{self, Dechunker, HeadParse, SseParser};
+use crate::protocol::{Check, Clients, Stats, TargetKind};
+pub use crate::tab::now_ns;
+use crate::tab::{
+    body, connect_from, errno_name, first_request, flush, is_loopback, source_addr, stream_request,
+    Conn, Phase, Slot, Target,
+};
+use crate::wire::Dechunker;
 
 /// A handshake (connect, ticket, stream head) must finish within this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -33,57 +37,6 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 const STARTS_PER_TURN: usize = 256;
 /// Response bytes buffered before the head or ticket body is complete.
 const MAX_RESPONSE: usize = 64 * 1024;
-
-pub fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
-}
-
-/// One simulated browser tab.
-struct Slot {
-    user: String,
-    device: String,
-    token: Option<String>,
-    ticket: Option<String>,
-    conn: Option<usize>,
-    attempt: u32,
-    open: bool,
-    /// Highest `seq` seen and how many distinct events arrived in order.
-    highest: u64,
-    unique: u64,
-    dups: u64,
-}
-
-#[derive(Debug, PartialEq, Eq)]
-enum Phase {
-    Connecting,
-    /// The ticket request is out; waiting for its response.
-    Ticket,
-    /// The stream request is out; waiting for its head.
-    Stream,
-    Streaming,
-}
-
-struct Conn {
-    sock: TcpStream,
-    slot: usize,
-    phase: Phase,
-    out: Vec<u8>,
-    out_pos: usize,
-    input: Vec<u8>,
-    chunked: Option<Dechunker>,
-    sse: SseParser,
-    deadline: Instant,
-}
-
-struct Target {
-    kind: TargetKind,
-    addr: SocketAddr,
-    host: String,
-    minter: Minter,
-}
 
 pub struct Client {
     index: u32,
@@ -170,21 +123,11 @@ impl Client {
             kind,
             addr,
             host: addr.to_string(),
-            minter: Minter::new(secret),
+            secret: secret.to_owned(),
         });
         for i in clients.first..clients.first + clients.count {
-            self.slots.push(Slot {
-                user: clients.user(i),
-                device: clients.device(i),
-                token: None,
-                ticket: None,
-                conn: None,
-                attempt: 0,
-                open: false,
-                highest: 0,
-                unique: 0,
-                dups: 0,
-            });
+            self.slots
+                .push(Slot::new(clients.user(i), clients.device(i)));
         }
         self.clients = Some(clients);
         self.stats.clients = self.slots.len() as u64;
@@ -300,14 +243,10 @@ impl Client {
         }
     }
 
-    /// Next source address: 127.(10+worker).x.y, spread over 250 x 250 hosts.
+    /// Next source address (see [`source_addr`]).
     fn source(&mut self) -> SocketAddr {
-        let k = self.sources;
         self.sources += 1;
-        let b = 10 + (self.index % 200) as u8;
-        let c = ((k / 250) % 250) as u8;
-        let d = (k % 250) as u8 + 1;
-        SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(127, b, c, d), 0))
+        source_addr(self.index, self.sources - 1)
     }
 
     fn start(&mut self, poll: &Poll, slot_idx: usize) {
@@ -344,7 +283,7 @@ impl Client {
             out_pos: 0,
             input: Vec::new(),
             chunked: None,
-            sse: SseParser::default(),
+            sse: FrameReader::default(),
             deadline: Instant::now() + HANDSHAKE_TIMEOUT,
         };
         if let Err(e) = poll.registry().register(
@@ -368,40 +307,7 @@ impl Client {
             return Err("no_target".into());
         };
         let kind = self.clients.as_ref().map(|c| c.kind);
-        let slot = &mut self.slots[slot_idx];
-        if target.kind == TargetKind::Floor {
-            return Ok(format!(
-                "GET /floor?deviceId={} HTTP/1.1\r\nHost: {}\r\n\r\n",
-                slot.device, target.host
-            )
-            .into_bytes());
-        }
-        if target.kind == TargetKind::Nchan {
-            return Ok(format!(
-                "GET /sub?deviceId={} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\n\r\n",
-                slot.device, target.host
-            )
-            .into_bytes());
-        }
-        if slot.ticket.is_some() {
-            return Ok(stream_request(target, slot, kind));
-        }
-        if slot.token.is_none() {
-            slot.token = Some(target.minter.token(&slot.user)?);
-        }
-        let purpose = match kind {
-            Some(StreamKind::Alerts) => "alerts",
-            _ => "data",
-        };
-        let body = format!(r#"{{"purpose":"{purpose}","ttlSeconds":3600}}"#);
-        Ok(format!(
-            "POST /sse/stream-ticket HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{}",
-            target.host,
-            slot.token.as_deref().unwrap_or(""),
-            body.len(),
-            body
-        )
-        .into_bytes())
+        first_request(target, kind, &mut self.slots[slot_idx])
     }
 
     fn note_error(&mut self, kind: &str) {
@@ -535,14 +441,19 @@ impl Client {
         if conn.input.len() > MAX_RESPONSE {
             return Err("response_too_large".into());
         }
-        let head = match sse::parse_head(&conn.input) {
-            HeadParse::Partial => return Ok(()),
-            HeadParse::Bad => return Err("bad_response".into()),
-            HeadParse::Done(h) => h,
+        let (head, start) = match parse_head(&conn.input) {
+            Ok(Some(h)) => h,
+            Ok(None) => return Ok(()),
+            Err(_) => return Err("bad_response".into()),
+        };
+        let content_length = match head.header("content-length").map(str::parse::<usize>) {
+            None => 0,
+            Some(Ok(n)) => n,
+            Some(Err(_)) => return Err("bad_response".into()),
         };
         match conn.phase {
             Phase::Ticket => {
-                let need = head.len + head.content_length.unwrap_or(0);
+                let need = start + content_length;
                 if conn.input.len() < need {
                     return Ok(());
                 }
@@ -550,7 +461,7 @@ impl Client {
                     return Err(format!("ticket_{}", head.status));
                 }
                 let parsed: Result<TicketResponse, _> =
-                    serde_json::from_slice(&conn.input[head.len..need]);
+                    serde_json::from_slice(&conn.input[start..need]);
                 let Ok(t) = parsed else {
                     return Err("ticket_body".into());
                 };
@@ -571,10 +482,10 @@ impl Client {
                 if head.status != 200 {
                     return Err(format!("http_{}", head.status));
                 }
-                let rest = conn.input.split_off(head.len);
+                let rest = conn.input.split_off(start);
                 conn.input = Vec::new();
                 conn.phase = Phase::Streaming;
-                if head.chunked {
+                if head.is_chunked() {
                     conn.chunked = Some(Dechunker::default());
                 }
                 self.inflight = self.inflight.saturating_sub(1);
@@ -596,112 +507,5 @@ impl Client {
             }
             _ => Ok(()),
         }
-    }
-}
-
-/// Streaming bytes: de-chunk, parse, count.
-fn body(
-    conn: &mut Conn,
-    slot: &mut Slot,
-    stats: &mut Stats,
-    hist: &mut Histogram,
-    total_dups: &mut u64,
-    scratch: &mut Vec<u8>,
-    bytes: &[u8],
-) -> Result<(), String> {
-    let data: &[u8] = match conn.chunked.as_mut() {
-        Some(d) => {
-            scratch.clear();
-            let done = d
-                .feed(bytes, scratch)
-                .map_err(|_| "bad_chunk".to_string())?;
-            if done {
-                return Err("stream_ended".into());
-            }
-            scratch
-        }
-        None => bytes,
-    };
-    let now = now_ns();
-    conn.sse
-        .feed(data, |ev| match ev.name {
-            b"realtime-update" | b"machine-alert" => {
-                stats.events += 1;
-                if let Some(t) = sse::json_u64(ev.data, b"\"t_pub_ns\":") {
-                    hist.record_ns(now.saturating_sub(t));
-                }
-                if let Some(seq) = sse::json_u64(ev.data, b"\"seq\":") {
-                    if seq > slot.highest {
-                        slot.highest = seq;
-                        slot.unique += 1;
-                    } else {
-                        slot.dups += 1;
-                        stats.dups += 1;
-                        *total_dups += 1;
-                    }
-                }
-            }
-            b"system" => stats.heartbeats += 1,
-            _ => {}
-        })
-        .map_err(|_| "event_too_large".to_string())
-}
-
-fn stream_request(target: &Target, slot: &Slot, kind: Option<StreamKind>) -> Vec<u8> {
-    let ticket = slot.ticket.as_deref().unwrap_or("");
-    let path = match kind {
-        Some(StreamKind::Alerts) => format!("/sse/alerts?ticket={ticket}"),
-        _ => format!("/sse/stream?deviceId={}&ticket={ticket}", slot.device),
-    };
-    format!(
-        "GET {path} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\n\r\n",
-        target.host
-    )
-    .into_bytes()
-}
-
-fn flush(conn: &mut Conn) -> io::Result<()> {
-    while conn.out_pos < conn.out.len() && conn.phase != Phase::Connecting {
-        match conn.sock.write(&conn.out[conn.out_pos..]) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => conn.out_pos += n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
-pub fn is_loopback(addr: &SocketAddr) -> bool {
-    addr.ip().is_loopback()
-}
-
-/// A non-blocking socket bound to `src`, connecting to `dst`.
-fn connect_from(src: SocketAddr, dst: SocketAddr) -> io::Result<TcpStream> {
-    let sock = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
-    sock.set_nonblocking(true)?;
-    sock.set_tcp_nodelay(true)?;
-    sock.bind(&src.into())?;
-    match sock.connect(&dst.into()) {
-        Ok(()) => {}
-        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
-        Err(e) => return Err(e),
-    }
-    Ok(TcpStream::from_std(sock.into()))
-}
-
-/// A short name for an I/O error, for the error table.
-fn errno_name(e: &io::Error) -> String {
-    match e.raw_os_error() {
-        Some(libc::ECONNREFUSED) => "refused".into(),
-        Some(libc::ECONNRESET) => "reset".into(),
-        Some(libc::EADDRNOTAVAIL) => "addrnotavail".into(),
-        Some(libc::EADDRINUSE) => "addrinuse".into(),
-        Some(libc::EMFILE) | Some(libc::ENFILE) => "nofile".into(),
-        Some(libc::ETIMEDOUT) => "timedout".into(),
-        Some(libc::EPIPE) => "pipe".into(),
-        Some(n) => format!("errno{n}"),
-        None => format!("{:?}", e.kind()).to_lowercase(),
     }
 }

@@ -1,9 +1,12 @@
 //! The floor: what this machine can do at best. `loadtest floor-server` is a
 //! minimal single-threaded mio program with no HTTP framework and no Redis:
 //! it accepts loopback connections, reads the request line only to learn the
-//! device, writes a fixed stream head, and then, at the rate it is told,
-//! writes each event's frame (the same bytes the gateway would send) to every
-//! socket of that device with one `write` per frame. Its CPU-seconds per
+//! device, writes the gateway's own stream head and preamble
+//! ([`stream_head`]), and then, at the rate it is told, writes each event's
+//! frame to every socket of that device with one `write` per frame. The frame
+//! is built by the gateway's own code ([`message_for`] for the `data:` line,
+//! [`Frame::encode`] for the bytes), so it is byte for byte what the gateway
+//! would send. Its CPU-seconds per
 //! million deliveries is the yardstick every server figure is divided by.
 //!
 //! It is steered over stdin/stdout like a worker ([`FloorPublisher`] is the
@@ -20,12 +23,14 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 use serde::{Deserialize, Serialize};
 
+use sse_gateway::http::response::stream_head;
+use sse_gateway::stream::frame::{message_for, Event, EventId, Frame};
+
 use crate::client::now_ns;
 use crate::publisher::{Publish, Step};
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX);
-const HEAD: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache, no-transform\r\nX-Accel-Buffering: no\r\n\r\nretry: 3000\n: connected\n\n";
 const MAX_LIFETIME: Duration = Duration::from_secs(3 * 3600);
 /// A client that lets this much pile up is dropped, as a slow consumer.
 const MAX_PENDING: usize = 1 << 20;
@@ -105,6 +110,7 @@ fn serve(port: u16, devices: usize, prefix: &str) -> io::Result<()> {
     let mut active: Option<Active> = None;
     let (mut next_dev, mut global_seq, mut dropped) = (0usize, 0u64, 0u64);
     let born = Instant::now();
+    let head = stream_head(None);
     // The greeting: the coordinator waits for it before connecting.
     println!("ready");
     io::stdout().flush()?;
@@ -156,6 +162,7 @@ fn serve(port: u16, devices: usize, prefix: &str) -> io::Result<()> {
                             &index,
                             &mut subs,
                             key,
+                            &head,
                         ),
                         None => false,
                     };
@@ -240,6 +247,7 @@ fn on_ready(
     index: &HashMap<&str, usize>,
     subs: &mut [Vec<usize>],
     key: usize,
+    head: &[u8],
 ) -> bool {
     if readable {
         let mut buf = [0u8; 4096];
@@ -251,7 +259,7 @@ fn on_ready(
                     if c.request.len() > 8192 {
                         return true;
                     }
-                    if crate::sse::find(&c.request, b"\r\n\r\n").is_some() {
+                    if sse_testkit::find(&c.request, b"\r\n\r\n").is_some() {
                         let Some(d) = device_of(&c.request).and_then(|d| index.get(d.as_str()))
                         else {
                             return true;
@@ -259,7 +267,7 @@ fn on_ready(
                         c.device = Some(*d);
                         subs[*d].push(key);
                         c.request = Vec::new();
-                        if !send(c, HEAD) {
+                        if !send(c, head) {
                             return true;
                         }
                     }
@@ -321,15 +329,21 @@ fn device_of(request: &[u8]) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// The frame the gateway would send for this event.
+/// The frame the gateway sends for this event, built by the gateway's own
+/// code: the `data:` line from the published payload (with its
+/// `"timestamp"`), then the encoded frame.
 pub fn frame_bytes(device: &str, seq: u64, global: u64) -> Vec<u8> {
     let ns = now_ns();
     let ms = ns / 1_000_000;
-    format!(
-        "id: {ms}-{global}\nevent: realtime-update\ndata: {{\"deviceId\":\"{device}\",\"data\":{{\"seq\":{seq},\"t_pub_ns\":{ns}}},\"timestamp\":\"{}\"}}\n\n",
-        iso8601(ms)
-    )
-    .into_bytes()
+    let payload = format!(r#"{{"deviceId":"{device}","data":{{"seq":{seq},"t_pub_ns":{ns}}}}}"#);
+    let id = EventId { ms, seq: global };
+    match message_for(Event::RealtimeUpdate, payload.as_bytes(), ms) {
+        Ok(m) => Frame::encode(Some(id), m.event, &m.device, &m.data)
+            .bytes
+            .into_vec(),
+        // Device names are the floor's own (`d0`...), so the payload is JSON.
+        Err(_) => Vec::new(),
+    }
 }
 
 /// `YYYY-MM-DDTHH:MM:SS.mmmZ` for epoch milliseconds: the gateway's own
@@ -463,5 +477,33 @@ mod tests {
             Some("d12")
         );
         assert_eq!(device_of(b"GET /floor HTTP/1.1\r\n\r\n"), None);
+    }
+
+    #[test]
+    fn what_the_floor_sends_is_what_the_client_reads() {
+        let mut bytes = stream_head(None);
+        let (head, start) = sse_testkit::parse_head(&bytes).unwrap().unwrap();
+        assert_eq!(head.status, 200);
+        assert!(!head.is_chunked());
+        bytes.extend(frame_bytes("d3", 7, 9));
+        let mut got = Vec::new();
+        sse_testkit::FrameReader::default()
+            .feed(&bytes[start..], |b| {
+                let data = b.data.as_deref().unwrap_or_default();
+                got.push((
+                    b.event.map(<[u8]>::to_vec),
+                    b.id.is_some_and(|id| id.ends_with(b"-9")),
+                    crate::wire::json_u64(data, b"\"seq\":"),
+                    crate::wire::json_u64(data, b"\"t_pub_ns\":").is_some(),
+                ))
+            })
+            .unwrap();
+        assert_eq!(
+            got,
+            vec![
+                (None, false, None, false),
+                (Some(b"realtime-update".to_vec()), true, Some(7), true)
+            ]
+        );
     }
 }

@@ -9,7 +9,6 @@
 //! Only loopback addresses are ever contacted, every loop is bounded, and the
 //! processes it starts are ended by PID.
 
-mod auth;
 mod charts;
 mod client;
 mod compare;
@@ -26,7 +25,8 @@ mod resp;
 mod scenario;
 mod services;
 mod smoke;
-mod sse;
+mod tab;
+mod wire;
 mod worker;
 
 use clap::{Parser, Subcommand};

@@ -125,10 +125,7 @@ pub fn self_exe() -> std::path::PathBuf {
 
 /// A loopback port that was free a moment ago.
 pub fn free_port() -> Result<u16, String> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind: {e}"))?;
-    l.local_addr()
-        .map(|a| a.port())
-        .map_err(|e| format!("local_addr: {e}"))
+    sse_testkit::try_free_port().map_err(|e| format!("bind 127.0.0.1:0: {e}"))
 }
 
 /// nproc, CPU model and kernel, for the report.

@@ -5,8 +5,7 @@
 //! handle drops.
 
 use std::fs::File;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -116,18 +115,12 @@ fn wait_ready(
 pub fn redis(dir: &Path) -> Result<Service, String> {
     let port = proc::free_port()?;
     let mut cmd = Command::new("redis-server");
-    cmd.args([
-        "--port",
-        &port.to_string(),
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
+    cmd.args(sse_testkit::redis_server_args(port, dir)).args([
+        "--maxclients",
+        "1000",
+        "--daemonize",
         "no",
-    ])
-    .args(["--maxclients", "1000", "--daemonize", "no", "--dir"])
-    .arg(dir);
+    ]);
     let mut svc = spawn("redis-server", cmd, dir.join("redis.log"), port)?;
     wait_ready(&mut svc, Duration::from_secs(10), |a| {
         Redis::connect(a)
@@ -365,33 +358,14 @@ fn health_up(addr: SocketAddr) -> bool {
     http_get(addr, "/health").is_ok_and(|(status, body)| status == 200 && body.contains("\"up\""))
 }
 
-/// A one-shot `GET` (Connection: close), bounded to 5 s.
+/// A one-shot `GET` (Connection: close), bounded to 5 s, through the kit's
+/// client: the status and the body.
 pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
     if !addr.ip().is_loopback() {
         return Err("not loopback".into());
     }
-    let mut s =
-        TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))
-        .map_err(|e| e.to_string())?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(|e| e.to_string())?;
-    let mut buf = Vec::new();
-    s.take(4 << 20)
-        .read_to_end(&mut buf)
-        .map_err(|e| e.to_string())?;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("bad response from {path}"))?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((status, body))
+    let request = sse_testkit::build_request("GET", path, &[], "");
+    let r = sse_testkit::try_request(addr, &request, Duration::from_secs(5))
+        .map_err(|e| format!("GET {path}: {e}"))?;
+    Ok((r.status, r.text()))
 }

@@ -1,0 +1,304 @@
+//! One simulated browser tab of the many-stream client: its slot (who it
+//! is, what it has seen), its connection and handshake phase, the requests
+//! it sends, the sockets it dials, and what it counts from its stream's
+//! bytes. The loop that drives many of them is the client module.
+
+use std::io::{self, Write};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use mio::net::TcpStream;
+use socket2::{Domain, Protocol, Socket, Type};
+use sse_testkit::{access_token, FrameReader};
+
+use crate::hist::Histogram;
+use crate::protocol::{Stats, StreamKind, TargetKind};
+use crate::wire::{json_u64, Dechunker};
+
+/// Nanoseconds since the Unix epoch: the clock of every latency figure.
+pub fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// Source address `k` of worker `index`: 127.(10+index).x.y, spread over
+/// 250 x 250 hosts, so neither the ephemeral port range nor a per-IP limit
+/// binds.
+pub fn source_addr(index: u32, k: u64) -> SocketAddr {
+    let b = 10 + (index % 200) as u8;
+    let c = ((k / 250) % 250) as u8;
+    let d = (k % 250) as u8 + 1;
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(127, b, c, d), 0))
+}
+
+/// One simulated browser tab.
+pub struct Slot {
+    pub user: String,
+    pub device: String,
+    pub token: Option<String>,
+    pub ticket: Option<String>,
+    pub conn: Option<usize>,
+    pub attempt: u32,
+    pub open: bool,
+    /// Highest `seq` seen and how many distinct events arrived in order.
+    pub highest: u64,
+    pub unique: u64,
+    pub dups: u64,
+}
+
+impl Slot {
+    /// A tab of `user` on `device` that has opened nothing yet.
+    pub fn new(user: String, device: String) -> Slot {
+        Slot {
+            user,
+            device,
+            token: None,
+            ticket: None,
+            conn: None,
+            attempt: 0,
+            open: false,
+            highest: 0,
+            unique: 0,
+            dups: 0,
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Phase {
+    Connecting,
+    /// The ticket request is out; waiting for its response.
+    Ticket,
+    /// The stream request is out; waiting for its head.
+    Stream,
+    Streaming,
+}
+
+pub struct Conn {
+    pub sock: TcpStream,
+    pub slot: usize,
+    pub phase: Phase,
+    pub out: Vec<u8>,
+    pub out_pos: usize,
+    pub input: Vec<u8>,
+    pub chunked: Option<Dechunker>,
+    pub sse: FrameReader,
+    pub deadline: Instant,
+}
+
+pub struct Target {
+    pub kind: TargetKind,
+    pub addr: SocketAddr,
+    pub host: String,
+    /// The access-token secret.
+    pub secret: String,
+}
+
+/// The ticket request, or the stream request when a ticket is at hand.
+pub fn first_request(
+    target: &Target,
+    kind: Option<StreamKind>,
+    slot: &mut Slot,
+) -> Result<Vec<u8>, String> {
+    if target.kind == TargetKind::Floor {
+        return Ok(format!(
+            "GET /floor?deviceId={} HTTP/1.1\r\nHost: {}\r\n\r\n",
+            slot.device, target.host
+        )
+        .into_bytes());
+    }
+    if target.kind == TargetKind::Nchan {
+        return Ok(format!(
+            "GET /sub?deviceId={} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\n\r\n",
+            slot.device, target.host
+        )
+        .into_bytes());
+    }
+    if slot.ticket.is_some() {
+        return Ok(stream_request(target, slot, kind));
+    }
+    if slot.token.is_none() {
+        let token = access_token(&target.secret, &slot.user, None, 7200);
+        if token.is_empty() {
+            return Err("jwt".into());
+        }
+        slot.token = Some(token);
+    }
+    let purpose = match kind {
+        Some(StreamKind::Alerts) => "alerts",
+        _ => "data",
+    };
+    let body = format!(r#"{{"purpose":"{purpose}","ttlSeconds":3600}}"#);
+    Ok(format!(
+        "POST /sse/stream-ticket HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{}",
+        target.host,
+        slot.token.as_deref().unwrap_or(""),
+        body.len(),
+        body
+    )
+    .into_bytes())
+}
+
+/// Streaming bytes: de-chunk, parse, count.
+pub fn body(
+    conn: &mut Conn,
+    slot: &mut Slot,
+    stats: &mut Stats,
+    hist: &mut Histogram,
+    total_dups: &mut u64,
+    scratch: &mut Vec<u8>,
+    bytes: &[u8],
+) -> Result<(), String> {
+    let data: &[u8] = match conn.chunked.as_mut() {
+        Some(d) => {
+            scratch.clear();
+            let done = d
+                .feed(bytes, scratch)
+                .map_err(|_| "bad_chunk".to_string())?;
+            if done {
+                return Err("stream_ended".into());
+            }
+            scratch
+        }
+        None => bytes,
+    };
+    let now = now_ns();
+    conn.sse
+        .feed(data, |block| {
+            // A block without data dispatches nothing (preamble, comments).
+            let Some(data) = block.data.as_deref() else {
+                return;
+            };
+            match block.event.unwrap_or(b"message") {
+                b"realtime-update" | b"machine-alert" => {
+                    stats.events += 1;
+                    if let Some(t) = json_u64(data, b"\"t_pub_ns\":") {
+                        hist.record_ns(now.saturating_sub(t));
+                    }
+                    if let Some(seq) = json_u64(data, b"\"seq\":") {
+                        if seq > slot.highest {
+                            slot.highest = seq;
+                            slot.unique += 1;
+                        } else {
+                            slot.dups += 1;
+                            stats.dups += 1;
+                            *total_dups += 1;
+                        }
+                    }
+                }
+                b"system" => stats.heartbeats += 1,
+                _ => {}
+            }
+        })
+        .map_err(|_| "event_too_large".to_string())
+}
+
+pub fn stream_request(target: &Target, slot: &Slot, kind: Option<StreamKind>) -> Vec<u8> {
+    let ticket = slot.ticket.as_deref().unwrap_or("");
+    let path = match kind {
+        Some(StreamKind::Alerts) => format!("/sse/alerts?ticket={ticket}"),
+        _ => format!("/sse/stream?deviceId={}&ticket={ticket}", slot.device),
+    };
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\n\r\n",
+        target.host
+    )
+    .into_bytes()
+}
+
+pub fn flush(conn: &mut Conn) -> io::Result<()> {
+    while conn.out_pos < conn.out.len() && conn.phase != Phase::Connecting {
+        match conn.sock.write(&conn.out[conn.out_pos..]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => conn.out_pos += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+pub fn is_loopback(addr: &SocketAddr) -> bool {
+    addr.ip().is_loopback()
+}
+
+/// A non-blocking socket bound to `src`, connecting to `dst`.
+pub fn connect_from(src: SocketAddr, dst: SocketAddr) -> io::Result<TcpStream> {
+    let sock = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    sock.set_nonblocking(true)?;
+    sock.set_tcp_nodelay(true)?;
+    sock.bind(&src.into())?;
+    match sock.connect(&dst.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    Ok(TcpStream::from_std(sock.into()))
+}
+
+/// A short name for an I/O error, for the error table.
+pub fn errno_name(e: &io::Error) -> String {
+    match e.raw_os_error() {
+        Some(libc::ECONNREFUSED) => "refused".into(),
+        Some(libc::ECONNRESET) => "reset".into(),
+        Some(libc::EADDRNOTAVAIL) => "addrnotavail".into(),
+        Some(libc::EADDRINUSE) => "addrinuse".into(),
+        Some(libc::EMFILE) | Some(libc::ENFILE) => "nofile".into(),
+        Some(libc::ETIMEDOUT) => "timedout".into(),
+        Some(libc::EPIPE) => "pipe".into(),
+        Some(n) => format!("errno{n}"),
+        None => format!("{:?}", e.kind()).to_lowercase(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sse_gateway::auth::token::TokenKey;
+
+    fn slot() -> Slot {
+        Slot::new("u7".into(), "d3".into())
+    }
+
+    fn target(kind: TargetKind) -> Target {
+        Target {
+            kind,
+            addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            host: "127.0.0.1:8080".into(),
+            secret: "load-secret".into(),
+        }
+    }
+
+    #[test]
+    fn a_tab_asks_for_a_ticket_with_a_token_the_gateway_verifies_then_streams() {
+        let (t, mut s) = (target(TargetKind::Gateway), slot());
+        let req = String::from_utf8(first_request(&t, Some(StreamKind::Alerts), &mut s).unwrap())
+            .unwrap();
+        assert!(req.starts_with("POST /sse/stream-ticket HTTP/1.1\r\n"));
+        assert!(req.ends_with(r#"{"purpose":"alerts","ttlSeconds":3600}"#));
+        let token = s.token.clone().unwrap();
+        assert!(req.contains(&format!("Authorization: Bearer {token}\r\n")));
+        let who = TokenKey::new(b"load-secret").verify(&token).expect("valid");
+        assert_eq!(who.user.to_string(), "u7");
+        s.ticket = Some("tk".into());
+        let req = first_request(&t, Some(StreamKind::Data), &mut s).unwrap();
+        assert!(req.starts_with(b"GET /sse/stream?deviceId=d3&ticket=tk HTTP/1.1\r\n"));
+        let floor = first_request(&target(TargetKind::Floor), None, &mut slot()).unwrap();
+        assert!(floor.starts_with(b"GET /floor?deviceId=d3 HTTP/1.1\r\n"));
+    }
+
+    #[test]
+    fn source_addresses_are_distinct_loopback_hosts_per_worker() {
+        let mut seen = std::collections::HashSet::new();
+        for index in [0, 1] {
+            for k in 0..1000 {
+                let a = source_addr(index, k);
+                assert!(is_loopback(&a) && a.port() == 0, "{a}");
+                assert!(seen.insert(a.ip()), "{a} twice");
+            }
+        }
+    }
+}
