@@ -156,6 +156,24 @@ impl Hub {
     /// Gives a checked message its id, encodes it once and sends it to every
     /// reactor.
     fn emit(&self, msg: Message, now: u64) -> EventId {
+        self.sequence(now, |id| {
+            Frame::encode(Some(id), msg.event, &msg.device, &msg.data)
+        })
+    }
+
+    /// Marks a hole in the sequence: what the ingest published while the bus
+    /// was away is lost, so every stream receives `replay-gap` at this
+    /// point, live, and so does a stream that resumes from before it (the
+    /// marker has an id and sits in the replay window like an event).
+    pub fn mark_gap(&self) -> EventId {
+        self.sequence(epoch_ms(), |id| {
+            Frame::encode(Some(id), Event::System, "", br#"{"kind":"replay-gap"}"#)
+        })
+    }
+
+    /// Under the sequence lock: the next id, the frame `encode` makes with
+    /// it, into the replay window and to every reactor, in id order.
+    fn sequence(&self, now: u64, encode: impl FnOnce(EventId) -> Frame) -> EventId {
         let mut s = self.lock();
         s.last_ms = s.last_ms.max(now);
         s.last_seq += 1;
@@ -163,7 +181,7 @@ impl Hub {
             ms: s.last_ms,
             seq: s.last_seq,
         };
-        let frame = Arc::new(Frame::encode(Some(id), msg.event, &msg.device, &msg.data));
+        let frame = Arc::new(encode(id));
         s.replay.push(frame.clone(), now);
         self.metrics
             .replay_events
@@ -175,34 +193,6 @@ impl Hub {
             if !mailbox.send_frame(frame.clone()) {
                 // That reactor is far behind; it takes the frame from the
                 // replay window when it sees the hole in the sequence.
-                self.metrics.mailbox_overflows.fetch_add(1, Relaxed);
-            }
-        }
-        id
-    }
-
-    /// Marks a hole in the sequence: what the ingest published while the bus
-    /// was away is lost, so every stream receives `replay-gap` at this
-    /// point, live, and so does a stream that resumes from before it (the
-    /// marker has an id and sits in the replay window like an event).
-    pub fn mark_gap(&self) -> EventId {
-        let now = epoch_ms();
-        let mut s = self.lock();
-        s.last_ms = s.last_ms.max(now);
-        s.last_seq += 1;
-        let id = EventId {
-            ms: s.last_ms,
-            seq: s.last_seq,
-        };
-        let frame = Arc::new(Frame::encode(
-            Some(id),
-            Event::System,
-            "",
-            br#"{"kind":"replay-gap"}"#,
-        ));
-        s.replay.push(frame.clone(), now);
-        for mailbox in self.mailboxes.iter() {
-            if !mailbox.send_frame(frame.clone()) {
                 self.metrics.mailbox_overflows.fetch_add(1, Relaxed);
             }
         }

@@ -27,6 +27,10 @@ impl Chunk {
     }
 }
 
+/// Chunks queued at a flush above which a stream counts as busy and keeps
+/// the room it grew.
+const BUSY_CHUNKS: usize = 4;
+
 /// What a flush achieved.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Flushed {
@@ -90,6 +94,7 @@ impl Outbox {
     /// [`MAX_IOVECS`] chunks. A short write means the socket buffer is full, so
     /// it stops there instead of paying for a call that would return EAGAIN.
     pub fn flush<W: Write>(&mut self, out: &mut W) -> io::Result<Flushed> {
+        let busy = self.chunks.len() > BUSY_CHUNKS;
         while !self.chunks.is_empty() {
             let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
             let mut n = 0;
@@ -113,6 +118,13 @@ impl Outbox {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
+        }
+        // Keep room for one chunk: most streams spend their life between one
+        // frame and the next, so that is all an idle stream holds. A busy
+        // stream (more than a few chunks a turn) keeps its room instead of
+        // reallocating it turn after turn; its heartbeat trims it once idle.
+        if !busy {
+            self.trim();
         }
         Ok(Flushed::All)
     }

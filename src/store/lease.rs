@@ -180,7 +180,10 @@ impl Leases {
             // need tens of megabytes of buffers, which the allocator keeps.
             // In a Cluster, each goes to the nodes of its keys' slots.
             for batch in streams.chunks(RENEW_BATCH) {
-                let mut cmds = Vec::with_capacity(batch.len() * 8);
+                let mut cmds = Vec::with_capacity(batch.len() * 4 + 8);
+                // Each set's lifetime once per batch, however many of its
+                // members the batch renews (an address may hold thousands).
+                let mut sets = std::collections::BTreeSet::new();
                 for (user, purpose, id, ip) in batch {
                     let member = self.member(*id);
                     for set in [ip_key(*ip), key(user, *purpose)] {
@@ -190,11 +193,15 @@ impl Leases {
                             // the snapshot.
                             let mut zadd = redis::cmd("ZADD");
                             zadd.arg(&k).arg("XX").arg(expiry).arg(&member);
-                            let mut pexpire = redis::cmd("PEXPIRE");
-                            pexpire.arg(&k).arg(self.ttl.as_millis() as u64);
-                            cmds.extend([zadd, pexpire]);
+                            cmds.push(zadd);
+                            sets.insert(k);
                         }
                     }
+                }
+                for k in sets {
+                    let mut pexpire = redis::cmd("PEXPIRE");
+                    pexpire.arg(&k).arg(self.ttl.as_millis() as u64);
+                    cmds.push(pexpire);
                 }
                 if let Err(e) = c.batch(cmds) {
                     warn!("lease renewal failed: {e}");

@@ -223,8 +223,9 @@ fn release(link: &mut Link, key: &str, member: &str) -> redis::RedisResult<()> {
 }
 
 /// One job, one round trip (pipelined where it needs several commands; in
-/// a Cluster, one per node holding its keys). No script touches more than
-/// one key, so none spans hash slots.
+/// a Cluster, one per node holding its keys). No script spans hash slots:
+/// the mint script touches one key, the lease script a set and its
+/// per-instance twin, hash-tagged into one slot.
 fn run(link: &mut Link, job: &Job) -> redis::RedisResult<Outcome> {
     Ok(match job {
         Job::PutTicket {

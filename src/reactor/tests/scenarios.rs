@@ -173,15 +173,14 @@ fn values(c: &Client) -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn a_reactor_whose_mailbox_overflowed_recovers_the_frames_from_the_replay_window() {
-    let mut lab = Lab::new(&["--mailbox-frames", "4"]);
+/// A stream on M1, then 50 events of M1 published while the reactor does
+/// not turn.
+fn burst_on_one_stream(lab: &mut Lab) -> Client {
     lab.memory().grant("u1", "M1");
     let ticket = lab.ticket("u1");
-    let mut s = Client::connect(&mut lab);
+    let mut s = Client::connect(lab);
     s.send(&stream_request(&ticket, "M1"));
     assert!(lab.until(T, |_| s.pump().statuses() == [200]));
-    // 50 events while the reactor does not turn: 46 find its mailbox full.
     for n in 0..50 {
         let msg = format!(r#"{{"deviceId":"M1","data":{{"n":{n}}}}}"#);
         lab.gw
@@ -189,6 +188,14 @@ fn a_reactor_whose_mailbox_overflowed_recovers_the_frames_from_the_replay_window
             .publish("mqtt:realtime:processed", msg.as_bytes())
             .expect("published");
     }
+    s
+}
+
+#[test]
+fn a_reactor_whose_mailbox_overflowed_recovers_the_frames_from_the_replay_window() {
+    let mut lab = Lab::new(&["--mailbox-frames", "4"]);
+    // 50 events while the reactor does not turn: 46 find its mailbox full.
+    let mut s = burst_on_one_stream(&mut lab);
     let want: Vec<String> = (0..50).map(|n| n.to_string()).collect();
     assert!(lab.until(T, |_| values(s.pump()).len() >= 50));
     assert_eq!(values(&s), want, "every frame once, in order");
@@ -203,18 +210,7 @@ fn a_reactor_whose_mailbox_overflowed_recovers_the_frames_from_the_replay_window
 #[test]
 fn frames_the_replay_window_no_longer_holds_become_a_replay_gap() {
     let mut lab = Lab::new(&["--mailbox-frames", "4", "--replay-events", "8"]);
-    lab.memory().grant("u1", "M1");
-    let ticket = lab.ticket("u1");
-    let mut s = Client::connect(&mut lab);
-    s.send(&stream_request(&ticket, "M1"));
-    assert!(lab.until(T, |_| s.pump().statuses() == [200]));
-    for n in 0..50 {
-        let msg = format!(r#"{{"deviceId":"M1","data":{{"n":{n}}}}}"#);
-        lab.gw
-            .hub
-            .publish("mqtt:realtime:processed", msg.as_bytes())
-            .expect("published");
-    }
+    let mut s = burst_on_one_stream(&mut lab);
     // The first four arrive; the window (8 events) no longer holds the
     // hole: a gap at that point, then what it holds, never a silent loss.
     assert!(lab.until(T, |_| values(s.pump()).last().map(String::as_str)
