@@ -63,6 +63,26 @@ fn closed_within(sock: &mut TcpStream, timeout: Duration) -> bool {
     false
 }
 
+/// A client whose receive buffer is 4 KiB: the server's writes to it stall.
+fn small_buffer_client(gw: &Gateway) -> TcpStream {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.connect_timeout(&gw.addr().into(), T).unwrap();
+    sock.into()
+}
+
+/// Each stream gets `system {"kind":"revoked"}` and is closed, all within a
+/// second of `started` (contract 7.2).
+fn revoked_within_a_second<const N: usize>(streams: [&mut SseStream; N], started: Instant) {
+    for s in streams {
+        let f = s.next_event(T).expect("a revoked frame");
+        assert!(f.is_system("revoked"), "{}", f.raw);
+        assert!(s.is_closed(T), "revoked stream left open");
+    }
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(1), "{took:?}");
+}
+
 // ----- 1. a stream ticket is never a credential ------------------------------
 
 #[test]
@@ -110,10 +130,7 @@ fn a_client_that_never_reads_its_responses_is_cut_off() {
     let gw = Gateway::builder()
         .args(&["--request-timeout-secs", "1"])
         .start();
-    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    sock.set_recv_buffer_size(4096).unwrap();
-    sock.connect_timeout(&gw.addr().into(), T).unwrap();
-    let mut sock: TcpStream = sock.into();
+    let mut sock = small_buffer_client(&gw);
     let one = b"GET /sse/client.js HTTP/1.1\r\nHost: x\r\n\r\n";
     let many: Vec<u8> = one.iter().copied().cycle().take(one.len() * 600).collect();
     sock.set_write_timeout(Some(T)).unwrap();
@@ -160,10 +177,7 @@ fn a_stream_whose_client_takes_nothing_is_closed_after_the_write_stall() {
     ]);
     redis.grant("u1", &["M1"]);
     let (ticket, _) = gw.ticket_for("u1", "");
-    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    sock.set_recv_buffer_size(4096).unwrap();
-    sock.connect_timeout(&gw.addr().into(), T).unwrap();
-    let mut sock: TcpStream = sock.into();
+    let mut sock = small_buffer_client(&gw);
     let req = format!(
         "GET {} HTTP/1.1\r\nHost: x\r\n\r\n",
         data_path(&ticket, &["M1"])
@@ -259,16 +273,7 @@ fn deleting_a_ticket_closes_its_streams_on_every_instance_within_a_second() {
         &[("Authorization", &auth)],
     );
     assert_eq!(r.status, 204);
-    for s in [&mut on_a, &mut on_b] {
-        let f = s.next_event(T).expect("a revoked frame");
-        assert!(f.is_system("revoked"), "{}", f.raw);
-        assert!(s.is_closed(T), "revoked stream left open");
-    }
-    assert!(
-        started.elapsed() < Duration::from_secs(1),
-        "{:?}",
-        started.elapsed()
-    );
+    revoked_within_a_second([&mut on_a, &mut on_b], started);
     // A stream of another ticket keeps flowing.
     publish_value(&redis, "M1", 7);
     expect_value(&mut untouched, 7);
@@ -320,16 +325,7 @@ fn an_access_change_closes_streams_on_withdrawn_devices_and_narrows_alerts() {
         .unwrap();
     let started = Instant::now();
     redis.publish("sse:access-changed", "u1");
-    for s in [&mut on_a, &mut on_b] {
-        let f = s.next_event(T).expect("a revoked frame");
-        assert!(f.is_system("revoked"), "{}", f.raw);
-        assert!(s.is_closed(T));
-    }
-    assert!(
-        started.elapsed() < Duration::from_secs(1),
-        "{:?}",
-        started.elapsed()
-    );
+    revoked_within_a_second([&mut on_a, &mut on_b], started);
     // The M2 stream stays; the alerts stream stays without M1's alerts.
     publish_value(&redis, "M2", 5);
     expect_value(&mut keeps, 5);
