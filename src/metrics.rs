@@ -52,6 +52,12 @@ pub struct Metrics {
     /// 1 when this instance takes part in a cluster log (the "no leader"
     /// alert only means something then).
     pub cluster_log: AtomicU64,
+    /// Holes this instance found in the cluster log (entries it never read,
+    /// a Redis that lost the log): each a `replay-gap` to every stream.
+    pub log_breaks: AtomicU64,
+    /// Gap markers this instance wrote into the cluster log as its leader
+    /// (ingest it may not have heard).
+    pub log_gaps_written: AtomicU64,
     /// Publish→write lag, observed once per frame per reactor.
     pub lag: LagHistogram,
     pub conflated: AtomicU64,
@@ -126,7 +132,7 @@ impl Metrics {
                 g(self.stream_gauge(p))
             );
         }
-        let single: [(&str, &str, &str, &AtomicU64); 13] = [
+        let single: [(&str, &str, &str, &AtomicU64); 15] = [
             (
                 "sse_streams_opened_total",
                 "counter",
@@ -180,6 +186,18 @@ impl Metrics {
                 "gauge",
                 "1 when this instance takes part in a cluster log (Redis mode with the shared log).",
                 &self.cluster_log,
+            ),
+            (
+                "sse_cluster_log_breaks_total",
+                "counter",
+                "Holes this instance found in the cluster log; each is a replay-gap to every stream.",
+                &self.log_breaks,
+            ),
+            (
+                "sse_cluster_log_gaps_written_total",
+                "counter",
+                "Gap markers this instance wrote into the cluster log as leader (ingest it may not have heard).",
+                &self.log_gaps_written,
             ),
             (
                 "sse_redis_reconnects_total",

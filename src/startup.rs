@@ -14,6 +14,9 @@ use mio::{Poll, Waker};
 
 use crate::config::Config;
 use crate::context::Gateway;
+use crossbeam_channel::{Receiver, Sender};
+
+use crate::ingress::clusterlog::{self, reader::Cursor, Input};
 use crate::ingress::conflate::Conflator;
 use crate::ingress::{demo, Hub, RedisState};
 use crate::metrics::Metrics;
@@ -27,7 +30,6 @@ use crate::store::redis::RedisPool;
 use crate::store::{Completions, Store};
 use crate::stream::registry::{Limits, Registry};
 use crate::stream::replay::ReplayWindow;
-use crate::time::epoch_ms;
 
 #[derive(Debug)]
 pub enum Fatal {
@@ -46,7 +48,19 @@ pub struct Assembly {
     pub local: SocketAddr,
     redis: Option<Arc<Deployment>>,
     conflator: Option<Arc<Conflator>>,
+    journal: Option<Journal>,
 }
+
+/// Redis mode: what the cluster log's threads start with.
+struct Journal {
+    heard: Sender<Input>,
+    inputs: Receiver<Input>,
+    /// Where reading goes on after the preload (None: Redis was not there).
+    cursor: Option<Cursor>,
+}
+
+/// Ingest messages heard and not yet taken by the log's writer, at most.
+const HEARD_QUEUE: usize = 65_536;
 
 /// Checks the configuration, binds the listeners and builds the shared
 /// context and the reactors. No thread is started, except the Redis store's
@@ -84,8 +98,8 @@ pub fn assemble(config: Config) -> Result<Assembly, Fatal> {
     let replay = ReplayWindow::new(
         config.replay_events,
         config.replay_secs.as_millis() as u64,
-        epoch_ms(),
         seq_base,
+        redis_client.is_some(),
     );
     let initial = if redis_client.is_some() {
         RedisState::Down
@@ -96,7 +110,22 @@ pub fn assemble(config: Config) -> Result<Assembly, Fatal> {
     hub.limit_event_bytes(config.max_event_bytes as usize);
     let conflator = (config.max_rate_per_device > 0.0)
         .then(|| Hub::limit_rate(&mut hub, config.max_rate_per_device));
+    let channels = redis_client.as_ref().map(|_| {
+        let (heard, inputs) = crossbeam_channel::bounded(HEARD_QUEUE);
+        hub.write_through(heard.clone());
+        (heard, inputs)
+    });
     let hub = Arc::new(hub);
+    // Before any reactor exists: the window holds the log's recent entries,
+    // and the reactors start routing after them.
+    let journal = match (channels, &redis_client) {
+        (Some((heard, inputs)), Some(redis)) => Some(Journal {
+            heard,
+            inputs,
+            cursor: clusterlog::reader::preload(redis, &hub, config.replay_events),
+        }),
+        _ => None,
+    };
     if initial == RedisState::Embedded {
         metrics
             .redis_up
@@ -150,6 +179,7 @@ pub fn assemble(config: Config) -> Result<Assembly, Fatal> {
         local,
         redis: redis_client,
         conflator,
+        journal,
     })
 }
 
@@ -175,6 +205,7 @@ pub fn run(config: Config) -> Result<(), Fatal> {
         local,
         redis,
         conflator,
+        journal,
     } = assemble(config)?;
     let io = |e: std::io::Error| Fatal::Io(e.to_string());
     let workers = reactors.len();
@@ -193,8 +224,13 @@ pub fn run(config: Config) -> Result<(), Fatal> {
             .spawn(move || hub.run_conflator(&conflator))
             .map_err(io)?;
     }
-    if let Some(redis) = redis {
-        crate::ingress::subscriber::subscribe(redis, gw.hub.clone()).map_err(io)?;
+    if let (Some(redis), Some(journal)) = (redis, journal) {
+        let bounds =
+            clusterlog::log_bounds(gw.config.replay_events, gw.config.replay_secs.as_secs());
+        clusterlog::writer::start(redis.clone(), gw.hub.clone(), journal.inputs, bounds)
+            .map_err(io)?;
+        clusterlog::reader::start(redis.clone(), gw.hub.clone(), journal.cursor).map_err(io)?;
+        crate::ingress::subscriber::subscribe(redis, gw.hub.clone(), journal.heard).map_err(io)?;
     }
     if gw.config.demo {
         demo::start(gw.hub.clone()).map_err(io)?;

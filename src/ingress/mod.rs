@@ -12,13 +12,14 @@
 //! - [`conflate`]: the per-device rate limit.
 //! - [`demo`]: simulated machines for `--demo`.
 
+pub mod clusterlog;
 pub mod conflate;
 pub mod demo;
 pub mod subscriber;
 
 use std::collections::HashSet;
-use std::sync::atomic::AtomicU8;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, AtomicU8};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::auth::UserId;
@@ -58,7 +59,7 @@ pub enum Published {
 
 struct Sequence {
     last_ms: u64,
-    last_seq: u64,
+    last_pos: u64,
     replay: ReplayWindow,
 }
 
@@ -70,6 +71,10 @@ pub struct Hub {
     conflator: Option<Arc<Conflator>>,
     /// Bus messages over this many bytes are dropped (`--max-event-bytes`).
     max_event_bytes: usize,
+    /// Redis mode: the cluster log's writer, where values the rate limit
+    /// held go when they are due (the log gives them their ids).
+    journal: Option<crossbeam_channel::Sender<clusterlog::Input>>,
+    draining: AtomicBool,
 }
 
 impl Hub {
@@ -83,19 +88,36 @@ impl Hub {
             mailboxes,
             seq: Mutex::new(Sequence {
                 last_ms: 0,
-                last_seq: replay.last_seq(),
+                last_pos: replay.last_pos(),
                 replay,
             }),
             redis: AtomicU8::new(redis as u8),
             metrics,
             conflator: None,
             max_event_bytes: usize::MAX,
+            journal: None,
+            draining: AtomicBool::new(false),
         }
     }
 
     /// Drops bus messages over `bytes` from now on.
     pub fn limit_event_bytes(&mut self, bytes: usize) {
         self.max_event_bytes = bytes;
+    }
+
+    /// Redis mode: events are the cluster log's, and held values go to its
+    /// writer through `journal`.
+    pub fn write_through(&mut self, journal: crossbeam_channel::Sender<clusterlog::Input>) {
+        self.journal = Some(journal);
+    }
+
+    /// Whether `realtime-update` passes the per-device rate limit.
+    pub fn rate_limited(&self) -> bool {
+        self.conflator.is_some()
+    }
+
+    pub fn max_event_bytes(&self) -> usize {
+        self.max_event_bytes
     }
 
     /// Limits `realtime-update` to `per_second` events per device (newest
@@ -108,8 +130,13 @@ impl Hub {
 
     /// The body of the thread that sends values the rate limit held.
     pub fn run_conflator(self: &Arc<Hub>, conflator: &Conflator) {
-        conflator.run(|msg| {
-            self.emit(msg, epoch_ms());
+        conflator.run(|msg| match &self.journal {
+            Some(journal) => {
+                let _ = journal.try_send(clusterlog::Input::Released(msg));
+            }
+            None => {
+                self.emit(msg, epoch_ms());
+            }
         });
     }
 
@@ -119,9 +146,20 @@ impl Hub {
         self.seq.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Publishes a message as if it arrived on Redis `channel`. Bad messages
-    /// are counted and refused; they never reach a stream.
+    /// Publishes a message as if it arrived on Redis `channel` (embedded
+    /// mode, the demo). Bad messages are counted and refused; they never
+    /// reach a stream.
     pub fn publish(&self, channel: &str, payload: &[u8]) -> Result<Published, Rejected> {
+        match self.admit(channel, payload)? {
+            Some(msg) => Ok(Published::Sent(self.emit(msg, epoch_ms()))),
+            None => Ok(Published::Held),
+        }
+    }
+
+    /// Checks a bus message and passes it through the per-device rate
+    /// limit: the message to send now, or None when the limit holds it.
+    /// Bad messages are counted and refused.
+    pub fn admit(&self, channel: &str, payload: &[u8]) -> Result<Option<Message>, Rejected> {
         if payload.len() > self.max_event_bytes {
             self.metrics.dropped_too_large.fetch_add(1, Relaxed);
             return Err(Rejected::TooLarge);
@@ -138,50 +176,65 @@ impl Hub {
             }
         };
         self.metrics.received(msg.event);
-        let msg = match (&self.conflator, msg.event) {
+        Ok(match (&self.conflator, msg.event) {
             (Some(c), Event::RealtimeUpdate) => match c.offer(msg, now) {
-                Offer::Send(m) => m,
+                Offer::Send(m) => Some(m),
                 Offer::Held { replaced } => {
                     if replaced {
                         self.metrics.conflated.fetch_add(1, Relaxed);
                     }
-                    return Ok(Published::Held);
+                    None
                 }
             },
-            _ => msg,
-        };
-        Ok(Published::Sent(self.emit(msg, now)))
+            _ => Some(msg),
+        })
     }
 
-    /// Gives a checked message its id, encodes it once and sends it to every
-    /// reactor.
+    /// Embedded mode: gives a checked message its id, encodes it once and
+    /// sends it to every reactor.
     fn emit(&self, msg: Message, now: u64) -> EventId {
-        self.sequence(now, |id| {
+        let frame = self.sequence(now, true, |pos, ms| {
+            let id = EventId { ms, seq: pos };
             Frame::encode(Some(id), msg.event, &msg.device, &msg.data)
-        })
+        });
+        frame.id.unwrap_or_default()
     }
 
-    /// Marks a hole in the sequence: what the ingest published while the bus
-    /// was away is lost, so every stream receives `replay-gap` at this
-    /// point, live, and so does a stream that resumes from before it (the
-    /// marker has an id and sits in the replay window like an event).
-    pub fn mark_gap(&self) -> EventId {
-        self.sequence(epoch_ms(), |id| {
-            Frame::encode(Some(id), Event::System, "", br#"{"kind":"replay-gap"}"#)
-        })
+    /// Redis mode: an entry of the cluster log, under the log's id, to
+    /// every reactor.
+    pub fn logged(&self, id: EventId, event: Event, device: &str, data: &[u8]) {
+        self.sequence(epoch_ms(), true, |_, _| {
+            Frame::encode(Some(id), event, device, data)
+        });
     }
 
-    /// Under the sequence lock: the next id, the frame `encode` makes with
-    /// it, into the replay window and to every reactor, in id order.
-    fn sequence(&self, now: u64, encode: impl FnOnce(EventId) -> Frame) -> EventId {
+    /// Redis mode at start: entries of the cluster log from before this
+    /// process, into the replay window only.
+    pub fn preload(&self, id: EventId, event: Event, device: &str, data: &[u8]) {
+        self.sequence(epoch_ms(), false, |_, _| {
+            Frame::encode(Some(id), event, device, data)
+        });
+    }
+
+    /// Redis mode: the cluster log lost entries this process never read.
+    /// Every stream receives `replay-gap` here, and no resume spans it.
+    pub fn broken(&self) {
+        self.metrics.log_breaks.fetch_add(1, Relaxed);
+        self.sequence(epoch_ms(), true, |_, _| {
+            Frame::encode(None, Event::System, "", br#"{"kind":"replay-gap"}"#)
+        });
+    }
+
+    /// Under the sequence lock: the next position, the frame `encode` makes
+    /// with it (and the millisecond an id of this process would carry),
+    /// into the replay window and, when `send`, to every reactor, in order.
+    fn sequence(&self, now: u64, send: bool, encode: impl FnOnce(u64, u64) -> Frame) -> Arc<Frame> {
         let mut s = self.lock();
         s.last_ms = s.last_ms.max(now);
-        s.last_seq += 1;
-        let id = EventId {
-            ms: s.last_ms,
-            seq: s.last_seq,
-        };
-        let frame = Arc::new(encode(id));
+        s.last_pos += 1;
+        let mut frame = encode(s.last_pos, s.last_ms);
+        frame.pos = s.last_pos;
+        let frame = Arc::new(frame);
         s.replay.push(frame.clone(), now);
         self.metrics
             .replay_events
@@ -189,14 +242,16 @@ impl Hub {
         self.metrics
             .replay_bytes
             .store(s.replay.bytes() as u64, Relaxed);
-        for mailbox in self.mailboxes.iter() {
-            if !mailbox.send_frame(frame.clone()) {
-                // That reactor is far behind; it takes the frame from the
-                // replay window when it sees the hole in the sequence.
-                self.metrics.mailbox_overflows.fetch_add(1, Relaxed);
+        if send {
+            for mailbox in self.mailboxes.iter() {
+                if !mailbox.send_frame(frame.clone()) {
+                    // That reactor is far behind; it takes the frame from the
+                    // replay window when it sees the hole in the sequence.
+                    self.metrics.mailbox_overflows.fetch_add(1, Relaxed);
+                }
             }
         }
-        id
+        frame
     }
 
     /// Sends a `system` frame to every stream of every reactor.
@@ -206,20 +261,22 @@ impl Hub {
         }
     }
 
-    /// Tells every reactor to drain.
+    /// Tells every reactor to drain (and the cluster log's writer to hand
+    /// its lease over).
     pub fn drain(&self) {
+        self.draining.store(true, Relaxed);
         for mailbox in self.mailboxes.iter() {
             mailbox.send(Inbox::Drain);
         }
     }
 
-    /// The id of the newest event sent (a base id before any).
-    pub fn last_id(&self) -> EventId {
-        let s = self.lock();
-        EventId {
-            ms: s.last_ms,
-            seq: s.last_seq,
-        }
+    pub fn draining(&self) -> bool {
+        self.draining.load(Relaxed)
+    }
+
+    /// The position of the newest frame sent (the base before any).
+    pub fn last_pos(&self) -> u64 {
+        self.lock().last_pos
     }
 
     /// Tells every reactor that ticket `ticket` was revoked.
@@ -241,12 +298,17 @@ impl Hub {
     }
 
     /// What a stream resuming after `last` has missed, up to the newest frame
-    /// its reactor has routed (`upto`).
+    /// its reactor has routed (position `upto`).
     pub fn resume(&self, last: EventId, upto: u64) -> Resume {
-        self.lock().replay.since(last, upto, epoch_ms())
+        self.lock().replay.after_id(last, upto, epoch_ms())
     }
 
-    /// Every frame the replay window still holds up to sequence `upto`.
+    /// What a reactor that routed through position `pos` missed, up to `upto`.
+    pub fn catch_up(&self, pos: u64, upto: u64) -> Resume {
+        self.lock().replay.after_pos(pos, upto, epoch_ms())
+    }
+
+    /// Every frame the replay window still holds up to position `upto`.
     pub fn held(&self, upto: u64) -> Vec<Arc<Frame>> {
         self.lock().replay.held(upto, epoch_ms())
     }

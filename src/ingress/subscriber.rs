@@ -1,5 +1,6 @@
 //! The Redis subscriber: one thread holds a Pub/Sub connection on the
-//! contract's channels and feeds every message to the [`Hub`]; revocations
+//! contract's channels and hands every ingest message, raw, to the cluster
+//! log's writer (which only the leader turns into log entries); revocations
 //! (`sse:revoke`) and access changes (`sse:access-changed`) go to every
 //! reactor. When Redis goes away it tells every stream `degraded`,
 //! reconnects with capped exponential backoff and jitter, resubscribes and
@@ -14,17 +15,27 @@ use std::time::Duration;
 use log::{info, warn};
 use rand::Rng;
 
+use std::sync::atomic::Ordering::Relaxed;
+
+use crossbeam_channel::{Sender, TrySendError};
+
+use super::clusterlog::{channel_index, Input};
 use super::{Hub, RedisState};
 use crate::store::connect::{Deployment, Link};
 use crate::store::protocol::{Job, Outcome, ACCESS_CHANGED_CHANNEL, REVOKE_CHANNEL};
 use crate::store::redis::run_once_more;
 use crate::stream::frame::{Frame, CHANNELS};
 
-/// Starts the subscriber thread.
-pub fn subscribe(redis: Arc<Deployment>, hub: Arc<Hub>) -> std::io::Result<thread::JoinHandle<()>> {
+/// Starts the subscriber thread; what it hears on the ingest channels goes
+/// to the cluster log's writer (`heard`).
+pub fn subscribe(
+    redis: Arc<Deployment>,
+    hub: Arc<Hub>,
+    heard: Sender<Input>,
+) -> std::io::Result<thread::JoinHandle<()>> {
     thread::Builder::new()
         .name("redis-subscriber".into())
-        .spawn(move || subscriber(&redis, hub))
+        .spawn(move || subscriber(&redis, hub, &heard))
 }
 
 /// Where the subscriber stands in an outage.
@@ -34,12 +45,15 @@ struct Outage {
     degraded: bool,
     /// Failed connects since the last good one: the backoff's exponent.
     failures: u32,
+    /// Subscribed at least once: a later loss is a hole in what was heard
+    /// (before the first subscription nothing was heard, which is no hole).
+    subscribed: bool,
 }
 
-fn subscriber(redis: &Deployment, hub: Arc<Hub>) {
+fn subscriber(redis: &Deployment, hub: Arc<Hub>, heard: &Sender<Input>) {
     let mut outage = Outage::default();
     loop {
-        match listen(redis, &hub, &mut outage) {
+        match listen(redis, &hub, heard, &mut outage) {
             Ok(()) => return,
             Err(e) => {
                 // The first failure of an outage (or of the start: a wrong
@@ -70,7 +84,12 @@ pub fn backoff(failures: u32) -> Duration {
     Duration::from_millis(rand::rng().random_range(cap_ms / 2..=cap_ms))
 }
 
-fn listen(redis: &Deployment, hub: &Hub, outage: &mut Outage) -> redis::RedisResult<()> {
+fn listen(
+    redis: &Deployment,
+    hub: &Hub,
+    heard: &Sender<Input>,
+    outage: &mut Outage,
+) -> redis::RedisResult<()> {
     let mut con = redis.pubsub()?;
     // Access changes need a set read, which a subscribed connection cannot do.
     let mut reads: Option<Link> = None;
@@ -97,9 +116,12 @@ fn listen(redis: &Deployment, hub: &Hub, outage: &mut Outage) -> redis::RedisRes
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         hub.broadcast_system(Frame::system(r#"{"kind":"recovered"}"#));
         // Pub/Sub keeps nothing for a subscriber that was away: whatever was
-        // published meanwhile is lost, so say so at this point.
-        hub.mark_gap();
+        // published meanwhile was not heard here. The log's writer knows.
+        if outage.subscribed {
+            let _ = heard.send(Input::Break);
+        }
     }
+    outage.subscribed = true;
     loop {
         match pubsub.get_message() {
             Ok(msg) => match msg.get_channel_name() {
@@ -107,16 +129,35 @@ fn listen(redis: &Deployment, hub: &Hub, outage: &mut Outage) -> redis::RedisRes
                 ACCESS_CHANGED_CHANNEL => {
                     access_changed(redis, &mut reads, hub, msg.get_payload_bytes())
                 }
-                // Bad messages are counted inside and never stop the loop.
-                channel => {
-                    let _ = hub.publish(channel, msg.get_payload_bytes());
-                }
+                channel => hear(hub, heard, channel, msg.get_payload_bytes()),
             },
             Err(e) if e.is_timeout() => {
                 pubsub.ping::<redis::Value>()?;
             }
             Err(e) => return Err(e),
         }
+    }
+}
+
+/// An ingest message, raw, to the log's writer. Only the leader checks and
+/// parses it; a message over `--max-event-bytes` is dropped and counted
+/// here, on every instance.
+fn hear(hub: &Hub, heard: &Sender<Input>, channel: &str, payload: &[u8]) {
+    let Some(channel) = channel_index(channel) else {
+        return;
+    };
+    if payload.len() > hub.max_event_bytes() {
+        hub.metrics().dropped_too_large.fetch_add(1, Relaxed);
+        return;
+    }
+    let input = Input::Heard {
+        channel,
+        payload: payload.to_vec(),
+    };
+    if let Err(TrySendError::Full(_)) = heard.try_send(input) {
+        // The writer is far behind: what it misses is a hole it must mark.
+        hub.metrics().mailbox_overflows.fetch_add(1, Relaxed);
+        let _ = heard.send_timeout(Input::Break, Duration::from_secs(1));
     }
 }
 

@@ -1,9 +1,9 @@
 //! Everything that reaches open streams: bus frames routed by device (and
-//! recovered from the replay window when the mailbox overflowed), heartbeats
-//! and write-stall deadlines, `system` frames, revocations and access
-//! changes, and the drain.
+//! recovered from the replay window when the mailbox overflowed), resumes
+//! (from the window, or waiting for an id this instance has not read yet),
+//! heartbeats and write-stall deadlines, `system` frames, and the drain.
+//! Revocations are [`super::revocation`]'s.
 
-use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
@@ -12,10 +12,10 @@ use rand::Rng;
 
 use super::conn::{Exchange, Phase};
 use super::mailbox::Inbox;
-use super::{ms, Cause, Listening, Reactor, LINGER, TIMER_DRAIN};
-use crate::auth::UserId;
+use super::{ms, Cause, Listening, Reactor, TIMER_DRAIN};
+
 use crate::http::response::{self, Response};
-use crate::stream::frame::{Event, EventId, Frame, Purpose};
+use crate::stream::frame::{Event, EventId, Frame};
 use crate::stream::replay::Resume;
 use crate::stream::subscriptions::{wants, Filter};
 use crate::stream::Stream;
@@ -23,61 +23,6 @@ use crate::stream::Stream;
 /// Mailbox messages handled per turn before flushing, so a flood of frames
 /// never holds written output back for long.
 const INBOX_BATCH: usize = 4096;
-/// How long a revocation is remembered for streams still opening.
-const RECENT_MS: u64 = 10_000;
-/// Revocations remembered at most.
-const RECENT_MAX: usize = 1024;
-
-/// A revocation, as streams still opening must check it.
-enum Revocation {
-    Ticket(uuid::Uuid),
-    Access(UserId, Arc<HashSet<Box<str>>>),
-}
-
-/// Revocations of the last [`RECENT_MS`], newest last.
-#[derive(Default)]
-pub(super) struct Recent(VecDeque<(u64, Revocation)>);
-
-impl Recent {
-    fn push(&mut self, now: u64, r: Revocation) {
-        while self
-            .0
-            .front()
-            .is_some_and(|(at, _)| at + RECENT_MS < now || self.0.len() >= RECENT_MAX)
-        {
-            self.0.pop_front();
-        }
-        self.0.push_back((now, r));
-    }
-
-    /// Whether a revocation since `since` (the stream's request) refuses
-    /// `stream`, about to open; an access change narrows an alert stream's
-    /// filter instead.
-    fn refuses(&self, since: u64, stream: &mut Stream) -> bool {
-        for (_, r) in self.0.iter().filter(|(at, _)| *at >= since) {
-            match r {
-                Revocation::Ticket(t) if *t == stream.ticket => return true,
-                Revocation::Access(user, owned) if user.key == stream.user.key && !stream.admin => {
-                    match &stream.filter {
-                        Filter::Devices(d) if stream.purpose == Purpose::Data => {
-                            if d.iter().any(|d| !owned.contains(d)) {
-                                return true;
-                            }
-                        }
-                        _ => stream.filter = Filter::Devices(owned.iter().cloned().collect()),
-                    }
-                }
-                _ => {}
-            }
-        }
-        false
-    }
-}
-
-fn revoked_frame() -> Arc<Frame> {
-    Frame::system(r#"{"kind":"revoked"}"#)
-}
-
 impl Reactor {
     pub(super) fn drain_inbox(&mut self) {
         for _ in 0..INBOX_BATCH {
@@ -109,24 +54,68 @@ impl Reactor {
             let Ok(frame) = self.inbox.frames.try_recv() else {
                 break;
             };
-            if let Some(id) = frame.id {
-                if id.seq <= self.last_routed.seq {
-                    continue; // already taken from the replay window
-                }
-                if id.seq > self.last_routed.seq + 1 {
-                    self.fill_gap(id.seq - 1);
-                }
-                self.last_routed = id;
+            if frame.pos <= self.last_routed {
+                continue; // already taken from the replay window
             }
-            self.fan_out(&frame);
+            if frame.pos > self.last_routed + 1 {
+                self.fill_gap(frame.pos - 1);
+            }
+            self.last_routed = frame.pos;
+            self.route(&frame);
         }
         if overflowed {
             // The newest frames may be the ones refused, with none behind
             // them to show the hole: catch up to the hub's newest now.
-            let newest = self.gw.hub.last_id().seq;
-            if newest > self.last_routed.seq {
+            let newest = self.gw.hub.last_pos();
+            if newest > self.last_routed {
                 self.fill_gap(newest);
             }
+        }
+    }
+
+    /// Fans a bus frame out, first settling the streams waiting for their
+    /// resume id to come by.
+    fn route(&mut self, frame: &Arc<Frame>) {
+        let Some(id) = frame.id.filter(|_| !self.waiting.is_empty()) else {
+            return self.fan_out(frame);
+        };
+        let after = self.settle(id);
+        self.fan_out(frame);
+        for key in after {
+            self.subscribe(key);
+        }
+    }
+
+    /// Streams waiting for `id` or an older one: a stream whose own id is
+    /// `id` takes what follows it (returned, to subscribe after this frame);
+    /// one whose id was passed without coming by named an id this cluster
+    /// never issued: `replay-gap`, and it takes this frame on.
+    fn settle(&mut self, id: EventId) -> Vec<usize> {
+        let mut after = Vec::new();
+        let mut i = 0;
+        while i < self.waiting.len() {
+            let (key, want) = self.waiting[i];
+            if id < want {
+                i += 1;
+                continue;
+            }
+            self.waiting.swap_remove(i);
+            if id == want {
+                after.push(key);
+            } else {
+                self.gw.metrics.replay_gaps.fetch_add(1, Relaxed);
+                if self.push_frame(key, &Frame::system(r#"{"kind":"replay-gap"}"#)) {
+                    self.subscribe(key);
+                }
+            }
+        }
+        after
+    }
+
+    /// Puts an open stream into the index.
+    fn subscribe(&mut self, key: usize) {
+        if let Some(s) = self.conns.get(key).and_then(|c| c.stream()) {
+            self.subs.add(key, s.purpose, &s.filter);
         }
     }
 
@@ -142,30 +131,31 @@ impl Reactor {
     /// arrived. Route them from the replay window, or, when it no longer
     /// holds them, tell every stream here `replay-gap` at this point.
     fn fill_gap(&mut self, upto: u64) {
-        match self.gw.hub.resume(self.last_routed, upto) {
+        match self.gw.hub.catch_up(self.last_routed, upto) {
             Resume::Frames(frames) => {
                 for frame in frames {
-                    if let Some(id) = frame.id {
-                        self.last_routed = id;
-                    }
-                    self.fan_out(&frame);
+                    self.last_routed = frame.pos;
+                    self.route(&frame);
                 }
             }
-            Resume::Gap => {
+            Resume::Gap | Resume::Ahead => {
                 let gap = Frame::system(r#"{"kind":"replay-gap"}"#);
                 for key in self.stream_keys() {
                     self.gw.metrics.replay_gaps.fetch_add(1, Relaxed);
                     self.push_frame(key, &gap);
                 }
+                // Told of the hole: waiting for an id is pointless now.
+                for (key, _) in std::mem::take(&mut self.waiting) {
+                    self.subscribe(key);
+                }
                 // After the hole, what the window still holds.
                 for frame in self.gw.hub.held(upto) {
-                    match frame.id {
-                        Some(id) if id.seq > self.last_routed.seq => self.last_routed = id,
-                        _ => continue,
+                    if frame.pos > self.last_routed {
+                        self.last_routed = frame.pos;
+                        self.fan_out(&frame);
                     }
-                    self.fan_out(&frame);
                 }
-                self.last_routed.seq = self.last_routed.seq.max(upto);
+                self.last_routed = self.last_routed.max(upto);
             }
         }
     }
@@ -319,12 +309,18 @@ impl Reactor {
         if !snapshot.is_empty() {
             conn.outbox.push_bytes(snapshot);
         }
+        let mut waits_for = None;
         if let Some(raw) = last_event_id.as_deref() {
-            let resume = match EventId::parse(raw) {
-                Some(id) => self.gw.hub.resume(id, self.last_routed.seq),
+            let id = EventId::parse(raw);
+            let resume = match id {
+                Some(id) => self.gw.hub.resume(id, self.last_routed),
                 None => Resume::Gap,
             };
             match resume {
+                Resume::Ahead => {
+                    self.gw.metrics.replays_served.fetch_add(1, Relaxed);
+                    waits_for = id;
+                }
                 Resume::Frames(frames) => {
                     self.gw.metrics.replays_served.fetch_add(1, Relaxed);
                     for f in frames
@@ -358,7 +354,10 @@ impl Reactor {
                 .peers
                 .leave(crate::config::limit_key(conn.peer.ip()));
         }
-        self.subs.add(key, stream.purpose, &stream.filter);
+        match waits_for {
+            Some(id) => self.waiting.push((key, id)),
+            None => self.subs.add(key, stream.purpose, &stream.filter),
+        }
         stream.opened = now;
         stream.next_heartbeat = self.next_heartbeat(now);
         let Some(conn) = self.conns.get_mut(key) else {
@@ -371,68 +370,6 @@ impl Reactor {
         // The client may have gone while the lookup ran: its FIN's readiness
         // edge was spent then, so look now.
         self.on_readable(key);
-    }
-
-    // ----- revocation ---------------------------------------------------------
-
-    /// Says `revoked` to a stream and closes it once that is written (or
-    /// after a short linger if the client does not take it).
-    fn end_revoked(&mut self, key: usize) {
-        self.gw.metrics.revoked.fetch_add(1, Relaxed);
-        if !self.push_frame(key, &revoked_frame()) {
-            return;
-        }
-        self.end_stream(key, Cause::Revoked);
-        self.arm(key, LINGER);
-        self.mark_dirty(key);
-    }
-
-    /// Ticket `ticket` was revoked: every stream opened with it ends.
-    fn revoke(&mut self, ticket: uuid::Uuid) {
-        self.recent.push(self.now(), Revocation::Ticket(ticket));
-        let keys: Vec<usize> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| c.stream().is_some_and(|s| s.ticket == ticket))
-            .map(|(k, _)| k)
-            .collect();
-        for key in keys {
-            self.end_revoked(key);
-        }
-    }
-
-    /// `user` owns exactly `owned` now: data streams naming anything else
-    /// end; alert streams follow the new set.
-    fn access_changed(&mut self, user: &UserId, owned: Arc<HashSet<Box<str>>>) {
-        self.recent
-            .push(self.now(), Revocation::Access(user.clone(), owned.clone()));
-        let keys: Vec<usize> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| {
-                c.stream()
-                    .is_some_and(|s| s.user.key == user.key && !s.admin)
-            })
-            .map(|(k, _)| k)
-            .collect();
-        for key in keys {
-            let Some(Phase::Streaming(s)) = self.conns.get_mut(key).map(|c| &mut c.phase) else {
-                continue;
-            };
-            match (&s.filter, s.purpose) {
-                (Filter::Devices(d), Purpose::Data) => {
-                    if d.iter().any(|d| !owned.contains(d)) {
-                        self.end_revoked(key);
-                    }
-                }
-                (old, _) => {
-                    let new = Filter::Devices(owned.iter().cloned().collect());
-                    self.subs.remove(key, s.purpose, old);
-                    self.subs.add(key, s.purpose, &new);
-                    s.filter = new;
-                }
-            }
-        }
     }
 
     // ----- drain --------------------------------------------------------------

@@ -19,7 +19,8 @@
 //! this file is the loop (poll, accept, timers, flush, close);
 //! [`exchange`] is the request exchange (request → lookup → outcome →
 //! response); [`fanout`] is everything that reaches open streams (bus
-//! frames, heartbeats, system frames, revocations, drain).
+//! frames, heartbeats, system frames, drain), [`revocation`] what closes
+//! them when a ticket or an access is withdrawn.
 //!
 //! - [`conn`]: a connection's state machine and socket I/O.
 //! - [`outbox`]: queued frames and the `writev` that sends them.
@@ -35,6 +36,7 @@ pub mod listener;
 pub mod mailbox;
 pub mod outbox;
 pub mod peers;
+mod revocation;
 pub mod timer;
 
 #[cfg(test)]
@@ -105,9 +107,14 @@ pub struct Reactor {
     subs: crate::stream::subscriptions::Subscriptions,
     dirty: Vec<usize>,
     epoch: Instant,
-    /// The newest bus frame routed here: a frame whose sequence number is
-    /// not the next one shows that the mailbox overflowed in between.
-    last_routed: EventId,
+    /// The position of the newest bus frame routed here: a frame whose
+    /// position is not the next one shows that the mailbox overflowed in
+    /// between.
+    last_routed: u64,
+    /// Streams resuming from an id not routed here yet (another instance's
+    /// log reader was ahead): subscribed once it comes by, in
+    /// [`fanout`]'s `settle`.
+    waiting: Vec<(usize, EventId)>,
     /// The heartbeat frame of the current millisecond, shared by every stream
     /// whose heartbeat falls due in it.
     heartbeat: Option<(u64, Arc<Frame>)>,
@@ -118,7 +125,7 @@ pub struct Reactor {
     next_serial: u64,
     /// Revocations of the last few seconds, checked when a stream opens: a
     /// revocation that overtook the stream's own lookup still reaches it.
-    recent: fanout::Recent,
+    recent: revocation::Recent,
     /// Publish→write lag of the frames written this turn.
     lag: crate::metrics::lag::LagProbe,
 }
@@ -133,7 +140,7 @@ impl Reactor {
     ) -> io::Result<Reactor> {
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
-        let last_routed = gw.hub.last_id();
+        let last_routed = gw.hub.last_pos();
         Ok(Reactor {
             index,
             gw,
@@ -146,6 +153,7 @@ impl Reactor {
             dirty: Vec::new(),
             epoch: Instant::now(),
             last_routed,
+            waiting: Vec::new(),
             heartbeat: None,
             draining: false,
             expired: Vec::new(),
@@ -465,7 +473,12 @@ impl Reactor {
         else {
             return;
         };
-        self.subs.remove(key, stream.purpose, &stream.filter);
+        match self.waiting.iter().position(|(k, _)| *k == key) {
+            Some(i) => {
+                self.waiting.swap_remove(i);
+            }
+            None => self.subs.remove(key, stream.purpose, &stream.filter),
+        }
         self.gw
             .stream_closed(&stream.user, stream.client, stream.purpose, stream.id);
         let secs = self.now().saturating_sub(stream.opened) as f64 / 1000.0;

@@ -113,9 +113,11 @@ pub const CHANNELS: [&str; 5] = [
     "machine:alarms",
 ];
 
-/// `<epoch_ms>-<seq>`: ordered by `seq`, which is strictly increasing per
-/// process; `ms` is never smaller than the previous id's.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+/// `<epoch_ms>-<seq>`, ordered by `ms` then `seq`. Embedded mode numbers
+/// `seq` per process (strictly increasing, `ms` never smaller than the
+/// previous id's); in Redis mode the id is the cluster log's entry id, which
+/// Redis makes strictly increasing the same way.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct EventId {
     pub ms: u64,
     pub seq: u64,
@@ -147,6 +149,10 @@ impl fmt::Display for EventId {
 #[derive(Debug)]
 pub struct Frame {
     pub id: Option<EventId>,
+    /// Where the frame stands in this process's sequence of bus frames
+    /// (consecutive from one frame to the next, set by the hub; 0 for frames
+    /// outside it): how a reactor sees that its mailbox skipped some.
+    pub pos: u64,
     pub event: Event,
     /// The device the event is about; empty for `system`.
     pub device: Box<str>,
@@ -169,6 +175,7 @@ impl Frame {
         bytes.extend_from_slice(b"\n\n");
         Frame {
             id,
+            pos: 0,
             event,
             device: device.into(),
             bytes: bytes.into_boxed_slice(),

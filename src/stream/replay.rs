@@ -1,10 +1,19 @@
 //! The replay window: the most recent frames of the bus, bounded by count and
 //! age, so a client that reconnects with `Last-Event-ID` gets what it missed.
 //!
-//! Every frame with an id passes through here in order, so the window holds a
-//! contiguous run of sequence numbers. That makes "did this client miss
-//! something we no longer hold?" a comparison, not a search: if any frame
-//! newer than the client's id was evicted, the answer is a `replay-gap`.
+//! Every frame passes through here in order of its position in the process's
+//! sequence (`Frame::pos`, consecutive), so the window holds a contiguous run
+//! of positions: "did a reactor miss something we no longer hold?" is a
+//! comparison. A client names an id, not a position: ids increase with
+//! positions, so it is found by binary search. An id the window does not
+//! hold is a `replay-gap`, unless it is exactly the newest one evicted (the
+//! client missed precisely what is held) or, with a cluster log, newer than
+//! anything here yet (another instance's log reader was ahead of ours: the
+//! stream waits for it live).
+//!
+//! A frame without an id in the sequence is a break (a hole this process
+//! found in the cluster log): the window forgets everything before it, so no
+//! resume ever spans the hole.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -12,16 +21,21 @@ use std::sync::Arc;
 use super::frame::{EventId, Frame};
 
 pub struct ReplayWindow {
+    /// (arrival ms, frame); every frame here has an id and they hold
+    /// positions `evicted_through + 1 ..= last_pos`.
     frames: VecDeque<(u64, Arc<Frame>)>,
     max_events: usize,
     max_age_ms: u64,
     bytes: usize,
-    /// Highest sequence number evicted (0: none yet).
+    /// Position of the newest frame evicted (or of the newest break).
     evicted_through: u64,
-    /// Highest sequence number pushed (0: none yet).
-    last_seq: u64,
-    /// Ids older than this were issued by another process.
-    start_ms: u64,
+    /// The id of the frame at `evicted_through`, while known: a client that
+    /// names it missed exactly what the window holds.
+    floor: Option<EventId>,
+    last_pos: u64,
+    /// Ids newer than the newest held may still arrive (a cluster log read
+    /// by every instance at its own pace) instead of being unknown.
+    newer_may_come: bool,
 }
 
 /// What a resuming stream gets.
@@ -29,32 +43,49 @@ pub struct ReplayWindow {
 pub enum Resume {
     /// The frames after the client's id, oldest first (maybe none).
     Frames(Vec<Arc<Frame>>),
+    /// The client's id is not routed here yet: it arrives live, and the
+    /// stream takes what follows it.
+    Ahead,
     /// The id is unknown or older than the window: the client may have missed
     /// events and should refetch history.
     Gap,
 }
 
 impl ReplayWindow {
-    /// A window for a process that started at `start_ms` and numbers its
-    /// first frame `seq_base + 1`.
-    pub fn new(max_events: usize, max_age_ms: u64, start_ms: u64, seq_base: u64) -> ReplayWindow {
+    /// A window whose first frame takes position `pos_base + 1`.
+    /// `newer_may_come`: see [`Resume::Ahead`].
+    pub fn new(
+        max_events: usize,
+        max_age_ms: u64,
+        pos_base: u64,
+        newer_may_come: bool,
+    ) -> ReplayWindow {
         ReplayWindow {
             frames: VecDeque::with_capacity(max_events.min(4096)),
             max_events,
             max_age_ms,
             bytes: 0,
-            evicted_through: seq_base,
-            last_seq: seq_base,
-            start_ms,
+            evicted_through: pos_base,
+            floor: None,
+            last_pos: pos_base,
+            newer_may_come,
         }
     }
 
-    /// Appends a frame (which must carry the next sequence number).
+    /// Appends a frame (which must carry the next position).
     pub fn push(&mut self, frame: Arc<Frame>, now_ms: u64) {
-        let Some(id) = frame.id else { return };
-        self.last_seq = id.seq;
+        self.last_pos = frame.pos;
+        let Some(id) = frame.id else {
+            // A break: nothing before it can be resumed across it.
+            self.frames.clear();
+            self.bytes = 0;
+            self.evicted_through = frame.pos;
+            self.floor = None;
+            return;
+        };
         if self.max_events == 0 {
-            self.evicted_through = id.seq;
+            self.evicted_through = frame.pos;
+            self.floor = Some(id);
             return;
         }
         self.bytes += frame.len();
@@ -78,53 +109,63 @@ impl ReplayWindow {
     fn evict_front(&mut self) {
         if let Some((_, f)) = self.frames.pop_front() {
             self.bytes -= f.len();
-            if let Some(id) = f.id {
-                self.evicted_through = id.seq;
-            }
+            self.evicted_through = f.pos;
+            self.floor = f.id;
         }
     }
 
-    /// Frames after `last` up to and including sequence `upto` (the newest a
-    /// reactor has already routed; later ones reach the stream live).
-    pub fn since(&mut self, last: EventId, upto: u64, now_ms: u64) -> Resume {
+    /// What a client whose last event was `last` missed, up to and including
+    /// position `upto` (the newest its reactor has routed; later frames
+    /// reach the stream live).
+    pub fn after_id(&mut self, last: EventId, upto: u64, now_ms: u64) -> Resume {
         self.expire(now_ms);
-        if last.seq > self.last_seq || last.ms < self.start_ms || last.seq < self.evicted_through {
+        if self.floor == Some(last) {
+            return Resume::Frames(self.held_from(0, upto));
+        }
+        match self.frames.binary_search_by(|(_, f)| f.id.cmp(&Some(last))) {
+            Ok(i) if self.frames[i].1.pos > upto => Resume::Ahead,
+            Ok(i) => Resume::Frames(self.held_from(i + 1, upto)),
+            Err(i) if i == self.frames.len() && self.newer_may_come => {
+                let newest = self.frames.back().and_then(|(_, f)| f.id).or(self.floor);
+                if newest.is_none_or(|n| last > n) {
+                    Resume::Ahead
+                } else {
+                    Resume::Gap
+                }
+            }
+            Err(_) => Resume::Gap,
+        }
+    }
+
+    /// What a reactor that routed through position `pos` missed, up to and
+    /// including `upto`.
+    pub fn after_pos(&mut self, pos: u64, upto: u64, now_ms: u64) -> Resume {
+        self.expire(now_ms);
+        if pos < self.evicted_through || pos > self.last_pos {
             return Resume::Gap;
         }
-        let first = self.evicted_through + 1;
-        // The client's own frame, if still held, must be the one it names.
-        if last.seq >= first {
-            match self.frames.get((last.seq - first) as usize) {
-                Some((_, f)) if f.id == Some(last) => {}
-                _ => return Resume::Gap,
-            }
-        }
-        let start = (last.seq + 1 - first) as usize;
-        let frames = self
-            .frames
-            .range(start.min(self.frames.len())..)
-            .take_while(|(_, f)| f.id.is_some_and(|id| id.seq <= upto))
-            .map(|(_, f)| f.clone())
-            .collect();
-        Resume::Frames(frames)
+        Resume::Frames(self.held_from((pos - self.evicted_through) as usize, upto))
     }
 
-    /// Every frame still held up to and including sequence `upto`, oldest
+    fn held_from(&self, start: usize, upto: u64) -> Vec<Arc<Frame>> {
+        self.frames
+            .range(start.min(self.frames.len())..)
+            .take_while(|(_, f)| f.pos <= upto)
+            .map(|(_, f)| f.clone())
+            .collect()
+    }
+
+    /// Every frame still held up to and including position `upto`, oldest
     /// first (what a reactor that lost track can still deliver after its
     /// `replay-gap`).
     pub fn held(&mut self, upto: u64, now_ms: u64) -> Vec<Arc<Frame>> {
         self.expire(now_ms);
-        self.frames
-            .iter()
-            .map(|(_, f)| f)
-            .take_while(|f| f.id.is_some_and(|id| id.seq <= upto))
-            .cloned()
-            .collect()
+        self.held_from(0, upto)
     }
 
-    /// The sequence number of the newest frame pushed (the base when none).
-    pub fn last_seq(&self) -> u64 {
-        self.last_seq
+    /// The position of the newest frame pushed (the base when none).
+    pub fn last_pos(&self) -> u64 {
+        self.last_pos
     }
 
     pub fn len(&self) -> usize {
@@ -144,107 +185,162 @@ impl ReplayWindow {
 mod tests {
     use super::*;
     use crate::stream::frame::Event;
+    use proptest::prelude::*;
 
-    fn frame(ms: u64, seq: u64) -> Arc<Frame> {
-        Arc::new(Frame::encode(
-            Some(EventId { ms, seq }),
-            Event::SpcUpdate,
-            "d",
-            b"{}",
-        ))
+    fn frame(ms: u64, seq: u64, pos: u64) -> Arc<Frame> {
+        let mut f = Frame::encode(Some(EventId { ms, seq }), Event::SpcUpdate, "d", b"{}");
+        f.pos = pos;
+        Arc::new(f)
     }
 
-    fn seqs(r: Resume) -> Option<Vec<u64>> {
+    fn gap_frame(pos: u64) -> Arc<Frame> {
+        let mut f = Frame::encode(None, Event::System, "", br#"{"kind":"replay-gap"}"#);
+        f.pos = pos;
+        Arc::new(f)
+    }
+
+    fn poss(r: Resume) -> Option<Vec<u64>> {
         match r {
-            Resume::Frames(f) => Some(f.iter().map(|f| f.id.unwrap().seq).collect()),
+            Resume::Frames(f) => Some(f.iter().map(|f| f.pos).collect()),
+            Resume::Ahead => Some(vec![u64::MAX]),
             Resume::Gap => None,
         }
     }
 
     #[test]
     fn resumes_from_the_window_or_reports_a_gap() {
-        let mut w = ReplayWindow::new(3, 10_000, 100, 0);
-        for seq in 1..=5 {
-            w.push(frame(100 + seq, seq), 1000);
+        let mut w = ReplayWindow::new(3, 10_000, 0, false);
+        for pos in 1..=5 {
+            // Ids as a cluster log makes them: several per millisecond.
+            w.push(frame(100 + pos / 2, pos % 2, pos), 1000);
         }
         assert_eq!(w.len(), 3); // holds 3, 4, 5; evicted through 2
-        let id = |seq| EventId { ms: 100 + seq, seq };
+        let id = |pos: u64| EventId {
+            ms: 100 + pos / 2,
+            seq: pos % 2,
+        };
         let table = [
-            (id(2), 5, Some(vec![3, 4, 5])), // newest evicted frame is the client's own: nothing missed
+            (id(2), 5, Some(vec![3, 4, 5])), // the newest evicted frame is the client's own: nothing missed
             (id(3), 5, Some(vec![4, 5])),
-            (id(4), 4, Some(vec![])), // the reactor has not routed 5 yet: it comes live
+            (id(4), 4, Some(vec![])),
             (id(5), 5, Some(vec![])),
-            (id(1), 5, None),                       // 2 was evicted: gap
-            (id(6), 5, None),                       // never issued here
-            (EventId { ms: 999, seq: 4 }, 5, None), // seq ours, ms not: another process
-            (EventId { ms: 50, seq: 4 }, 5, None),  // before this process started
+            (id(5), 4, Some(vec![u64::MAX])), // held but not routed by this reactor yet
+            (id(1), 5, None),                 // 2 was evicted: gap
+            (id(6), 5, None),                 // never issued here
+            (EventId { ms: 101, seq: 7 }, 5, None), // inside the range, not an id we hold
+            (EventId { ms: 50, seq: 4 }, 5, None), // before the window
         ];
         for (last, upto, want) in table {
-            assert_eq!(seqs(w.since(last, upto, 1000)), want, "{last}");
+            assert_eq!(
+                poss(w.after_id(last, upto, 1000)),
+                want,
+                "{last} upto {upto}"
+            );
         }
     }
 
     #[test]
-    fn old_frames_age_out() {
-        let mut w = ReplayWindow::new(100, 1_000, 0, 0);
-        w.push(frame(1, 1), 0);
-        w.push(frame(2, 2), 500);
+    fn with_a_cluster_log_a_newer_id_is_waited_for_not_a_gap() {
+        let mut w = ReplayWindow::new(3, 10_000, 0, true);
         assert_eq!(
-            seqs(w.since(EventId { ms: 1, seq: 1 }, 2, 900)),
-            Some(vec![2])
+            poss(w.after_id(EventId { ms: 7, seq: 0 }, 0, 0)),
+            Some(vec![u64::MAX])
         );
+        w.push(frame(10, 0, 1), 0);
+        w.push(frame(10, 1, 2), 0);
         assert_eq!(
-            seqs(w.since(EventId { ms: 1, seq: 1 }, 2, 1_200)),
-            Some(vec![2])
+            poss(w.after_id(EventId { ms: 10, seq: 2 }, 2, 0)),
+            Some(vec![u64::MAX])
         );
-        assert_eq!(seqs(w.since(EventId { ms: 0, seq: 0 }, 2, 1_200)), None);
+        assert_eq!(poss(w.after_id(EventId { ms: 9, seq: 0 }, 2, 0)), None);
+    }
+
+    #[test]
+    fn a_break_forgets_everything_before_it() {
+        let mut w = ReplayWindow::new(10, 10_000, 0, true);
+        w.push(frame(10, 0, 1), 0);
+        w.push(gap_frame(2), 0);
+        w.push(frame(12, 0, 3), 0);
+        assert_eq!(poss(w.after_id(EventId { ms: 10, seq: 0 }, 3, 0)), None);
+        assert_eq!(poss(w.after_pos(1, 3, 0)), None);
+        assert_eq!(poss(w.after_pos(2, 3, 0)), Some(vec![3]));
         assert_eq!(
-            seqs(w.since(EventId { ms: 2, seq: 2 }, 2, 1_600)),
+            poss(w.after_id(EventId { ms: 12, seq: 0 }, 3, 0)),
             Some(vec![])
         );
+    }
+
+    #[test]
+    fn old_frames_age_out() {
+        let mut w = ReplayWindow::new(100, 1_000, 0, false);
+        w.push(frame(1, 1, 1), 0);
+        w.push(frame(2, 2, 2), 500);
+        let id = |ms, seq| EventId { ms, seq };
+        assert_eq!(poss(w.after_id(id(1, 1), 2, 900)), Some(vec![2]));
+        assert_eq!(poss(w.after_id(id(1, 1), 2, 1_200)), Some(vec![2]));
+        assert_eq!(poss(w.after_id(id(0, 0), 2, 1_200)), None);
+        assert_eq!(poss(w.after_id(id(2, 2), 2, 1_600)), Some(vec![]));
         assert_eq!(w.len(), 0);
         assert_eq!(w.bytes(), 0);
     }
 
     #[test]
-    fn ids_of_another_process_are_a_gap_not_a_silent_loss() {
-        // Two processes number from random bases far apart: an id from one is
-        // never mistaken for a position in the other's sequence.
-        let base = 1 << 40;
-        let mut w = ReplayWindow::new(10, 10_000, 0, base);
-        w.push(frame(5, base + 1), 0);
-        w.push(frame(6, base + 2), 0);
-        assert_eq!(
-            seqs(w.since(
-                EventId {
-                    ms: 5,
-                    seq: base + 1
-                },
-                base + 2,
-                0
-            )),
-            Some(vec![base + 2])
-        );
-        assert_eq!(seqs(w.since(EventId { ms: 5, seq: 1 }, base + 2, 0)), None);
-        assert_eq!(
-            seqs(w.since(
-                EventId {
-                    ms: 5,
-                    seq: 7 << 40
-                },
-                base + 2,
-                0
-            )),
-            None
-        );
+    fn a_disabled_window_serves_only_the_newest_id() {
+        let mut w = ReplayWindow::new(0, 1_000, 0, false);
+        w.push(frame(1, 1, 1), 0);
+        w.push(frame(2, 2, 2), 0);
+        let id = |ms, seq| EventId { ms, seq };
+        assert_eq!(poss(w.after_id(id(2, 2), 2, 0)), Some(vec![]));
+        assert_eq!(poss(w.after_id(id(1, 1), 2, 0)), None);
     }
 
-    #[test]
-    fn a_disabled_window_serves_only_the_newest_id() {
-        let mut w = ReplayWindow::new(0, 1_000, 0, 0);
-        w.push(frame(1, 1), 0);
-        w.push(frame(2, 2), 0);
-        assert_eq!(seqs(w.since(EventId { ms: 2, seq: 2 }, 2, 0)), Some(vec![]));
-        assert_eq!(seqs(w.since(EventId { ms: 1, seq: 1 }, 2, 0)), None);
+    /// The naive model: every frame ever pushed, and which are still held.
+    fn naive(
+        pushed: &[(Option<EventId>, u64)],
+        held_from: usize,
+        last: EventId,
+        upto: u64,
+    ) -> Option<Vec<u64>> {
+        let held = &pushed[held_from..];
+        if held_from > 0 && pushed[held_from - 1].0 == Some(last) {
+            return Some(held.iter().map(|f| f.1).filter(|p| *p <= upto).collect());
+        }
+        let at = held.iter().position(|f| f.0 == Some(last))?;
+        if held[at].1 > upto {
+            return Some(vec![u64::MAX]);
+        }
+        Some(
+            held[at + 1..]
+                .iter()
+                .map(|f| f.1)
+                .filter(|p| *p <= upto)
+                .collect(),
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn finds_ids_as_a_linear_scan_does(
+            steps in proptest::collection::vec((0u64..3, 0u64..3), 1..40),
+            cap in 1usize..8,
+            probe in 0usize..48,
+            upto_back in 0u64..3,
+        ) {
+            let mut w = ReplayWindow::new(cap, 1_000_000, 0, false);
+            let (mut ms, mut seq, mut pushed) = (100u64, 0u64, Vec::new());
+            for (pos, (dms, dseq)) in (1u64..).zip(&steps) {
+                if *dms > 0 { ms += dms; seq = 0; } else { seq += 1 + dseq; }
+                let id = EventId { ms, seq };
+                w.push(frame(ms, seq, pos), 0);
+                pushed.push((Some(id), pos));
+            }
+            let held_from = pushed.len() - w.len();
+            let upto = w.last_pos().saturating_sub(upto_back);
+            let last = pushed
+                .get(probe)
+                .and_then(|f| f.0)
+                .unwrap_or(EventId { ms: 100 + probe as u64, seq: 99 });
+            prop_assert_eq!(poss(w.after_id(last, upto, 0)), naive(&pushed, held_from, last, upto));
+        }
     }
 }

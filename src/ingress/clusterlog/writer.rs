@@ -1,0 +1,491 @@
+//! The log's writer: one thread per instance that keeps what the subscriber
+//! heard ([`Heard`]) and, while this instance holds the leader lease, writes
+//! it to the log.
+//!
+//! The lease is `SET sse:{log}:leader <instance> NX PX 1000`, renewed every
+//! 200 ms, so a killed leader is replaced within about 1.2 s. Writes are a
+//! script that appends only while the lease is the writer's own: a leader
+//! that stalled past its lease can never write after its successor.
+//!
+//! A leader that just took the lease, or whose write failed (the connection
+//! died: was the write applied or not?), first syncs: it reads the log's
+//! newest entries, finds them in what it heard and writes from there. When
+//! the tail is not found (this instance heard nothing of it, or lost its own
+//! Pub/Sub connection since), it writes a gap marker first: every stream gets
+//! `replay-gap` at the point where ingest may have been missed.
+//!
+//! At shutdown the leader gives the lease up, so another instance takes over
+//! within a tick instead of a lease's lifetime.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, LazyLock};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use log::{info, warn};
+use redis::Value;
+
+use super::heard::{self, Alignment, Heard, Mark};
+use super::reader::{entries, field};
+use super::{Input, EVENTS_KEY, LAST_KEY, LEADER_KEY};
+use crate::ingress::Hub;
+use crate::store::connect::{Deployment, Link};
+use crate::stream::frame::{self, Event, Message, CHANNELS};
+use crate::time::epoch_ms;
+
+/// How long the leader lease lives without renewal.
+pub const LEASE_MS: u64 = 1000;
+/// How often the lease is renewed, or tried for by a standby.
+const TICK: Duration = Duration::from_millis(200);
+/// Entries written per script call at most.
+const BATCH: usize = 512;
+/// The log entries compared with what was heard when syncing.
+const TAIL: usize = 16;
+/// What a gap marker's `data` is.
+const GAP: &[u8] = br#"{"kind":"replay-gap"}"#;
+
+/// Appends entries under ids `<ms>-<n>`: `ms` is Redis's clock (never
+/// smaller than the last id's), `n` counts every entry ever written, so ids
+/// increase by `<seq>` alone too, and a reader sees a hole as a jump in it.
+/// The last id is kept apart from the log, which may be trimmed empty.
+const WRITE: &str = r#"
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then
+  return redis.error_reply('NOTLEADER the leader lease is not ours')
+end
+local last = redis.call('GET', KEYS[3])
+if not last then
+  local top = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+  last = top[1] and top[1][1] or '0-0'
+end
+local dash = string.find(last, '-', 1, true)
+local ms = tonumber(string.sub(last, 1, dash - 1))
+local n = tonumber(string.sub(last, dash + 1))
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if now > ms then ms = now end
+local id = last
+for i = 4, #ARGV, 4 do
+  n = n + 1
+  id = string.format('%d-%d', ms, n)
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], id,
+    'e', ARGV[i], 'd', ARGV[i + 1], 'p', ARGV[i + 2], 'h', ARGV[i + 3])
+end
+redis.call('SET', KEYS[3], id)
+redis.call('XTRIM', KEYS[1], 'MINID', '~', ARGV[3])
+return n
+"#;
+const RENEW: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"#;
+const RESIGN: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"#;
+static WRITE_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(WRITE));
+static RENEW_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(RENEW));
+static RESIGN_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(RESIGN));
+
+enum Role {
+    Standby,
+    /// Holds the lease; `next` is the index in [`Heard`] of the next mark to
+    /// write, once synced.
+    Leading {
+        synced: bool,
+        next: u64,
+        gap_first: bool,
+    },
+    /// Shutting down: never leads again.
+    Resigned,
+}
+
+/// One entry to append: event name, device, `data`, hash of what was heard.
+struct Entry {
+    event: &'static str,
+    device: String,
+    data: Vec<u8>,
+    hash: u64,
+}
+
+pub struct Writer {
+    redis: Arc<Deployment>,
+    hub: Arc<Hub>,
+    inputs: Receiver<Input>,
+    me: String,
+    link: Option<Link>,
+    heard: Heard,
+    role: Role,
+    released: Vec<Message>,
+    /// `MAXLEN` and the age bound (ms) of the log.
+    bounds: (usize, u64),
+    failing: bool,
+}
+
+/// Starts the writer thread.
+pub fn start(
+    redis: Arc<Deployment>,
+    hub: Arc<Hub>,
+    inputs: Receiver<Input>,
+    bounds: (usize, u64),
+) -> std::io::Result<thread::JoinHandle<()>> {
+    let writer = Writer {
+        redis,
+        hub,
+        inputs,
+        me: uuid::Uuid::new_v4().simple().to_string(),
+        link: None,
+        heard: Heard::default(),
+        role: Role::Standby,
+        released: Vec::new(),
+        bounds,
+        failing: false,
+    };
+    thread::Builder::new()
+        .name("log-writer".into())
+        .spawn(move || writer.run())
+}
+
+impl Writer {
+    fn run(mut self) {
+        self.hub.metrics().cluster_log.store(1, Relaxed);
+        let mut last_tick: Option<Instant> = None;
+        loop {
+            let now = Instant::now();
+            if last_tick.is_none_or(|t| now.duration_since(t) >= TICK) {
+                last_tick = Some(now);
+                self.tick();
+            }
+            match self.inputs.recv_timeout(Duration::from_millis(50)) {
+                Ok(input) => self.take(input),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+            for _ in 0..BATCH * 8 {
+                match self.inputs.try_recv() {
+                    Ok(input) => self.take(input),
+                    Err(_) => break,
+                }
+            }
+            self.write();
+            let keep_from = match self.role {
+                Role::Leading { next, synced, .. } => Some(if synced { next } else { 0 }),
+                _ => None,
+            };
+            self.heard.trim(now, keep_from);
+        }
+    }
+
+    fn take(&mut self, input: Input) {
+        let now = Instant::now();
+        match input {
+            Input::Heard { channel, payload } => {
+                let hash = heard::hash(channel, &payload);
+                self.heard.push(
+                    now,
+                    Mark::Message {
+                        channel,
+                        payload: Some(payload.into_boxed_slice()),
+                        hash,
+                    },
+                );
+            }
+            Input::Break => self.heard.push(now, Mark::Break),
+            Input::Released(msg) => {
+                if let Role::Leading { .. } = self.role {
+                    self.released.push(msg);
+                }
+            }
+        }
+    }
+
+    fn link(&mut self) -> redis::RedisResult<&mut Link> {
+        match self.link {
+            Some(ref mut link) => Ok(link),
+            None => Ok(self.link.insert(self.redis.link()?)),
+        }
+    }
+
+    /// Keeps the lease (or tries for it), and gives it up at shutdown.
+    fn tick(&mut self) {
+        let me = self.me.clone();
+        let draining = self.hub.draining();
+        let result = match self.role {
+            Role::Resigned => return,
+            _ if draining => {
+                let was = matches!(self.role, Role::Leading { .. });
+                self.role = Role::Resigned;
+                self.set_leader(false);
+                if was {
+                    let _ = self.link().and_then(|l| {
+                        RESIGN_SCRIPT
+                            .key(LEADER_KEY)
+                            .arg(&me)
+                            .invoke::<i64>(l.con())
+                    });
+                    info!("cluster log: leader lease handed over (shutting down)");
+                }
+                return;
+            }
+            Role::Standby => self.link().and_then(|l| {
+                redis::cmd("SET")
+                    .arg(LEADER_KEY)
+                    .arg(&me)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(LEASE_MS)
+                    .query::<Option<String>>(l.con())
+                    .map(|ok| ok.is_some())
+            }),
+            Role::Leading { .. } => self.link().and_then(|l| {
+                RENEW_SCRIPT
+                    .key(LEADER_KEY)
+                    .arg(&me)
+                    .arg(LEASE_MS)
+                    .invoke::<i64>(l.con())
+                    .map(|held| held == 1)
+            }),
+        };
+        match (result, &self.role) {
+            (Ok(true), Role::Standby) => {
+                info!("cluster log: this instance leads (writes ingest to the log)");
+                self.role = Role::Leading {
+                    synced: false,
+                    next: 0,
+                    gap_first: false,
+                };
+                self.set_leader(true);
+            }
+            (Ok(false), Role::Leading { .. }) => {
+                warn!("cluster log: the leader lease was lost to another instance");
+                self.role = Role::Standby;
+                self.released.clear();
+                self.set_leader(false);
+            }
+            (Ok(_), _) => self.failing = false,
+            (Err(e), _) => self.failed(&e),
+        }
+    }
+
+    fn set_leader(&self, leading: bool) {
+        self.hub
+            .metrics()
+            .cluster_leader
+            .store(u64::from(leading), Relaxed);
+    }
+
+    fn failed(&mut self, e: &redis::RedisError) {
+        if !self.failing {
+            warn!("cluster log writer: redis: {e}");
+        }
+        self.failing = true;
+        self.link = None;
+        if let Role::Leading { synced, .. } = &mut self.role {
+            // Was the last write applied? The next sync will tell.
+            *synced = false;
+        }
+    }
+
+    /// While leading: syncs if needed, then writes what was heard since.
+    fn write(&mut self) {
+        let Role::Leading { synced, .. } = self.role else {
+            return;
+        };
+        if !synced {
+            if let Err(e) = self.sync() {
+                self.failed(&e);
+                return;
+            }
+        }
+        loop {
+            let Role::Leading {
+                next, gap_first, ..
+            } = self.role
+            else {
+                return;
+            };
+            let (entries, upto) = self.entries(next, gap_first);
+            if entries.is_empty() {
+                self.set_next(upto, false);
+                return;
+            }
+            match self.append(&entries) {
+                Ok(()) => {
+                    self.heard.forget(next, upto);
+                    let gaps = entries.iter().filter(|e| e.event == "system").count();
+                    self.hub
+                        .metrics()
+                        .log_gaps_written
+                        .fetch_add(gaps as u64, Relaxed);
+                    self.set_next(upto, false);
+                    self.failing = false;
+                }
+                Err(e) if e.code() == Some("NOTLEADER") => {
+                    warn!("cluster log: a write was refused, the lease is another instance's");
+                    self.role = Role::Standby;
+                    self.released.clear();
+                    self.set_leader(false);
+                    return;
+                }
+                Err(e) => {
+                    self.failed(&e);
+                    return;
+                }
+            }
+            if upto >= self.heard.end() && self.released.is_empty() {
+                return;
+            }
+        }
+    }
+
+    fn set_next(&mut self, upto: u64, gap: bool) {
+        if let Role::Leading {
+            next, gap_first, ..
+        } = &mut self.role
+        {
+            *next = upto;
+            *gap_first = gap;
+        }
+    }
+
+    /// Finds the log's tail in what was heard: where writing resumes.
+    fn sync(&mut self) -> redis::RedisResult<()> {
+        let reply: Value = redis::cmd("XREVRANGE")
+            .arg(EVENTS_KEY)
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(TAIL)
+            .query(self.link()?.con())?;
+        let tail: Vec<u64> = entries(reply)
+            .iter()
+            .filter_map(|(_, fields)| field(fields, b"h"))
+            .filter_map(|h| std::str::from_utf8(h).ok()?.parse().ok())
+            .filter(|h| *h != 0)
+            .collect();
+        let rate_limited = self.hub.rate_limited();
+        let max = self.hub.max_event_bytes();
+        let skipped = |mark: &Mark| match mark {
+            Mark::Message {
+                channel, payload, ..
+            } => {
+                let name = CHANNELS[usize::from(*channel) % CHANNELS.len()];
+                // A payload already written or forgotten cannot be checked:
+                // assume it may lie between two entries.
+                payload.as_ref().is_none_or(|p| {
+                    p.len() > max
+                        || (rate_limited
+                            && Event::from_channel(name) == Some(Event::RealtimeUpdate))
+                        || frame::message(name, p, 0).is_err()
+                })
+            }
+            Mark::Break => false,
+        };
+        let (next, gap) = match self.heard.align(&tail, skipped) {
+            Alignment::After(i) => (i + 1, false),
+            Alignment::EmptyLog => match self.heard.after_last_break() {
+                Some(after) => (after, true),
+                None => (self.heard.first(), false),
+            },
+            Alignment::NotFound => (
+                self.heard.after_last_break().unwrap_or(self.heard.first()),
+                true,
+            ),
+        };
+        if gap {
+            warn!(
+                "cluster log: what the last leader wrote was not heard here; writing a gap marker"
+            );
+        }
+        if let Role::Leading { synced, .. } = &mut self.role {
+            *synced = true;
+        }
+        self.set_next(next, gap);
+        Ok(())
+    }
+
+    /// The entries to append from index `from` on, and the index after the
+    /// last mark they cover.
+    fn entries(&mut self, from: u64, gap_first: bool) -> (Vec<Entry>, u64) {
+        let mut out = Vec::new();
+        if gap_first {
+            out.push(gap_entry());
+        }
+        let mut upto = from.max(self.heard.first());
+        let hub = &self.hub;
+        for (i, mark) in self.heard.since(from).take(BATCH) {
+            upto = i + 1;
+            match mark {
+                // Not heard here, or forgotten: a hole to mark (once).
+                Mark::Break | Mark::Message { payload: None, .. } => {
+                    if out
+                        .last()
+                        .is_none_or(|e: &Entry| e.hash != 0 || e.event != "system")
+                    {
+                        out.push(gap_entry());
+                    }
+                }
+                Mark::Message {
+                    channel,
+                    payload: Some(payload),
+                    hash,
+                } => {
+                    let name = CHANNELS[usize::from(*channel) % CHANNELS.len()];
+                    // Bad messages are counted inside and never written.
+                    if let Ok(Some(msg)) = hub.admit(name, payload) {
+                        out.push(entry(msg, *hash));
+                    }
+                }
+            }
+        }
+        let room = BATCH.saturating_sub(out.len());
+        let released = self.released.len().min(room);
+        out.extend(self.released.drain(..released).map(|m| entry(m, 0)));
+        (out, upto)
+    }
+
+    fn append(&mut self, entries: &[Entry]) -> redis::RedisResult<()> {
+        let (maxlen, age_ms) = self.bounds;
+        let minid = epoch_ms().saturating_sub(age_ms);
+        let me = self.me.clone();
+        let link = self.link()?;
+        let mut invocation = WRITE_SCRIPT.key(EVENTS_KEY);
+        invocation
+            .key(LEADER_KEY)
+            .key(LAST_KEY)
+            .arg(&me)
+            .arg(maxlen)
+            .arg(minid);
+        for e in entries {
+            invocation
+                .arg(e.event)
+                .arg(&e.device)
+                .arg(&e.data)
+                .arg(e.hash);
+        }
+        invocation.invoke::<i64>(link.con()).map(drop)
+    }
+}
+
+fn entry(msg: Message, hash: u64) -> Entry {
+    Entry {
+        event: msg.event.name(),
+        device: msg.device,
+        data: msg.data,
+        hash,
+    }
+}
+
+fn gap_entry() -> Entry {
+    Entry {
+        event: Event::System.name(),
+        device: String::new(),
+        data: GAP.to_vec(),
+        hash: 0,
+    }
+}
