@@ -10,8 +10,9 @@
 //! streams open by purpose, opens and rejections by status, deliveries, the
 //! publish→write lag ([`lag`]), slow-consumer closes by reason, revocations,
 //! `replay-gap`s, Redis state and reconnects, reactor mailbox depth, and
-//! cluster leadership (`sse_cluster_leader`, 0 until the cluster log exists;
-//! `sse_cluster_log_enabled` says whether it does).
+//! the cluster log (`sse_cluster_leader` on its leader,
+//! `sse_cluster_log_enabled` in Redis mode, holes found and gap markers
+//! written).
 
 pub mod lag;
 
