@@ -72,7 +72,9 @@ for i = 4, #ARGV, 4 do
     'e', ARGV[i], 'd', ARGV[i + 1], 'p', ARGV[i + 2], 'h', ARGV[i + 3])
 end
 redis.call('SET', KEYS[3], id)
-redis.call('XTRIM', KEYS[1], 'MINID', '~', ARGV[3])
+if ARGV[3] ~= '' then
+  redis.call('XTRIM', KEYS[1], 'MINID', '~', ARGV[3])
+end
 return n
 "#;
 const RENEW: &str = r#"
@@ -125,6 +127,8 @@ pub struct Writer {
     /// `MAXLEN` and the age bound (ms) of the log.
     bounds: (usize, u64),
     failing: bool,
+    /// When the log was last trimmed by age (once a second is enough).
+    trimmed: Option<Instant>,
 }
 
 /// Starts the writer thread.
@@ -145,6 +149,7 @@ pub fn start(
         released: Vec::new(),
         bounds,
         failing: false,
+        trimmed: None,
     };
     thread::Builder::new()
         .name("log-writer".into())
@@ -451,7 +456,13 @@ impl Writer {
 
     fn append(&mut self, entries: &[Entry]) -> redis::RedisResult<()> {
         let (maxlen, age_ms) = self.bounds;
-        let minid = epoch_ms().saturating_sub(age_ms);
+        let trim = self
+            .trimmed
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
+        let minid = match trim {
+            true => epoch_ms().saturating_sub(age_ms).to_string(),
+            false => String::new(),
+        };
         let me = self.me.clone();
         let link = self.link()?;
         let mut invocation = WRITE_SCRIPT.key(EVENTS_KEY);
@@ -468,7 +479,11 @@ impl Writer {
                 .arg(&e.data)
                 .arg(e.hash);
         }
-        invocation.invoke::<i64>(link.con()).map(drop)
+        invocation.invoke::<i64>(link.con())?;
+        if trim {
+            self.trimmed = Some(Instant::now());
+        }
+        Ok(())
     }
 }
 
