@@ -437,3 +437,42 @@ fn lost_redis_connections_and_a_redis_restart_leave_no_silent_hole() {
     let total = steady.stop();
     eprintln!("published {total}");
 }
+
+#[test]
+fn a_log_that_starts_over_below_a_readers_position_is_a_replay_gap_not_silence() {
+    let (redis, gws) = cluster(1);
+    let mut s = data_stream(&redis, &gws[0], "erin", &["D1"]);
+    publish(&redis, "D1", 0);
+    assert_eq!(next_value(&mut s).0, 0);
+    // As a Redis that lost the log would, under a clock that is behind:
+    // the log counts again from ids below what the reader has read.
+    let mut con = redis.con();
+    redis::cmd("DEL")
+        .arg("sse:{log}:events")
+        .arg("sse:{log}:last")
+        .query::<()>(&mut con)
+        .expect("DEL");
+    let data = json!({"deviceId": "D1", "data": {"n": 1}}).to_string();
+    redis::cmd("XADD")
+        .arg("sse:{log}:events")
+        .arg("5-1")
+        .arg(&["e", "realtime-update", "d", "D1", "p", &data, "h", "0"])
+        .query::<String>(&mut con)
+        .expect("XADD");
+    redis::cmd("SET")
+        .arg("sse:{log}:last")
+        .arg("5-1")
+        .query::<()>(&mut con)
+        .expect("SET");
+    let gap = s.next_event(T).expect("the hole is told");
+    assert!(gap.is_system("replay-gap"), "{}", gap.raw);
+    let f = s.expect_event("realtime-update", T);
+    assert_eq!(
+        (f.json()["data"]["n"].as_u64(), f.id.as_deref()),
+        (Some(1), Some("5-1"))
+    );
+    publish(&redis, "D1", 2);
+    let (n, id) = next_value(&mut s);
+    assert_eq!(n, 2);
+    assert!(id.ends_with("-2"), "the count goes on from the log's: {id}");
+}

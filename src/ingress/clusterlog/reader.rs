@@ -17,7 +17,7 @@ use std::thread;
 use log::warn;
 use redis::Value;
 
-use super::{event_named, EVENTS_KEY};
+use super::{event_named, EVENTS_KEY, LAST_KEY};
 use crate::ingress::subscriber::backoff;
 use crate::ingress::Hub;
 use crate::store::connect::{Deployment, Link};
@@ -116,7 +116,12 @@ fn follow(
             newest
         }
     };
+    let mut quiet = true;
     loop {
+        if quiet {
+            at = started_over(link, hub, at)?;
+            *cursor = Some(at);
+        }
         let reply: Value = redis::cmd("XREAD")
             .arg("COUNT")
             .arg(COUNT)
@@ -129,8 +134,10 @@ fn follow(
         *failures = 0;
         // [[key, [entries...]]], or nil when nothing came.
         let Value::Array(streams) = reply else {
+            quiet = true;
             continue;
         };
+        quiet = false;
         for stream in streams {
             let Value::Array(mut pair) = stream else {
                 continue;
@@ -143,6 +150,22 @@ fn follow(
                 }
             }
         }
+    }
+}
+
+/// After a reconnect, and whenever the log is quiet: a log whose newest id
+/// is below this reader's (a Redis that lost it and counts again under a
+/// clock that is behind) would never be read from here: a hole, then read
+/// it from its start.
+fn started_over(link: &mut Link, hub: &Hub, at: Cursor) -> redis::RedisResult<Cursor> {
+    let last: Option<String> = redis::cmd("GET").arg(LAST_KEY).query(link.con())?;
+    match last.as_deref().and_then(EventId::parse) {
+        Some(last) if last < at.id => {
+            warn!("cluster log: the log started over (its newest id {last} is below {}); streams get replay-gap", at.id);
+            hub.broken();
+            Ok(Cursor::default())
+        }
+        _ => Ok(at),
     }
 }
 
