@@ -219,3 +219,41 @@ fn frames_the_replay_window_no_longer_holds_become_a_replay_gap() {
     want.extend((42..50).map(|n| n.to_string()));
     assert_eq!(values(&s), want);
 }
+
+#[test]
+fn a_resume_from_an_id_this_reactor_has_not_routed_yet_waits_for_it() {
+    let mut lab = Lab::new(&["--max-data-per-user", "5"]);
+    lab.memory().grant("u1", "M1");
+    let ticket = lab.ticket("u1");
+    // Event 1 is in the hub's window but this reactor has not routed it (as
+    // when another reactor, or another instance's log reader, was ahead);
+    // the client got it there and resumes from it here.
+    let first = crate::stream::frame::EventId {
+        ms: crate::time::epoch_ms(),
+        seq: lab.gw.hub.last_pos() + 1,
+    };
+    let data = br#"{"deviceId":"M1","data":{"n":1}}"#;
+    let event = crate::stream::frame::Event::RealtimeUpdate;
+    lab.gw.hub.preload(first, event, "M1", data);
+    let mut c = Client::connect(&mut lab);
+    c.send(
+        format!(
+            "GET /sse/stream?ticket={ticket}&deviceId=M1 HTTP/1.1\r\nHost: t\r\nLast-Event-ID: {first}\r\n\r\n"
+        )
+        .as_bytes(),
+    );
+    assert!(lab.until(T, |_| c.pump().statuses() == [200]));
+    // Event 2 shows the reactor the hole; it routes 1 from the window, and
+    // the waiting stream takes what follows 1 only.
+    lab.gw
+        .hub
+        .publish(
+            "mqtt:realtime:processed",
+            br#"{"deviceId":"M1","data":{"n":2}}"#,
+        )
+        .expect("published");
+    assert!(lab.until(T, |_| c.pump().text().contains(r#""n":2"#)));
+    let text = c.text();
+    assert!(!text.contains(r#""n":1"#), "event 1 twice: {text}");
+    assert!(!text.contains("replay-gap"), "{text}");
+}
