@@ -2,6 +2,7 @@
 //! deliveries, loss, latency and CPU, the ratios between servers, and why a
 //! step was not clean.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use super::{columns, pair_label, pairs, ratio, Col, Results};
@@ -58,6 +59,60 @@ fn delivered_cell(s: &Step) -> String {
     )
 }
 
+/// Whether the server's processes were measured (`loadtest run` without
+/// `--pid` measures none: a live server never has zero RSS).
+fn measured(s: &Step) -> bool {
+    s.server_rss_kib > 0 || s.server_cpu_secs > 0.0
+}
+
+/// How the streams opened, and every error by kind: opening (after the
+/// retries), publishing, and streams the server closed.
+fn open_table(md: &mut String, runs: &[&FanoutResult], cols: &[Col]) {
+    let _ = writeln!(
+        md,
+        "\n| target | streams opened | time to open all (s) | opens/s | errors by kind |\n|---|---:|---:|---:|---|"
+    );
+    for c in cols {
+        let Some(x) = runs.iter().find(|x| c.is(&x.target, x.instances)) else {
+            continue;
+        };
+        let mut kinds: BTreeMap<String, u64> = x.open.errors.clone();
+        if x.open.failed > 0 {
+            kinds.insert("gave up".into(), x.open.failed);
+        }
+        for s in &x.steps {
+            for (k, v) in &s.publish_errors {
+                *kinds.entry(k.clone()).or_default() += v;
+            }
+            if s.closed_by_server > 0 {
+                *kinds.entry("closed_by_server".into()).or_default() += s.closed_by_server;
+            }
+        }
+        let errors = if kinds.is_empty() {
+            "none".to_string()
+        } else {
+            kinds
+                .iter()
+                .map(|(k, v)| format!("{k}: {v}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let opens_per_sec = if x.open.secs > 0.0 {
+            format!("{:.0}", x.open.opened as f64 / x.open.secs)
+        } else {
+            "–".into()
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {}/{} | {:.2} | {opens_per_sec} | {errors} |",
+            c.label(),
+            x.open.opened,
+            x.open.clients,
+            x.open.secs
+        );
+    }
+}
+
 /// Server + Redis CPU-seconds per million deliveries.
 pub(super) fn cpu_with_redis(s: &Step) -> f64 {
     if s.delivered == 0 {
@@ -84,9 +139,8 @@ pub(super) fn fanout_tables(md: &mut String, r: &Results) {
         let _ = writeln!(md, "### fanout — {n} streams, {devices} devices\n");
         let _ = writeln!(
             md,
-            "Each event goes to {:.0} streams. The publisher steps its rate up ({} s per step) and stops after the \
-             first step that is not clean (loss, duplicates, closed streams, refused publishes, rate not reached, \
-             or p99 ≥ 1 s). Latency is publish (wall-clock ns in the payload) → parsed by the client. deliveries/s: \
+            "Each event goes to {:.0} streams. {} A step is clean without loss, duplicates, closed streams, \
+             refused publishes, with the rate reached and p99 under 1 s. Latency is publish (wall-clock ns in the payload) → parsed by the client. deliveries/s: \
              counted while the events were being published. \"delivered\" = deliveries counted / (events published × \
              streams per device), when the publisher finished the step / once the streams settled; \"lost\" = \
              deliveries still missing once the streams went quiet for 2 s after the step (at most 15 s). CPU-s per \
@@ -95,7 +149,14 @@ pub(super) fn fanout_tables(md: &mut String, r: &Results) {
              load client's workers, and processes outside this run, in % of one core over the step (the machine \
              has {} cores: when they add up to its capacity, the box is the limit).\n",
             n as f64 / devices as f64,
-            r.step_secs,
+            if r.url.is_some() {
+                format!("One step: the publisher sent its rate for {} s.", r.step_secs)
+            } else {
+                format!(
+                    "The publisher steps its rate up ({} s per step) and stops after the first step that is not clean.",
+                    r.step_secs
+                )
+            },
             r.machine.as_ref().map(|m| m.nproc).unwrap_or(0)
         );
         let floor = cols.iter().find(|c| c.target == "floor").copied();
@@ -127,9 +188,18 @@ pub(super) fn fanout_tables(md: &mut String, r: &Results) {
                 } else {
                     String::new()
                 };
+                let (cpu_m, cpu_r, cpu_pct) = if measured(s) {
+                    (
+                        format!("{:.2}", s.cpu_secs_per_m),
+                        format!("{:.2}", cpu_with_redis(s)),
+                        format!("{:.0}", s.server_cpu_pct),
+                    )
+                } else {
+                    ("–".into(), "–".into(), "–".into())
+                };
                 let _ = writeln!(
                     md,
-                    "| {rate} | {} | {:.0} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.1} | {:.2} | {:.2} |{floor_cell} {:.0} / {:.0} / {:.0} / {:.0} | {} |",
+                    "| {rate} | {} | {:.0} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.1} | {cpu_m} | {cpu_r} |{floor_cell} {cpu_pct} / {:.0} / {:.0} / {:.0} | {} |",
                     c.label(),
                     s.deliveries_per_sec,
                     delivered_cell(s),
@@ -139,9 +209,6 @@ pub(super) fn fanout_tables(md: &mut String, r: &Results) {
                     s.p99_ms,
                     s.p999_ms,
                     s.max_ms,
-                    s.cpu_secs_per_m,
-                    cpu_with_redis(s),
-                    s.server_cpu_pct,
                     s.redis_cpu_pct,
                     s.client_cpu_pct,
                     s.foreign_cpu_pct,
@@ -194,6 +261,7 @@ pub(super) fn fanout_tables(md: &mut String, r: &Results) {
                 );
             }
         }
+        open_table(md, &runs, &cols);
         let mut lines = Vec::new();
         for c in &cols {
             let Some(x) = run_of(c) else { continue };

@@ -90,6 +90,9 @@ pub struct Results {
     /// Chart files, relative to the report.
     #[serde(default)]
     pub charts: Vec<String>,
+    /// `loadtest run`: the URL of the already-running server it drove.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
 }
 
 impl Results {
@@ -187,6 +190,18 @@ fn pair_label(p: &(Col, Col)) -> String {
 pub fn markdown(doc: &Document) -> String {
     let mut md = String::new();
     let _ = writeln!(md, "# sse-gateway load test results\n");
+    if !doc.runs.is_empty() && doc.runs.iter().all(|r| r.url.is_some()) {
+        let _ = writeln!(
+            md,
+            "Produced by `loadtest run` (loadtest/README.md) against servers that were already running; each \
+             section below is one run, with the exact command that produced it. Latency is publish (wall-clock \
+             ns in the payload) → parsed by the client, so publisher and client share one clock.\n"
+        );
+        for r in &doc.runs {
+            md.push_str(&section_markdown(r));
+        }
+        return md;
+    }
     let _ = writeln!(
         md,
         "Produced by `loadtest compare` (loadtest/README.md); each section below is one run, with the exact \
@@ -315,11 +330,22 @@ pub fn section_markdown(r: &Results) -> String {
     let mut md = String::new();
     let _ = writeln!(md, "## {}\n", r.heading());
     let _ = writeln!(md, "- command: `{}`", r.command);
-    let _ = writeln!(
-        md,
-        "- started {} UTC, took {:.0} s; heartbeat period {} s on every server; idle window {} s; fanout steps {} s each\n",
-        r.started_utc, r.duration_secs, r.heartbeat_secs, r.idle_secs, r.step_secs
-    );
+    match &r.url {
+        Some(url) => {
+            let _ = writeln!(
+                md,
+                "- started {} UTC, took {:.0} s; server {url}, already running; {} s of publishing\n",
+                r.started_utc, r.duration_secs, r.step_secs
+            );
+        }
+        None => {
+            let _ = writeln!(
+                md,
+                "- started {} UTC, took {:.0} s; heartbeat period {} s on every server; idle window {} s; fanout steps {} s each\n",
+                r.started_utc, r.duration_secs, r.heartbeat_secs, r.idle_secs, r.step_secs
+            );
+        }
+    }
     idle_tables(&mut md, r);
     fanout_tables(&mut md, r);
     broadcast_table(&mut md, r);
