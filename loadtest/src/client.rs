@@ -7,6 +7,8 @@
 //! connect ─▶ POST /sse/stream-ticket (Bearer) ─▶ GET /sse/stream?deviceId&ticket ─▶ streaming
 //!                                   (same keep-alive connection)
 //! ```
+//! (a server at a URL: the same, with the paths of its route, or the
+//! stream alone when it has no tickets).
 //! A reconnect reuses the ticket, as EventSource reuses its URL. Streaming
 //! bytes are de-chunked when the server chunks them, parsed as SSE by the
 //! test kit's parser, and each data/alert event's `seq` and `t_pub_ns` feed
@@ -23,11 +25,11 @@ use serde::Deserialize;
 use sse_testkit::{parse_head, FrameReader};
 
 use crate::hist::Histogram;
-use crate::protocol::{Check, Clients, Stats, TargetKind};
+use crate::protocol::{Check, Clients, Stats};
 pub use crate::tab::now_ns;
 use crate::tab::{
-    body, connect_from, errno_name, first_request, flush, is_loopback, source_addr, stream_request,
-    Conn, Phase, Slot, Target,
+    body, connect_from, errno_name, first_request, flush, source_addr, stream_request, Conn, Phase,
+    Slot, Target,
 };
 use crate::wire::Dechunker;
 
@@ -105,9 +107,7 @@ impl Client {
 
     pub fn open(
         &mut self,
-        kind: TargetKind,
-        addr: &str,
-        secret: &str,
+        target: Target,
         clients: Clients,
         concurrency: usize,
         attempts: u32,
@@ -115,16 +115,7 @@ impl Client {
         if self.clients.is_some() {
             return Err("clients already opened in this worker".into());
         }
-        let addr: SocketAddr = addr.parse().map_err(|e| format!("addr {addr}: {e}"))?;
-        if !is_loopback(&addr) {
-            return Err(format!("{addr} is not a loopback address"));
-        }
-        self.target = Some(Target {
-            kind,
-            addr,
-            host: addr.to_string(),
-            secret: secret.to_owned(),
-        });
+        self.target = Some(target);
         for i in clients.first..clients.first + clients.count {
             self.slots
                 .push(Slot::new(clients.user(i), clients.device(i)));

@@ -221,6 +221,7 @@ pub fn run(opts: &CompareOpts, command: String) -> Result<(), String> {
                     jwt_secret: t.jwt_secret,
                     redis: t.redis,
                     redis_pid: t.redis_pid,
+                    route: None,
                 };
                 let mut publisher = lab.publisher(running)?;
                 fanout::run(
@@ -268,18 +269,23 @@ pub fn run(opts: &CompareOpts, command: String) -> Result<(), String> {
 
     r.notes.push(background("after the run"));
     r.duration_secs = started.elapsed().as_secs_f64();
-    let dir = opts
-        .out
+    save(r, &opts.out, &opts.json)
+}
+
+/// Writes a run into its section of the report at `out` (Markdown, charts
+/// beside it) and `json`, keeping the other sections; prints the section.
+pub fn save(mut r: Results, out: &std::path::Path, json: &std::path::Path) -> Result<(), String> {
+    let dir = out
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(std::path::Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    if let Some(d) = opts.json.parent().filter(|d| !d.as_os_str().is_empty()) {
+    if let Some(d) = json.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
     }
     attach_charts(&mut r, dir);
     // Other sections of an earlier results.json stay; this one replaces its own.
-    let mut doc = match Document::load(&opts.json) {
+    let mut doc = match Document::load(json) {
         Ok(d) => d,
         Err(e) => {
             eprintln!("{e}: starting a new results file");
@@ -290,16 +296,16 @@ pub fn run(opts: &CompareOpts, command: String) -> Result<(), String> {
     let duration = r.duration_secs;
     doc.upsert(r);
     let md = report::markdown(&doc);
-    std::fs::write(&opts.out, &md).map_err(|e| format!("{}: {e}", opts.out.display()))?;
-    let json = serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?;
-    std::fs::write(&opts.json, json).map_err(|e| format!("{}: {e}", opts.json.display()))?;
+    std::fs::write(out, &md).map_err(|e| format!("{}: {e}", out.display()))?;
+    let text = serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?;
+    std::fs::write(json, text).map_err(|e| format!("{}: {e}", json.display()))?;
     if let Some(run) = doc.runs.iter().find(|x| x.section == section) {
         println!("{}", report::section_markdown(run));
     }
     eprintln!(
         "wrote section `{section}` to {} and {} in {duration:.0} s",
-        opts.out.display(),
-        opts.json.display(),
+        out.display(),
+        json.display(),
     );
     Ok(())
 }

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use crate::client::now_ns;
 use crate::floor::FloorPublisher;
-use crate::nchan::NchanPublisher;
+use crate::post_publisher::{PostPublisher, PostRoute};
 use crate::protocol::TargetKind;
 use crate::publisher::{Publish, RedisPublisher};
 use crate::scenario::Target;
@@ -99,6 +99,7 @@ impl Lab {
                 let (s, f) = services::floor(&self.dir, self.devices as usize)?;
                 (vec![s], Some(f))
             }
+            TargetKind::Url => return Err("a url target is started by its owner".into()),
             TargetKind::Nchan => {
                 let c = services::NchanConfig {
                     template: &self.nchan_template,
@@ -126,6 +127,7 @@ impl Lab {
             jwt_secret: &self.secret,
             redis: r.kind.uses_redis().then_some(self.redis.addr),
             redis_pid: r.kind.uses_redis().then_some(self.redis.pid),
+            route: None,
         }
     }
 
@@ -133,8 +135,9 @@ impl Lab {
     pub fn publisher<'a>(&self, r: &'a mut Running) -> Result<Box<dyn Publish + 'a>, String> {
         let devices: Vec<String> = (0..self.devices).map(|d| format!("d{d}")).collect();
         if r.kind == TargetKind::Nchan {
-            return Ok(Box::new(NchanPublisher::connect(
+            return Ok(Box::new(PostPublisher::connect(
                 r.services[0].addr,
+                PostRoute::nchan(),
                 devices,
                 self.nchan_publishers,
             )?));

@@ -3,6 +3,9 @@
 //! - `loadtest compare`: every scenario against the gateway, the NestJS
 //!   baseline and the floor; writes `loadtest/RESULTS.md` and `results.json`.
 //! - `loadtest smoke --gateway PATH`: the CI check (exactly-once delivery).
+//! - `loadtest run --url http://HOST:PORT`: drives a server that is already
+//!   running and writes the same report; `loadtest serve <server>` starts
+//!   one to point it at.
 //! - `loadtest worker <i>` and `loadtest floor-server <port> <devices>`: the
 //!   processes the harness starts itself.
 //!
@@ -16,13 +19,16 @@ mod fleet;
 mod floor;
 mod hist;
 mod lab;
-mod nchan;
+mod post_publisher;
 mod proc;
+mod progress;
 mod protocol;
 mod publisher;
 mod report;
 mod resp;
+mod run;
 mod scenario;
+mod serve;
 mod services;
 mod smoke;
 mod tab;
@@ -49,6 +55,10 @@ enum Cmd {
         #[arg(long, default_value = "loadtest/RESULTS.md")]
         out: std::path::PathBuf,
     },
+    /// Drives an already-running server (any SSE endpoint) and reports.
+    Run(Box<run::RunOpts>),
+    /// Starts the gateway, the NestJS baseline or nchan and says where, for `run`.
+    Serve(serve::ServeOpts),
     /// Exactly-once check against the gateway only, for CI.
     Smoke(smoke::SmokeOpts),
     /// (internal) a client worker process.
@@ -75,6 +85,14 @@ fn shell_quote(a: &str) -> String {
     }
 }
 
+/// This process's command line, quoted, for the report.
+fn command_line() -> String {
+    std::env::args()
+        .map(|a| shell_quote(&a))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 fn main() {
     let cli = Cli::parse();
     let code = match cli.command {
@@ -88,19 +106,15 @@ fn main() {
                 1
             }
         },
-        Cmd::Compare(opts) => {
-            let command = std::env::args()
-                .map(|a| shell_quote(&a))
-                .collect::<Vec<_>>()
-                .join(" ");
-            match compare::run(&opts, command) {
-                Ok(()) => 0,
-                Err(e) => {
-                    eprintln!("compare: {e}");
-                    1
-                }
+        Cmd::Serve(opts) => serve::run(&opts),
+        Cmd::Run(opts) => run::main(&opts, command_line()),
+        Cmd::Compare(opts) => match compare::run(&opts, command_line()) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("compare: {e}");
+                1
             }
-        }
+        },
     };
     std::process::exit(code);
 }

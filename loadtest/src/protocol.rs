@@ -21,6 +21,9 @@ pub enum TargetKind {
     /// nginx + nchan (`loadtest/peers/nchan.conf`): a bare EventSource GET on
     /// its subscriber location, no ticket, no Redis.
     Nchan,
+    /// A server the harness did not start (`loadtest run --url`): requests
+    /// built from a [`Route`].
+    Url,
 }
 
 impl TargetKind {
@@ -30,6 +33,7 @@ impl TargetKind {
             TargetKind::Nestjs => "nestjs",
             TargetKind::Floor => "floor",
             TargetKind::Nchan => "nchan",
+            TargetKind::Url => "url",
         }
     }
 
@@ -38,6 +42,24 @@ impl TargetKind {
     pub fn uses_redis(self) -> bool {
         matches!(self, TargetKind::Gateway | TargetKind::Nestjs)
     }
+}
+
+/// How a client of a [`TargetKind::Url`] server opens its stream.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Route {
+    /// The stream's path and query; `{ticket}`, `{device}` and `{user}` are
+    /// filled in (percent-encoded).
+    pub stream_path: String,
+    /// The ticket endpoint's path (POST, on the same server and connection);
+    /// None: no tickets.
+    pub ticket_path: Option<String>,
+    /// The ticket request's JSON body.
+    pub ticket_body: String,
+    /// One access token for every client; None: minted per client from the
+    /// jwt secret, or no `Authorization` at all when that is empty too.
+    pub bearer: Option<String>,
+    /// The `role` claim of minted access tokens.
+    pub role: Option<String>,
 }
 
 /// Which stream a client opens.
@@ -82,6 +104,9 @@ pub enum Command {
         clients: Clients,
         concurrency: usize,
         attempts: u32,
+        /// The requests of a [`TargetKind::Url`] server.
+        #[serde(default)]
+        route: Option<Box<Route>>,
     },
     /// Close every stream (the client side drops).
     Drop,

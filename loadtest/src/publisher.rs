@@ -103,13 +103,7 @@ impl RedisPublisher {
         let d = self.next;
         self.next = (self.next + 1) % self.devices.len();
         self.seq[d] += 1;
-        let payload = format!(
-            r#"{{"deviceId":"{}","{}":{{"seq":{},"t_pub_ns":{}}}}}"#,
-            self.devices[d],
-            self.field,
-            self.seq[d],
-            now_ns()
-        );
+        let payload = event_payload(&self.devices[d], self.field, self.seq[d]);
         resp::encode(
             out,
             &[b"PUBLISH", self.channel.as_bytes(), payload.as_bytes()],
@@ -130,6 +124,20 @@ impl RedisPublisher {
             n => Err(format!("redis refused {n} PUBLISH")),
         }
     }
+}
+
+/// Events published so far per device, from parallel lists.
+pub fn by_device(devices: &[String], seq: &[u64]) -> BTreeMap<String, u64> {
+    devices.iter().cloned().zip(seq.iter().copied()).collect()
+}
+
+/// One event of a device: `{"deviceId":"d17","<field>":{"seq":N,"t_pub_ns":T}}`
+/// with the wall-clock publish time in ns.
+pub fn event_payload(device: &str, field: &str, seq: u64) -> String {
+    format!(
+        r#"{{"deviceId":"{device}","{field}":{{"seq":{seq},"t_pub_ns":{}}}}}"#,
+        now_ns()
+    )
 }
 
 /// Waits (bounded by `limit`) until a reply-reading thread has counted
@@ -206,11 +214,7 @@ impl Publish for RedisPublisher {
     }
 
     fn published(&self) -> BTreeMap<String, u64> {
-        self.devices
-            .iter()
-            .cloned()
-            .zip(self.seq.iter().copied())
-            .collect()
+        by_device(&self.devices, &self.seq)
     }
 }
 

@@ -86,6 +86,7 @@ fn run_checks(
             jwt_secret: &lab.secret,
             redis: Some(lab.redis_addr()),
             redis_pid: Some(lab.redis.pid),
+            route: None,
         };
         fanout::run(&target, publisher.as_mut(), "smoke", &plan, ramp)
     };

@@ -9,10 +9,10 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use mio::net::TcpStream;
 use socket2::{Domain, Protocol, Socket, Type};
-use sse_testkit::{access_token, FrameReader};
+use sse_testkit::{access_token, enc, find, FrameReader};
 
 use crate::hist::Histogram;
-use crate::protocol::{Stats, StreamKind, TargetKind};
+use crate::protocol::{Route, Stats, StreamKind, TargetKind};
 use crate::wire::{json_u64, Dechunker};
 
 /// Nanoseconds since the Unix epoch: the clock of every latency figure.
@@ -94,6 +94,34 @@ pub struct Target {
     pub host: String,
     /// The access-token secret.
     pub secret: String,
+    /// The requests of a [`TargetKind::Url`] server.
+    pub route: Option<Route>,
+}
+
+impl Target {
+    /// The server at `addr` (a loopback address); a [`TargetKind::Url`]
+    /// server needs its `route`.
+    pub fn new(
+        kind: TargetKind,
+        addr: &str,
+        secret: &str,
+        route: Option<Route>,
+    ) -> Result<Target, String> {
+        let addr: SocketAddr = addr.parse().map_err(|e| format!("addr {addr}: {e}"))?;
+        if !is_loopback(&addr) {
+            return Err(format!("{addr} is not a loopback address"));
+        }
+        if kind == TargetKind::Url && route.is_none() {
+            return Err("a url target needs a route".into());
+        }
+        Ok(Target {
+            kind,
+            addr,
+            host: addr.to_string(),
+            secret: secret.to_owned(),
+            route,
+        })
+    }
 }
 
 /// The ticket request, or the stream request when a ticket is at hand.
@@ -116,29 +144,68 @@ pub fn first_request(
         )
         .into_bytes());
     }
-    if slot.ticket.is_some() {
-        return Ok(stream_request(target, slot, kind));
-    }
-    if slot.token.is_none() {
-        let token = access_token(&target.secret, &slot.user, None, 7200);
-        if token.is_empty() {
-            return Err("jwt".into());
-        }
-        slot.token = Some(token);
-    }
-    let purpose = match kind {
-        Some(StreamKind::Alerts) => "alerts",
-        _ => "data",
+    let route = target.route.as_ref();
+    let ticket_path = match route {
+        Some(r) => r.ticket_path.as_deref(),
+        None => Some("/sse/stream-ticket"),
     };
-    let body = format!(r#"{{"purpose":"{purpose}","ttlSeconds":3600}}"#);
+    let Some(ticket_path) = ticket_path.filter(|_| slot.ticket.is_none()) else {
+        if route.is_some() {
+            // A server without tickets may want the bearer on the stream.
+            authorize(target, slot)?;
+        }
+        return Ok(stream_request(target, slot, kind));
+    };
+    authorize(target, slot)?;
+    let body = match route {
+        Some(r) => r.ticket_body.clone(),
+        None => {
+            let purpose = match kind {
+                Some(StreamKind::Alerts) => "alerts",
+                _ => "data",
+            };
+            format!(r#"{{"purpose":"{purpose}","ttlSeconds":3600}}"#)
+        }
+    };
     Ok(format!(
-        "POST /sse/stream-ticket HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{}",
+        "POST {ticket_path} HTTP/1.1\r\nHost: {}\r\n{}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{}",
         target.host,
-        slot.token.as_deref().unwrap_or(""),
+        authorization(slot),
         body.len(),
         body
     )
     .into_bytes())
+}
+
+/// Gives the tab its access token once: the route's fixed bearer, or one
+/// minted from the target's secret (none when there is neither).
+fn authorize(target: &Target, slot: &mut Slot) -> Result<(), String> {
+    if slot.token.is_some() {
+        return Ok(());
+    }
+    let route = target.route.as_ref();
+    if let Some(bearer) = route.and_then(|r| r.bearer.as_ref()) {
+        slot.token = Some(bearer.clone());
+        return Ok(());
+    }
+    if target.secret.is_empty() {
+        return Ok(());
+    }
+    let role = route.and_then(|r| r.role.as_deref());
+    let token = access_token(&target.secret, &slot.user, role, 7200);
+    if token.is_empty() {
+        return Err("jwt".into());
+    }
+    slot.token = Some(token);
+    Ok(())
+}
+
+/// The tab's `Authorization` header line, or nothing.
+fn authorization(slot: &Slot) -> String {
+    slot.token
+        .as_deref()
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default()
 }
 
 /// Streaming bytes: de-chunk, parse, count.
@@ -171,25 +238,29 @@ pub fn body(
             let Some(data) = block.data.as_deref() else {
                 return;
             };
-            match block.event.unwrap_or(b"message") {
-                b"realtime-update" | b"machine-alert" => {
-                    stats.events += 1;
-                    if let Some(t) = json_u64(data, b"\"t_pub_ns\":") {
-                        hist.record_ns(now.saturating_sub(t));
-                    }
-                    if let Some(seq) = json_u64(data, b"\"seq\":") {
-                        if seq > slot.highest {
-                            slot.highest = seq;
-                            slot.unique += 1;
-                        } else {
-                            slot.dups += 1;
-                            stats.dups += 1;
-                            *total_dups += 1;
-                        }
-                    }
+            let name = block.event.unwrap_or(b"message");
+            // Another server's events are ours when they carry the clock.
+            let ours = matches!(name, b"realtime-update" | b"machine-alert")
+                || (name != b"system" && find(data, b"\"t_pub_ns\":").is_some());
+            if name == b"system" {
+                stats.heartbeats += 1;
+            }
+            if !ours {
+                return;
+            }
+            stats.events += 1;
+            if let Some(t) = json_u64(data, b"\"t_pub_ns\":") {
+                hist.record_ns(now.saturating_sub(t));
+            }
+            if let Some(seq) = json_u64(data, b"\"seq\":") {
+                if seq > slot.highest {
+                    slot.highest = seq;
+                    slot.unique += 1;
+                } else {
+                    slot.dups += 1;
+                    stats.dups += 1;
+                    *total_dups += 1;
                 }
-                b"system" => stats.heartbeats += 1,
-                _ => {}
             }
         })
         .map_err(|_| "event_too_large".to_string())
@@ -197,12 +268,27 @@ pub fn body(
 
 pub fn stream_request(target: &Target, slot: &Slot, kind: Option<StreamKind>) -> Vec<u8> {
     let ticket = slot.ticket.as_deref().unwrap_or("");
-    let path = match kind {
-        Some(StreamKind::Alerts) => format!("/sse/alerts?ticket={ticket}"),
-        _ => format!("/sse/stream?deviceId={}&ticket={ticket}", slot.device),
+    let (path, auth) = match (&target.route, kind) {
+        (Some(r), _) => (
+            r.stream_path
+                .replace("{ticket}", &enc(ticket))
+                .replace("{device}", &enc(&slot.device))
+                .replace("{user}", &enc(&slot.user)),
+            // Without tickets the stream itself carries the bearer, if any.
+            if r.ticket_path.is_none() {
+                authorization(slot)
+            } else {
+                String::new()
+            },
+        ),
+        (None, Some(StreamKind::Alerts)) => (format!("/sse/alerts?ticket={ticket}"), String::new()),
+        (None, _) => (
+            format!("/sse/stream?deviceId={}&ticket={ticket}", slot.device),
+            String::new(),
+        ),
     };
     format!(
-        "GET {path} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\n\r\n",
+        "GET {path} HTTP/1.1\r\nHost: {}\r\n{auth}Accept: text/event-stream\r\nCache-Control: no-cache\r\n\r\n",
         target.host
     )
     .into_bytes()
@@ -269,6 +355,7 @@ mod tests {
             addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
             host: "127.0.0.1:8080".into(),
             secret: "load-secret".into(),
+            route: None,
         }
     }
 

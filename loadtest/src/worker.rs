@@ -11,6 +11,7 @@ use mio::{Events, Poll, Token, Waker};
 
 use crate::client::Client;
 use crate::protocol::{Command, Reply};
+use crate::tab::Target;
 
 const WAKER: Token = Token(usize::MAX);
 /// No worker outlives this, whatever its coordinator does.
@@ -113,7 +114,10 @@ fn handle(client: &mut Client, poll: &mut Poll, cmd: Command) -> (Reply, bool) {
             clients,
             concurrency,
             attempts,
-        } => match client.open(target, &addr, &jwt_secret, clients, concurrency, attempts) {
+            route,
+        } => match Target::new(target, &addr, &jwt_secret, route.map(|r| *r))
+            .and_then(|t| client.open(t, clients, concurrency, attempts))
+        {
             Ok(()) => Reply::Ok,
             Err(message) => Reply::Error { message },
         },

@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::{clients, open, open_limit, seed, wait_open, workers_for, Opened, Ramp, Target};
-use crate::fleet::Fleet;
+use super::{clients, open_all, seed, Opened, Ramp, Target};
+use crate::fleet::{Fleet, Totals};
 use crate::proc::{self, Foreign, Sampler};
+use crate::progress::{live_line, Progress};
 use crate::protocol::StreamKind;
 use crate::publisher::Publish;
 
@@ -96,46 +97,133 @@ pub fn run(
     if let Some(redis) = target.redis {
         seed(redis, &all)?;
     }
-    let mut fleet = Fleet::spawn(workers_for(plan.streams, ramp.per_worker))?;
-    let t0 = open(&mut fleet, target, &all, ramp)?;
     let label = format!("{} fanout {}", target.label(), plan.streams);
-    let opened = wait_open(
-        &mut fleet,
-        &label,
-        plan.streams,
-        t0,
-        open_limit(plan.streams),
-    )?;
-    if opened.opened == 0 {
-        return Err(format!("{label}: no stream opened: {:?}", opened.errors));
-    }
+    let (mut fleet, opened) = open_all(target, &all, ramp, &label)?;
     std::thread::sleep(Duration::from_millis(500));
+    let mut bench = Bench::new(
+        target,
+        &mut fleet,
+        publisher,
+        &opened,
+        plan.devices,
+        label.clone(),
+    )?;
     let mut steps = Vec::new();
-    let mut prev_lost = fleet.check(&publisher.published())?.lost;
     let mut max_clean = 0;
     for &rate in plan.rates {
-        fleet.reset()?;
-        let sampler = Sampler::start_all(&target.pids);
-        let redis = target.redis_pid.map(Sampler::start);
-        let errors_before = publisher.errors();
-        let clients: Vec<Sampler> = fleet.pids().into_iter().map(Sampler::start).collect();
+        let step = bench.step(rate, plan.step_secs, None)?;
+        let clean = step.clean;
+        eprintln!(
+            "  {label}: {rate} ev/s -> {:.0} deliveries/s ({:.1}% delivered), lost {}, dup {}, p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms, {:.2} cpu-s/M, server {:.0}% redis {:.0}% client {:.0}% other {:.0}% of a core{}{}",
+            step.deliveries_per_sec,
+            step.delivered as f64 / step.expected.max(1) as f64 * 100.0,
+            step.lost,
+            step.dups,
+            step.p50_ms,
+            step.p99_ms,
+            step.max_ms,
+            step.cpu_secs_per_m,
+            step.server_cpu_pct,
+            step.redis_cpu_pct,
+            step.client_cpu_pct,
+            step.foreign_cpu_pct,
+            if step.publish_errors.is_empty() {
+                String::new()
+            } else {
+                format!(", publish errors {:?}", step.publish_errors)
+            },
+            if step.clean { "" } else { "  (not clean: stepping stops)" }
+        );
+        steps.push(step);
+        if !clean {
+            break;
+        }
+        max_clean = rate;
+    }
+    Ok(FanoutResult {
+        target: target.kind.name().into(),
+        instances: target.instances,
+        streams: plan.streams,
+        devices: plan.devices,
+        open: opened,
+        steps,
+        max_clean_rate: max_clean,
+    })
+}
+
+/// One server with its streams open and its publisher, measured a step at a
+/// time: [`run`]'s rates, or `loadtest run`'s one step with live progress.
+pub struct Bench<'a, 'f> {
+    target: &'a Target<'a>,
+    fleet: &'f mut Fleet,
+    publisher: &'f mut dyn Publish,
+    opened: &'a Opened,
+    devices: u64,
+    label: String,
+    /// Losses counted before the current step (a step reports its own).
+    prev_lost: u64,
+    started: Instant,
+}
+
+/// Live progress is redrawn after each slice of this much publishing.
+const LIVE_SLICE: f64 = 0.5;
+
+impl<'a, 'f> Bench<'a, 'f> {
+    pub fn new(
+        target: &'a Target<'a>,
+        fleet: &'f mut Fleet,
+        publisher: &'f mut dyn Publish,
+        opened: &'a Opened,
+        devices: u64,
+        label: String,
+    ) -> Result<Self, String> {
+        let prev_lost = fleet.check(&publisher.published())?.lost;
+        Ok(Bench {
+            label,
+            target,
+            fleet,
+            publisher,
+            opened,
+            devices,
+            prev_lost,
+            started: Instant::now(),
+        })
+    }
+
+    /// Publishes `rate` events/s for `secs`, lets the streams settle, and
+    /// measures; with `live`, shows progress while it runs.
+    pub fn step(
+        &mut self,
+        rate: u64,
+        secs: f64,
+        mut live: Option<&mut Progress>,
+    ) -> Result<Step, String> {
+        self.fleet.reset()?;
+        let sampler = Sampler::start_all(&self.target.pids);
+        let redis = self.target.redis_pid.map(Sampler::start);
+        let errors_before = self.publisher.errors();
+        let clients: Vec<Sampler> = self.fleet.pids().into_iter().map(Sampler::start).collect();
         let foreign = Foreign::start();
-        let published = publisher.step(rate, plan.step_secs)?;
+        let published = self.publish(rate, secs, live.as_deref_mut())?;
         // Deliveries while the events were being published: what the server
         // kept pace with (nchan answers its POSTs late when it falls behind).
-        let during = fleet.stats()?.stats.events;
-        publisher.settle()?;
+        let during = self.fleet.stats()?.stats.events;
+        self.publisher.settle()?;
         // Let what is in flight arrive: until every stream has every event,
         // or nothing new came for SETTLE_QUIET, or SETTLE_MAX passed.
         let mut last = during;
         let mut quiet_since = Instant::now();
         let settle_start = Instant::now();
         while settle_start.elapsed() < SETTLE_MAX && quiet_since.elapsed() < SETTLE_QUIET {
-            if fleet.check(&publisher.published())?.lost <= prev_lost {
+            if self.fleet.check(&self.publisher.published())?.lost <= self.prev_lost {
                 break;
             }
             std::thread::sleep(Duration::from_millis(100));
-            let now = fleet.stats()?.stats.events;
+            let t = self.fleet.stats()?;
+            if let Some(p) = live.as_deref_mut() {
+                self.show(p, &t, published.sent, false);
+            }
+            let now = t.stats.events;
             if now != last {
                 last = now;
                 quiet_since = Instant::now();
@@ -144,7 +232,8 @@ pub fn run(
         let (cpu, wall) = sampler.read();
         let client_cpu: f64 = clients.iter().map(|c| c.read().0).sum();
         let redis_cpu = redis.map_or(0.0, |r| r.read().0);
-        let publish_errors: std::collections::BTreeMap<String, u64> = publisher
+        let publish_errors: std::collections::BTreeMap<String, u64> = self
+            .publisher
             .errors()
             .into_iter()
             .filter_map(|(k, v)| {
@@ -153,11 +242,11 @@ pub fn run(
             })
             .collect();
         let foreign_pct = foreign.pct();
-        let t = fleet.stats()?;
-        let check = fleet.check(&publisher.published())?;
-        let lost = check.lost.saturating_sub(prev_lost);
-        prev_lost = check.lost;
-        let subscribers = opened.opened as f64 / plan.devices as f64;
+        let t = self.fleet.stats()?;
+        let check = self.fleet.check(&self.publisher.published())?;
+        let lost = check.lost.saturating_sub(self.prev_lost);
+        self.prev_lost = check.lost;
+        let subscribers = self.opened.opened as f64 / self.devices as f64;
         let expected = (published.sent as f64 * subscribers).round() as u64;
         let delivered = t.stats.events;
         let dps = during as f64 / published.secs.max(1e-9);
@@ -166,8 +255,8 @@ pub fn run(
             && t.stats.dups == 0
             && t.stats.closed_by_server == 0
             && publish_errors.is_empty()
-            && published.sent as f64 >= 0.9 * rate as f64 * plan.step_secs
-            && published.secs <= plan.step_secs * 1.2
+            && published.sent as f64 >= 0.9 * rate as f64 * secs
+            && published.secs <= secs * 1.2
             && p99 < 1000.0;
         let step = Step {
             rate,
@@ -189,7 +278,7 @@ pub fn run(
             } else {
                 0.0
             },
-            server_rss_kib: proc::rss_sum(&target.pids),
+            server_rss_kib: proc::rss_sum(&self.target.pids),
             closed_by_server: t.stats.closed_by_server,
             foreign_cpu_pct: foreign_pct,
             server_cpu_pct: cpu / wall.max(1e-9) * 100.0,
@@ -199,40 +288,45 @@ pub fn run(
             publish_errors,
             clean,
         };
-        eprintln!(
-            "  {label}: {rate} ev/s -> {:.0} deliveries/s ({:.1}% delivered), lost {}, dup {}, p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms, {:.2} cpu-s/M, server {:.0}% redis {:.0}% client {:.0}% other {:.0}% of a core{}{}",
-            step.deliveries_per_sec,
-            step.delivered as f64 / step.expected.max(1) as f64 * 100.0,
-            step.lost,
-            step.dups,
-            step.p50_ms,
-            step.p99_ms,
-            step.max_ms,
-            step.cpu_secs_per_m,
-            step.server_cpu_pct,
-            step.redis_cpu_pct,
-            step.client_cpu_pct,
-            step.foreign_cpu_pct,
-            if step.publish_errors.is_empty() {
-                String::new()
-            } else {
-                format!(", publish errors {:?}", step.publish_errors)
-            },
-            if clean { "" } else { "  (not clean: stepping stops)" }
-        );
-        steps.push(step);
-        if !clean {
-            break;
+        if let Some(p) = live {
+            let t = self.fleet.stats()?;
+            self.show(p, &t, step.sent, true);
+            p.finish();
         }
-        max_clean = rate;
+        Ok(step)
     }
-    Ok(FanoutResult {
-        target: target.kind.name().into(),
-        instances: target.instances,
-        streams: plan.streams,
-        devices: plan.devices,
-        open: opened,
-        steps,
-        max_clean_rate: max_clean,
-    })
+
+    /// The live line: what is open, sent, received, failed, and the p99.
+    fn show(&self, p: &mut Progress, t: &Totals, sent: u64, force: bool) {
+        let secs = self.started.elapsed().as_secs_f64();
+        p.show(
+            &live_line(&self.label, t, self.opened.clients, sent, secs),
+            force,
+        );
+    }
+
+    /// The publishing of a step: at once, or in slices with progress between.
+    fn publish(
+        &mut self,
+        rate: u64,
+        secs: f64,
+        live: Option<&mut Progress>,
+    ) -> Result<crate::publisher::Step, String> {
+        let Some(p) = live else {
+            return self.publisher.step(rate, secs);
+        };
+        let start = Instant::now();
+        let (mut sent, mut done) = (0, 0.0);
+        while done < secs - 1e-9 {
+            let slice = LIVE_SLICE.min(secs - done);
+            sent += self.publisher.step(rate, slice)?.sent;
+            done += slice;
+            let t = self.fleet.stats()?;
+            self.show(p, &t, sent, false);
+        }
+        Ok(crate::publisher::Step {
+            sent,
+            secs: start.elapsed().as_secs_f64(),
+        })
+    }
 }

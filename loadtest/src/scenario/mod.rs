@@ -20,7 +20,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::client::now_ns;
 use crate::fleet::Fleet;
-use crate::protocol::{Clients, Command, StreamKind, TargetKind};
+use crate::progress::Progress;
+use crate::protocol::{Clients, Command, Route, StreamKind, TargetKind};
 use crate::resp::{Redis, Value};
 
 /// The server under test.
@@ -36,6 +37,8 @@ pub struct Target<'a> {
     pub redis: Option<SocketAddr>,
     /// The redis-server, whose CPU is reported next to the server's.
     pub redis_pid: Option<u32>,
+    /// The requests of a [`TargetKind::Url`] server (None: the contract's).
+    pub route: Option<Route>,
 }
 
 impl Target<'_> {
@@ -147,13 +150,31 @@ pub fn open(fleet: &mut Fleet, target: &Target, all: &Clients, ramp: Ramp) -> Re
             },
             concurrency,
             attempts: ramp.attempts,
+            route: target.route.clone().map(Box::new),
         }
     })?;
     Ok(t0)
 }
 
+/// Starts the workers for `all`, opens every client and waits until each
+/// is open or has given up; fails when none opened.
+pub fn open_all(
+    target: &Target,
+    all: &Clients,
+    ramp: Ramp,
+    label: &str,
+) -> Result<(Fleet, Opened), String> {
+    let mut fleet = Fleet::spawn(workers_for(all.count, ramp.per_worker))?;
+    let t0 = open(&mut fleet, target, all, ramp)?;
+    let opened = wait_open(&mut fleet, label, all.count, t0, open_limit(all.count))?;
+    if opened.opened == 0 {
+        return Err(format!("{label}: no stream opened: {:?}", opened.errors));
+    }
+    Ok((fleet, opened))
+}
+
 /// Waits until every client is open or has given up (bounded by `limit`),
-/// printing a progress line each second.
+/// showing its progress (see [`Progress`]).
 pub fn wait_open(
     fleet: &mut Fleet,
     label: &str,
@@ -162,22 +183,21 @@ pub fn wait_open(
     limit: Duration,
 ) -> Result<Opened, String> {
     let start = Instant::now();
-    let mut last_print = Instant::now();
+    let mut progress = Progress::stderr();
     loop {
         let t = fleet.stats()?;
         let s = &t.stats;
         let done = s.pending == 0 && s.open_now + s.failed >= total;
-        if done || start.elapsed() > limit || last_print.elapsed() >= Duration::from_secs(1) {
-            let errors: u64 = s.errors.values().sum();
-            eprintln!(
-                "  {label}: {}/{total} open, {} failed, {errors} errors, {:.1}s",
-                s.open_now,
-                s.failed,
-                start.elapsed().as_secs_f64()
-            );
-            last_print = Instant::now();
-        }
-        if done || start.elapsed() > limit {
+        let over = done || start.elapsed() > limit;
+        let errors: u64 = s.errors.values().sum();
+        let line = format!(
+            "  {label}: {}/{total} open, {} failed, {errors} errors, {:.1}s",
+            s.open_now,
+            s.failed,
+            start.elapsed().as_secs_f64()
+        );
+        progress.show(&line, over);
+        if over {
             return Ok(Opened {
                 clients: total,
                 opened: s.open_now,

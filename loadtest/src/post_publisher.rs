@@ -1,10 +1,12 @@
-//! The nchan peer's event source: each event is an HTTP `POST /pub?id=<device>`
-//! to nchan's publisher location (`loadtest/peers/nchan.conf`), pipelined on a
-//! few keep-alive connections, with the same payload the Redis publisher sends
-//! (`{"deviceId":"d17","data":{"seq":N,"t_pub_ns":T}}`). A device always goes
-//! over the same connection, so its events reach nchan in order. A reader
-//! thread per connection counts the responses (201/202 = stored; anything
-//! else is counted as a publish error).
+//! An event source over HTTP: each event is a `POST` to a [`PostRoute`],
+//! pipelined on a few keep-alive connections, with the same payload the Redis
+//! publisher sends (`{"deviceId":"d17","data":{"seq":N,"t_pub_ns":T}}`): to
+//! nchan's publisher location `POST /pub?id=<device>` (`loadtest/peers/nchan.conf`)
+//! as it is, or to the gateway's `POST /sse/publish` wrapped as
+//! `{"channel":..,"message":..}` with an admin bearer. A device always goes
+//! over the same connection, so its events arrive in order. A reader thread
+//! per connection counts the responses (2xx = taken; anything else is
+//! counted as a publish error by status).
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -13,13 +15,39 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::client::now_ns;
-use crate::publisher::{await_replies, pace, Publish, Step};
+use sse_testkit::enc;
 
-/// A response body larger than this ends the reader (nchan's are ~100 bytes).
+use crate::publisher::{await_replies, by_device, event_payload, pace, Publish, Step};
+
+/// A response body larger than this ends the reader (nchan's and the
+/// gateway's are ~100 bytes).
 const MAX_BODY: usize = 64 * 1024;
 
-pub struct NchanPublisher {
+/// Where and how each event is POSTed.
+#[derive(Clone, Debug)]
+pub struct PostRoute {
+    /// The path, with `{device}` filled in: `/pub?id={device}` for nchan.
+    pub path: String,
+    /// `Authorization: Bearer` of every request.
+    pub bearer: Option<String>,
+    /// Some(channel): the body is `{"channel":channel,"message":<event>}`
+    /// (`POST /sse/publish`); None: the event itself.
+    pub channel: Option<String>,
+}
+
+impl PostRoute {
+    /// nchan's publisher location in `peers/nchan.conf`.
+    pub fn nchan() -> PostRoute {
+        PostRoute {
+            path: "/pub?id={device}".into(),
+            bearer: None,
+            channel: None,
+        }
+    }
+}
+
+pub struct PostPublisher {
+    route: PostRoute,
     conns: Vec<TcpStream>,
     replies: Arc<AtomicU64>,
     /// Responses other than 201/202, by status (0: unreadable response).
@@ -31,31 +59,33 @@ pub struct NchanPublisher {
     sent: u64,
 }
 
-impl NchanPublisher {
+impl PostPublisher {
     pub fn connect(
         addr: SocketAddr,
+        route: PostRoute,
         devices: Vec<String>,
         connections: usize,
-    ) -> Result<NchanPublisher, String> {
+    ) -> Result<PostPublisher, String> {
         if !addr.ip().is_loopback() || devices.is_empty() {
-            return Err("nchan publisher needs a loopback address and a device".into());
+            return Err("the HTTP publisher needs a loopback address and a device".into());
         }
         let replies = Arc::new(AtomicU64::new(0));
         let refused = Arc::new(Mutex::new(BTreeMap::new()));
         let mut conns = Vec::new();
         for i in 0..connections.max(1) {
             let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-                .map_err(|e| format!("nchan {addr}: {e}"))?;
+                .map_err(|e| format!("publish to {addr}: {e}"))?;
             let _ = s.set_nodelay(true);
             let reader = s.try_clone().map_err(|e| e.to_string())?;
             let (r, f) = (replies.clone(), refused.clone());
             std::thread::Builder::new()
-                .name(format!("nchan-replies-{i}"))
+                .name(format!("post-replies-{i}"))
                 .spawn(move || read_responses(reader, &r, &f))
                 .map_err(|e| e.to_string())?;
             conns.push(s);
         }
-        Ok(NchanPublisher {
+        Ok(PostPublisher {
+            route,
             conns,
             replies,
             refused,
@@ -71,30 +101,35 @@ impl NchanPublisher {
         let d = self.next;
         self.next = (self.next + 1) % self.devices.len();
         self.seq[d] += 1;
-        let payload = format!(
-            r#"{{"deviceId":"{}","data":{{"seq":{},"t_pub_ns":{}}}}}"#,
-            self.devices[d],
-            self.seq[d],
-            now_ns()
-        );
+        let event = event_payload(&self.devices[d], "data", self.seq[d]);
+        let body = match &self.route.channel {
+            Some(channel) => format!(r#"{{"channel":"{channel}","message":{event}}}"#),
+            None => event,
+        };
+        let path = self.route.path.replace("{device}", &enc(&self.devices[d]));
+        let auth = self
+            .route
+            .bearer
+            .as_deref()
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
         let out = &mut bufs[d % bufs.len()];
         let _ = write!(
             out,
-            "POST /pub?id={} HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\n\r\n{payload}",
-            self.devices[d],
+            "POST {path} HTTP/1.1\r\nHost: {}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
             self.host,
-            payload.len()
+            body.len()
         );
         self.sent += 1;
     }
 
-    /// Waits (bounded) until nchan has answered every POST sent.
+    /// Waits (bounded) until the server has answered every POST sent.
     fn wait_replies(&self, limit: Duration) -> Result<(), String> {
         await_replies(
             &self.replies,
             self.sent,
             limit,
-            "nchan answered {} of {} POSTs",
+            "the server answered {} of {} POSTs",
         )
     }
 }
@@ -134,7 +169,7 @@ fn read_responses(s: TcpStream, replies: &AtomicU64, refused: &Mutex<BTreeMap<u1
         if length > MAX_BODY || r.read_exact(&mut body[..length]).is_err() {
             return;
         }
-        if status != 201 && status != 202 {
+        if !(200..300).contains(&status) {
             if let Ok(mut m) = refused.lock() {
                 *m.entry(status).or_default() += 1;
             }
@@ -143,7 +178,7 @@ fn read_responses(s: TcpStream, replies: &AtomicU64, refused: &Mutex<BTreeMap<u1
     }
 }
 
-impl Publish for NchanPublisher {
+impl Publish for PostPublisher {
     fn step(&mut self, rate: u64, secs: f64) -> Result<Step, String> {
         let mut bufs: Vec<Vec<u8>> = (0..self.conns.len())
             .map(|_| Vec::with_capacity(256 * 1024))
@@ -154,8 +189,7 @@ impl Publish for NchanPublisher {
                 self.push_event(&mut bufs);
             }
             for (conn, buf) in self.conns.iter_mut().zip(&bufs) {
-                conn.write_all(buf)
-                    .map_err(|e| format!("nchan publish: {e}"))?;
+                conn.write_all(buf).map_err(|e| format!("publish: {e}"))?;
             }
             Ok(())
         })?;
@@ -167,11 +201,7 @@ impl Publish for NchanPublisher {
     }
 
     fn published(&self) -> BTreeMap<String, u64> {
-        self.devices
-            .iter()
-            .cloned()
-            .zip(self.seq.iter().copied())
-            .collect()
+        by_device(&self.devices, &self.seq)
     }
 
     fn errors(&self) -> BTreeMap<String, u64> {
@@ -186,7 +216,7 @@ impl Publish for NchanPublisher {
     }
 }
 
-impl Drop for NchanPublisher {
+impl Drop for PostPublisher {
     fn drop(&mut self) {
         for c in &self.conns {
             let _ = c.shutdown(std::net::Shutdown::Both);

@@ -1,0 +1,220 @@
+//! `loadtest run --url` against servers it did not start: the release
+//! gateway on its own redis-server (tickets, events by Redis `PUBLISH` and by
+//! `POST /sse/publish`), and nginx + nchan started by `loadtest serve nchan`
+//! (no tickets, events POSTed to nchan's publisher). Each run must deliver
+//! every event to every stream exactly once, and write the report.
+//!
+//! Ignored by default: they need `cargo build --release -p sse-gateway
+//! -p sse-loadtest`, redis-server and libnginx-mod-nchan; `scripts/test`
+//! installs those and runs them with
+//! `cargo test --release -p sse-loadtest --test run_url -- --ignored`.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use sse_testkit::{Gateway, Redis, SECRET};
+
+fn loadtest() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_loadtest"));
+    cmd.current_dir(repo_root());
+    cmd
+}
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("lt-run-url-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+/// Runs `loadtest run` with `args` (bounded), then returns the step of
+/// `section` from the JSON report, with its run's opening.
+fn run(args: &[&str], json: &Path, section: &str) -> (Value, Value) {
+    let mut child = loadtest()
+        .arg("run")
+        .args(args)
+        .arg("--section")
+        .arg(section)
+        .arg("--json")
+        .arg(json)
+        .arg("--out")
+        .arg(json.with_file_name("RESULTS.md"))
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn loadtest run");
+    let status = wait(&mut child, Duration::from_secs(180)).expect("loadtest run within 180 s");
+    assert!(status.success(), "loadtest run {args:?} failed: {status}");
+    let doc: Value =
+        serde_json::from_str(&std::fs::read_to_string(json).expect("results.json")).expect("json");
+    let runs = doc["runs"].as_array().expect("runs");
+    let r = runs
+        .iter()
+        .find(|r| r["section"] == section)
+        .unwrap_or_else(|| panic!("section {section} in {doc}"));
+    let fanout = &r["fanout"][0];
+    (fanout["steps"][0].clone(), fanout["open"].clone())
+}
+
+/// Waits for `child` at most `limit`; kills it (by its PID) after that.
+fn wait(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Ok(Some(s)) = child.try_wait() {
+            return Some(s);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Every run's size: 200 streams over 20 devices, 200 events/s for 2 s.
+const LOAD: [&str; 8] = [
+    "--streams",
+    "200",
+    "--devices",
+    "20",
+    "--rate",
+    "200",
+    "--secs",
+    "2",
+];
+
+fn assert_exactly_once(step: &Value, open: &Value, streams: u64) {
+    assert_eq!(open["opened"], streams, "opened: {open}");
+    assert_eq!(step["lost"], 0, "lost: {step}");
+    assert_eq!(step["dups"], 0, "duplicated: {step}");
+    assert!(
+        step["sent"].as_u64().unwrap_or(0) > 0,
+        "nothing sent: {step}"
+    );
+    assert_eq!(step["delivered"], step["expected"], "{step}");
+    assert_eq!(step["closed_by_server"], 0, "{step}");
+}
+
+#[test]
+#[ignore = "needs target/release/sse-gateway and redis-server"]
+fn run_url_against_a_running_gateway_delivers_every_event_once() {
+    let redis = Redis::start();
+    let gateway = Gateway::builder()
+        .redis(&redis)
+        .args(&["--max-conns-per-ip", "1000000", "--heartbeat-secs", "1"])
+        .start();
+    let url = format!("http://{}", gateway.addr());
+    let pid = gateway.pid().to_string();
+    let dir = scratch("gateway");
+    let json = dir.join("results.json");
+    let common = [
+        "--url",
+        &url,
+        "--ticket-url",
+        "/sse/stream-ticket",
+        "--jwt-secret",
+        SECRET,
+        "--pid",
+        &pid,
+        "--strict",
+    ];
+    // Users who own their device (ownership sets seeded), events by PUBLISH.
+    let redis_url = redis.url();
+    let mut args = [&common[..], &LOAD[..]].concat();
+    args.extend(["--grant-redis", &redis_url, "--publish-redis", &redis_url]);
+    let (step, open) = run(&args, &json, "redis");
+    assert_exactly_once(&step, &open, 200);
+    assert!(
+        step["server_rss_kib"].as_u64().unwrap_or(0) > 0,
+        "--pid measured: {step}"
+    );
+    // Admin users, events by POST /sse/publish (an admin bearer minted too).
+    let mut args = [&common[..], &LOAD[..]].concat();
+    args.extend(["--role", "admin", "--publish-url", "/sse/publish"]);
+    let (step, open) = run(&args, &json, "http");
+    assert_exactly_once(&step, &open, 200);
+    let md = std::fs::read_to_string(dir.join("RESULTS.md")).expect("RESULTS.md");
+    assert!(md.contains("## redis") && md.contains("## http"), "{md}");
+    assert!(md.contains("opens/s"), "{md}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `loadtest serve nchan`, read its one JSON line; ended by closing stdin.
+struct Served {
+    child: Child,
+    info: Value,
+}
+
+impl Served {
+    fn start(server: &str) -> Served {
+        let conf = repo_root().join("loadtest/peers/nchan.conf");
+        let mut child = loadtest()
+            .args(["serve", server, "--secs", "600", "--nchan-conf"])
+            .arg(conf)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn loadtest serve");
+        let out = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(out).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_default();
+        let Ok(info) = serde_json::from_str::<Value>(&line) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("loadtest serve {server} said {line:?} (libnginx-mod-nchan installed?)");
+        };
+        Served { child, info }
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        if wait(&mut self.child, Duration::from_secs(20)).is_none() {
+            eprintln!("loadtest serve did not stop on EOF; killed");
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs the release loadtest, redis-server and libnginx-mod-nchan"]
+fn run_url_against_nchan_delivers_every_event_once() {
+    let served = Served::start("nchan");
+    let url = served.info["url"].as_str().expect("url").to_owned();
+    let pids: Vec<String> = served.info["pids"]
+        .as_array()
+        .expect("pids")
+        .iter()
+        .map(|p| p.to_string())
+        .collect();
+    let pids = pids.join(",");
+    let dir = scratch("nchan");
+    let json = dir.join("results.json");
+    let args = [
+        "--url",
+        &url,
+        "--stream-path",
+        "/sub?deviceId={device}",
+        "--publish-url",
+        "/pub?id={device}",
+        "--pid",
+        &pids,
+        "--strict",
+    ];
+    let (step, open) = run(&[&args[..], &LOAD[..]].concat(), &json, "nchan");
+    assert_exactly_once(&step, &open, 200);
+    let _ = std::fs::remove_dir_all(&dir);
+}
