@@ -14,9 +14,7 @@ use mio::{Poll, Waker};
 
 use crate::config::Config;
 use crate::context::Gateway;
-use crossbeam_channel::{Receiver, Sender};
-
-use crate::ingress::clusterlog::{self, reader::Cursor, Input};
+use crate::ingress::clusterlog::{self, reader::Cursor, Inlet, Outlet};
 use crate::ingress::conflate::Conflator;
 use crate::ingress::{demo, Hub, RedisState};
 use crate::metrics::Metrics;
@@ -53,14 +51,11 @@ pub struct Assembly {
 
 /// Redis mode: what the cluster log's threads start with.
 struct Journal {
-    heard: Sender<Input>,
-    inputs: Receiver<Input>,
+    heard: Inlet,
+    inputs: Outlet,
     /// Where reading goes on after the preload (None: Redis was not there).
     cursor: Option<Cursor>,
 }
-
-/// Ingest messages heard and not yet taken by the log's writer, at most.
-const HEARD_QUEUE: usize = 65_536;
 
 /// Checks the configuration, binds the listeners and builds the shared
 /// context and the reactors. No thread is started, except the Redis store's
@@ -111,7 +106,7 @@ pub fn assemble(config: Config) -> Result<Assembly, Fatal> {
     let conflator = (config.max_rate_per_device > 0.0)
         .then(|| Hub::limit_rate(&mut hub, config.max_rate_per_device));
     let channels = redis_client.as_ref().map(|_| {
-        let (heard, inputs) = crossbeam_channel::bounded(HEARD_QUEUE);
+        let (heard, inputs) = clusterlog::queue();
         hub.write_through(heard.clone());
         (heard, inputs)
     });

@@ -199,12 +199,14 @@ fn instances_can_share_one_port() {
     for s in streams.iter_mut() {
         s.expect_event("realtime-update", T);
     }
-    // The port is shared, so ask each process's own log who holds what.
-    let opened: usize = gws
-        .iter()
-        .map(|g| g.log().matches("stream open").count())
-        .sum();
-    assert_eq!(opened, 8);
+    // The port is shared, so ask each process's own log who holds what (a
+    // log line reaches the test a moment after the stream's first bytes).
+    let opened = || -> usize {
+        gws.iter()
+            .map(|g| g.log().matches("stream open").count())
+            .sum()
+    };
+    assert!(wait_until(T, || opened() == 8), "{} opened", opened());
 }
 
 #[test]

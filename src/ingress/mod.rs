@@ -73,7 +73,7 @@ pub struct Hub {
     max_event_bytes: usize,
     /// Redis mode: the cluster log's writer, where values the rate limit
     /// held go when they are due (the log gives them their ids).
-    journal: Option<crossbeam_channel::Sender<clusterlog::Input>>,
+    journal: Option<clusterlog::Inlet>,
     draining: AtomicBool,
 }
 
@@ -107,7 +107,7 @@ impl Hub {
 
     /// Redis mode: events are the cluster log's, and held values go to its
     /// writer through `journal`.
-    pub fn write_through(&mut self, journal: crossbeam_channel::Sender<clusterlog::Input>) {
+    pub fn write_through(&mut self, journal: clusterlog::Inlet) {
         self.journal = Some(journal);
     }
 
@@ -132,7 +132,9 @@ impl Hub {
     pub fn run_conflator(self: &Arc<Hub>, conflator: &Conflator) {
         conflator.run(|msg| match &self.journal {
             Some(journal) => {
-                let _ = journal.try_send(clusterlog::Input::Released(msg));
+                if !journal.offer(clusterlog::Input::Released(msg)) {
+                    self.metrics.mailbox_overflows.fetch_add(1, Relaxed);
+                }
             }
             None => {
                 self.emit(msg, epoch_ms());

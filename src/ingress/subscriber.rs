@@ -17,9 +17,7 @@ use rand::Rng;
 
 use std::sync::atomic::Ordering::Relaxed;
 
-use crossbeam_channel::{Sender, TrySendError};
-
-use super::clusterlog::{channel_index, Input};
+use super::clusterlog::{channel_index, Inlet, Input};
 use super::{Hub, RedisState};
 use crate::store::connect::{Deployment, Link};
 use crate::store::protocol::{Job, Outcome, ACCESS_CHANGED_CHANNEL, REVOKE_CHANNEL};
@@ -31,7 +29,7 @@ use crate::stream::frame::{Frame, CHANNELS};
 pub fn subscribe(
     redis: Arc<Deployment>,
     hub: Arc<Hub>,
-    heard: Sender<Input>,
+    heard: Inlet,
 ) -> std::io::Result<thread::JoinHandle<()>> {
     thread::Builder::new()
         .name("redis-subscriber".into())
@@ -50,7 +48,7 @@ struct Outage {
     subscribed: bool,
 }
 
-fn subscriber(redis: &Deployment, hub: Arc<Hub>, heard: &Sender<Input>) {
+fn subscriber(redis: &Deployment, hub: Arc<Hub>, heard: &Inlet) {
     let mut outage = Outage::default();
     loop {
         match listen(redis, &hub, heard, &mut outage) {
@@ -87,7 +85,7 @@ pub fn backoff(failures: u32) -> Duration {
 fn listen(
     redis: &Deployment,
     hub: &Hub,
-    heard: &Sender<Input>,
+    heard: &Inlet,
     outage: &mut Outage,
 ) -> redis::RedisResult<()> {
     let mut con = redis.pubsub()?;
@@ -118,7 +116,7 @@ fn listen(
         // Pub/Sub keeps nothing for a subscriber that was away: whatever was
         // published meanwhile was not heard here. The log's writer knows.
         if outage.subscribed {
-            let _ = heard.send(Input::Break);
+            heard.mark_break();
         }
     }
     outage.subscribed = true;
@@ -142,7 +140,7 @@ fn listen(
 /// An ingest message, raw, to the log's writer. Only the leader checks and
 /// parses it; a message over `--max-event-bytes` is dropped and counted
 /// here, on every instance.
-fn hear(hub: &Hub, heard: &Sender<Input>, channel: &str, payload: &[u8]) {
+fn hear(hub: &Hub, heard: &Inlet, channel: &str, payload: &[u8]) {
     let Some(channel) = channel_index(channel) else {
         return;
     };
@@ -154,10 +152,10 @@ fn hear(hub: &Hub, heard: &Sender<Input>, channel: &str, payload: &[u8]) {
         channel,
         payload: payload.to_vec(),
     };
-    if let Err(TrySendError::Full(_)) = heard.try_send(input) {
+    if !heard.offer(input) {
         // The writer is far behind: what it misses is a hole it must mark.
         hub.metrics().mailbox_overflows.fetch_add(1, Relaxed);
-        let _ = heard.send_timeout(Input::Break, Duration::from_secs(1));
+        heard.mark_break();
     }
 }
 

@@ -28,7 +28,18 @@ pub mod heard;
 pub mod reader;
 pub mod writer;
 
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
+
 use crate::stream::frame::{Event, Message, CHANNELS};
+
+/// Inputs waiting for the writer, at most.
+const QUEUE_INPUTS: usize = 65_536;
+/// Payload bytes waiting for the writer, at most.
+const QUEUE_BYTES: usize = 32 << 20;
 
 /// The log itself, a Redis Stream.
 pub const EVENTS_KEY: &str = "sse:{log}:events";
@@ -48,6 +59,79 @@ pub enum Input {
     Break,
     /// A value the per-device rate limit held, now due (checked already).
     Released(Message),
+}
+
+/// The way into the writer, bounded by count and by payload bytes: a
+/// writer stuck on Redis never makes the process hold more than that.
+#[derive(Clone)]
+pub struct Inlet {
+    tx: Sender<Input>,
+    bytes: Arc<AtomicUsize>,
+}
+
+/// The writer's end of the queue.
+pub struct Outlet {
+    rx: Receiver<Input>,
+    bytes: Arc<AtomicUsize>,
+}
+
+pub fn queue() -> (Inlet, Outlet) {
+    let (tx, rx) = crossbeam_channel::bounded(QUEUE_INPUTS);
+    let bytes = Arc::new(AtomicUsize::new(0));
+    (
+        Inlet {
+            tx,
+            bytes: bytes.clone(),
+        },
+        Outlet { rx, bytes },
+    )
+}
+
+fn payload_len(input: &Input) -> usize {
+    match input {
+        Input::Heard { payload, .. } => payload.len(),
+        Input::Released(m) => m.data.len(),
+        Input::Break => 0,
+    }
+}
+
+impl Inlet {
+    /// Queues `input`; false when the queue is full (the input is dropped).
+    pub fn offer(&self, input: Input) -> bool {
+        let len = payload_len(&input);
+        if self.bytes.load(Relaxed) + len > QUEUE_BYTES {
+            return false;
+        }
+        match self.tx.try_send(input) {
+            Ok(()) => {
+                self.bytes.fetch_add(len, Relaxed);
+                true
+            }
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => false,
+        }
+    }
+
+    /// Queues a break, waiting up to a second for room: after a refused
+    /// message the writer must learn that something is missing.
+    pub fn mark_break(&self) {
+        let _ = self.tx.send_timeout(Input::Break, Duration::from_secs(1));
+    }
+}
+
+impl Outlet {
+    /// The next input, waiting at most `wait`; Err(true) once every inlet
+    /// is gone.
+    pub fn next(&self, wait: Option<Duration>) -> Result<Input, bool> {
+        let input = match wait {
+            Some(wait) => self
+                .rx
+                .recv_timeout(wait)
+                .map_err(|e| e == RecvTimeoutError::Disconnected)?,
+            None => self.rx.try_recv().map_err(|e| e.is_disconnected())?,
+        };
+        self.bytes.fetch_sub(payload_len(&input), Relaxed);
+        Ok(input)
+    }
 }
 
 /// The channel index of an ingest channel name.

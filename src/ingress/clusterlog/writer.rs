@@ -22,13 +22,12 @@ use std::sync::{Arc, LazyLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError};
 use log::{info, warn};
 use redis::Value;
 
 use super::heard::{self, Alignment, Heard, Mark};
 use super::reader::{entries, field};
-use super::{Input, EVENTS_KEY, LAST_KEY, LEADER_KEY};
+use super::{Input, Outlet, EVENTS_KEY, LAST_KEY, LEADER_KEY};
 use crate::ingress::Hub;
 use crate::store::connect::{Deployment, Link};
 use crate::stream::frame::{self, Event, Message, CHANNELS};
@@ -118,7 +117,7 @@ struct Entry {
 pub struct Writer {
     redis: Arc<Deployment>,
     hub: Arc<Hub>,
-    inputs: Receiver<Input>,
+    inputs: Outlet,
     me: String,
     link: Option<Link>,
     heard: Heard,
@@ -135,7 +134,7 @@ pub struct Writer {
 pub fn start(
     redis: Arc<Deployment>,
     hub: Arc<Hub>,
-    inputs: Receiver<Input>,
+    inputs: Outlet,
     bounds: (usize, u64),
 ) -> std::io::Result<thread::JoinHandle<()>> {
     let writer = Writer {
@@ -166,13 +165,13 @@ impl Writer {
                 last_tick = Some(now);
                 self.tick();
             }
-            match self.inputs.recv_timeout(Duration::from_millis(50)) {
+            match self.inputs.next(Some(Duration::from_millis(50))) {
                 Ok(input) => self.take(input),
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => return,
+                Err(false) => {}
+                Err(true) => return,
             }
             for _ in 0..BATCH * 8 {
-                match self.inputs.try_recv() {
+                match self.inputs.next(None) {
                     Ok(input) => self.take(input),
                     Err(_) => break,
                 }
