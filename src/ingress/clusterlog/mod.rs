@@ -57,6 +57,8 @@ pub enum Input {
     /// The subscriber lost its connection: what was published until it
     /// subscribed again was not heard here.
     Break,
+    /// The subscriber is subscribed (again): hearing starts here.
+    Subscribed,
     /// A value the per-device rate limit held, now due (checked already).
     Released(Message),
 }
@@ -91,7 +93,7 @@ fn payload_len(input: &Input) -> usize {
     match input {
         Input::Heard { payload, .. } => payload.len(),
         Input::Released(m) => m.data.len(),
-        Input::Break => 0,
+        Input::Break | Input::Subscribed => 0,
     }
 }
 
@@ -115,6 +117,13 @@ impl Inlet {
     /// message the writer must learn that something is missing.
     pub fn mark_break(&self) {
         let _ = self.tx.send_timeout(Input::Break, Duration::from_secs(1));
+    }
+
+    /// Tells the writer that the subscriber is subscribed (again).
+    pub fn mark_subscribed(&self) {
+        let _ = self
+            .tx
+            .send_timeout(Input::Subscribed, Duration::from_secs(1));
     }
 }
 

@@ -37,6 +37,13 @@ use crate::time::epoch_ms;
 pub const LEASE_MS: u64 = 1000;
 /// How often the lease is renewed, or tried for by a standby.
 const TICK: Duration = Duration::from_millis(200);
+/// How long this instance must have heard Pub/Sub without a break before
+/// it tries for the lease: longer than a lease lives plus a tick, so what
+/// it heard reaches back past whatever the last leader had not written yet.
+/// (A replacement started in a rolling restart would otherwise take the
+/// lease the old leader handed over, find none of its writes in what it
+/// heard, and write a gap marker.)
+const COVER: Duration = Duration::from_millis(1500);
 /// Entries written per script call at most.
 const BATCH: usize = 512;
 /// The log entries compared with what was heard when syncing.
@@ -128,6 +135,8 @@ pub struct Writer {
     failing: bool,
     /// When the log was last trimmed by age (once a second is enough).
     trimmed: Option<Instant>,
+    /// Since when Pub/Sub was heard without a break (None: not subscribed).
+    covered_since: Option<Instant>,
 }
 
 /// Starts the writer thread.
@@ -149,6 +158,7 @@ pub fn start(
         bounds,
         failing: false,
         trimmed: None,
+        covered_since: None,
     };
     thread::Builder::new()
         .name("log-writer".into())
@@ -199,7 +209,13 @@ impl Writer {
                     },
                 );
             }
-            Input::Break => self.heard.push(now, Mark::Break),
+            Input::Break => {
+                self.covered_since = None;
+                self.heard.push(now, Mark::Break);
+            }
+            Input::Subscribed => {
+                self.covered_since.get_or_insert(now);
+            }
             Input::Released(msg) => {
                 if let Role::Leading { .. } = self.role {
                     self.released.push(msg);
@@ -236,6 +252,7 @@ impl Writer {
                 }
                 return;
             }
+            Role::Standby if self.covered_since.is_none_or(|t| t.elapsed() < COVER) => return,
             Role::Standby => self.link().and_then(|l| {
                 redis::cmd("SET")
                     .arg(LEADER_KEY)
