@@ -67,12 +67,6 @@ fn subscriber(redis: &Deployment, hub: Arc<Hub>, heard: &Inlet) {
                 if !outage.degraded {
                     outage.degraded = true;
                     hub.broadcast_system(Frame::system(r#"{"kind":"degraded"}"#));
-                    // Pub/Sub keeps nothing for a subscriber that is away:
-                    // what is published until it is back is not heard here.
-                    // The log's writer knows.
-                    if outage.subscribed {
-                        heard.mark_break();
-                    }
                 }
                 outage.failures = outage.failures.saturating_add(1);
                 thread::sleep(backoff(outage.failures));
@@ -119,6 +113,12 @@ fn listen(
             .redis_reconnects
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         hub.broadcast_system(Frame::system(r#"{"kind":"recovered"}"#));
+        // Pub/Sub keeps nothing for a subscriber that was away: whatever was
+        // published meanwhile was not heard here. The log's writer knows
+        // (and streams get `replay-gap` after `recovered`).
+        if outage.subscribed {
+            heard.mark_break();
+        }
     }
     outage.subscribed = true;
     heard.mark_subscribed();
