@@ -197,15 +197,19 @@ impl Reactor {
             // client left): a lease taken for it must not hold the user's
             // slot until it expires.
             if let Outcome::Facts(facts) = outcome {
-                if let (LeaseAnswer::Granted { .. }, Some(ask)) = (facts.lease, facts.lease_ask) {
-                    info!(
-                        "lease of a stream request that gave up released: {}",
-                        ask.member
-                    );
-                    self.gw.store.fire(Job::ReleaseLease {
-                        key: ask.key,
-                        member: ask.member,
-                    });
+                let facts = *facts;
+                let leases = [
+                    (facts.lease, facts.lease_ask),
+                    (facts.ip_lease, facts.ip_lease_ask),
+                ];
+                for (answer, ask) in leases {
+                    if let (LeaseAnswer::Granted { .. }, Some(ask)) = (answer, ask) {
+                        info!(
+                            "lease of a stream request that gave up released: {}",
+                            ask.key
+                        );
+                        self.gw.store.fire(Job::ReleaseLease(ask));
+                    }
                 }
             }
             return;

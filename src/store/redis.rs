@@ -25,8 +25,9 @@ use super::Completions;
 const QUEUE_BOUND: usize = 16_384;
 const WORKERS: usize = 4;
 
-/// The lease script, hashed once; `invoke` runs it by EVALSHA.
+/// The lease scripts, hashed once; run by EVALSHA.
 static ACQUIRE: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(lease::ACQUIRE));
+static RELEASE: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(lease::RELEASE));
 
 /// The mint-limit script: a sliding window of one minute per user, in one
 /// sorted set (one key, so one hash slot). Returns the count after adding,
@@ -166,66 +167,86 @@ fn worker(redis: &Deployment, queues: Queues, completions: &Completions, pending
     }
 }
 
+/// `EVALSHA` of `script` on one lease: KEYS the lease key and this
+/// instance's counter, then `args`.
+fn lease_call(script: &redis::Script, ask: &lease::LeaseAsk, args: &[u64]) -> redis::Cmd {
+    let mut evalsha = redis::cmd("EVALSHA");
+    evalsha
+        .arg(script.get_hash())
+        .arg(2)
+        .arg(&ask.key)
+        .arg(ask.counter())
+        .arg(&*ask.instance);
+    for a in args {
+        evalsha.arg(*a);
+    }
+    evalsha
+}
+
+/// Runs `cmds` (EVALSHAs of `script`) in one batch; a Redis that lost its
+/// script cache (a restart) gets the script loaded and the batch runs again.
+fn scripted(
+    link: &mut Link,
+    script: &redis::Script,
+    cmds: Vec<redis::Cmd>,
+) -> redis::RedisResult<Vec<Value>> {
+    match link.batch(cmds.clone()) {
+        Err(e) if e.code() == Some("NOSCRIPT") => {
+            script.load(link.con())?;
+            link.batch(cmds)
+        }
+        other => other,
+    }
+}
+
 /// Runs the lease script for `user` and, in the same round trip, for `ip`
-/// (in a Cluster, one per node of their slots). EVALSHA in a batch; a Redis
-/// that lost its script cache (a restart) gets it loaded and the batch runs
-/// again.
+/// (in a Cluster, one per node of their slots).
 fn acquire(
     link: &mut Link,
     user: &lease::LeaseAsk,
     ip: Option<&lease::LeaseAsk>,
 ) -> redis::RedisResult<(LeaseAnswer, Option<LeaseAnswer>)> {
-    let run = |link: &mut Link| {
-        let now = crate::time::epoch_ms();
-        let cmds = std::iter::once(user)
-            .chain(ip)
-            .map(|ask| {
-                let mut evalsha = redis::cmd("EVALSHA");
-                evalsha
-                    .arg(ACQUIRE.get_hash())
-                    .arg(2)
-                    .arg(&ask.key)
-                    .arg(lease::own_key(&ask.key, &ask.member))
-                    .arg(now)
-                    .arg(now + ask.ttl_ms)
-                    .arg(&ask.member)
-                    .arg(ask.limit)
-                    .arg(ask.ttl_ms);
-                evalsha
-            })
-            .collect();
-        link.batch(cmds)
-    };
-    let answers = match run(link) {
-        Err(e) if e.code() == Some("NOSCRIPT") => {
-            ACQUIRE.load(link.con())?;
-            run(link)?
-        }
-        other => other?,
-    };
-    let answer = |i: usize| {
-        answers
-            .get(i)
-            .and_then(|v| redis::from_redis_value::<i64>(v.clone()).ok())
+    let cmds = std::iter::once(user)
+        .chain(ip)
+        .map(|ask| lease_call(&ACQUIRE, ask, &[u64::from(ask.limit), ask.ttl_ms]))
+        .collect();
+    let answers = scripted(link, &ACQUIRE, cmds)?;
+    // Every lease asked is answered (or the batch failed): a release must
+    // match a lease taken, since counters, unlike set members, add up.
+    let mut answers = answers.into_iter().map(|v| {
+        redis::from_redis_value::<i64>(v)
             .map(LeaseAnswer::from_script)
+            .map_err(redis::RedisError::from)
+    });
+    let user = next_answer(&mut answers)?;
+    let ip = match ip {
+        Some(_) => Some(next_answer(&mut answers)?),
+        None => None,
     };
-    Ok((answer(0).unwrap_or_default(), answer(1)))
+    Ok((user, ip))
 }
 
-/// Gives lease `member` of set `key` back, from the set and from its
-/// instance's part (one hash slot).
-fn release(link: &mut Link, key: &str, member: &str) -> redis::RedisResult<()> {
-    let mut all = redis::cmd("ZREM");
-    all.arg(key).arg(member);
-    let mut own = redis::cmd("ZREM");
-    own.arg(lease::own_key(key, member)).arg(member);
-    link.batch(vec![all, own]).map(drop)
+fn next_answer(
+    answers: &mut impl Iterator<Item = redis::RedisResult<LeaseAnswer>>,
+) -> redis::RedisResult<LeaseAnswer> {
+    answers.next().unwrap_or_else(|| {
+        Err((
+            redis::ErrorKind::UnexpectedReturnType,
+            "a lease answer is missing",
+        )
+            .into())
+    })
+}
+
+/// Gives one lease on `ask.key` back.
+fn release(link: &mut Link, ask: &lease::LeaseAsk) -> redis::RedisResult<()> {
+    scripted(link, &RELEASE, vec![lease_call(&RELEASE, ask, &[])]).map(drop)
 }
 
 /// One job, one round trip (pipelined where it needs several commands; in
 /// a Cluster, one per node holding its keys). No script spans hash slots:
-/// the mint script touches one key, the lease script a set and its
-/// per-instance twin, hash-tagged into one slot.
+/// the mint script touches one key, the lease scripts a lease key and the
+/// counters of its instances, hash-tagged into one slot.
 fn run(link: &mut Link, job: &Job) -> redis::RedisResult<Outcome> {
     Ok(match job {
         Job::PutTicket {
@@ -364,7 +385,7 @@ fn run(link: &mut Link, job: &Job) -> redis::RedisResult<Outcome> {
                         _ => None,
                     };
                     if let Some(undo) = undo {
-                        release(link, &undo.key, &undo.member)?;
+                        release(link, undo)?;
                     }
                     if let LeaseAnswer::Refused { .. } = user {
                         facts.ip_lease = LeaseAnswer::NotAsked;
@@ -374,8 +395,8 @@ fn run(link: &mut Link, job: &Job) -> redis::RedisResult<Outcome> {
             }
             Outcome::Facts(Box::new(facts))
         }
-        Job::ReleaseLease { key, member } => {
-            release(link, key, member)?;
+        Job::ReleaseLease(ask) => {
+            release(link, ask)?;
             Outcome::Published
         }
         Job::Publish { channel, payload } => {

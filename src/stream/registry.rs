@@ -228,17 +228,21 @@ impl Registry {
         })
     }
 
-    /// Every open stream: (user, purpose, stream id), for lease renewal.
-    /// Holds the lock for one pass, copying no string: user ids are shared.
-    pub fn all(&self) -> Vec<(Arc<str>, Purpose, StreamId, IpAddr)> {
+    /// What this instance holds leases on, for their renewal: each user
+    /// with open streams of a purpose, and each address (limit key) with
+    /// open streams. One pass under the lock, O(users + addresses), copying
+    /// no string: user ids are shared.
+    pub fn lease_holders(&self) -> (Vec<(Arc<str>, Purpose)>, Vec<IpAddr>) {
         let t = self.lock();
-        let mut out = Vec::with_capacity(t.total);
+        let mut users = Vec::with_capacity(t.users.len());
         for (user, u) in &t.users {
-            for s in &u.streams {
-                out.push((user.clone(), s.purpose, s.id, s.ip));
+            for p in [Purpose::Alerts, Purpose::Data] {
+                if u.counts.get(p) > 0 {
+                    users.push((user.clone(), p));
+                }
             }
         }
-        out
+        (users, t.ips.keys().copied().collect())
     }
 
     pub fn total(&self) -> usize {
@@ -357,7 +361,7 @@ mod tests {
                 current: Counts { alerts: 0, data: 1 }
             })
         );
-        assert_eq!(r.all().len(), 0);
+        assert_eq!(r.lease_holders(), (Vec::new(), Vec::new()));
     }
 
     #[test]
@@ -400,9 +404,13 @@ mod tests {
             r.open(&u, a, stream("6", Purpose::Data), Elsewhere::default()),
             Ok(())
         );
-        assert!(r
-            .all()
+        let (users, mut ips) = r.lease_holders();
+        assert_eq!(users, vec![(Arc::from("u"), Purpose::Data)]);
+        ips.sort();
+        let nets: Vec<IpAddr> = ["2001:db8:0:1::", "2001:db8:0:2::"]
             .iter()
-            .all(|(_, _, _, ip)| ip.to_string().starts_with("2001:db8:0:")));
+            .map(|a| a.parse().unwrap())
+            .collect();
+        assert_eq!(ips, nets);
     }
 }
