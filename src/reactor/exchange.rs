@@ -57,8 +57,8 @@ impl Reactor {
                     return;
                 }
                 if let Phase::Streaming(s) = &mut conn.phase {
-                    s.input += n;
-                    if s.input > STREAM_INPUT_CAP {
+                    s.input = s.input.saturating_add(u32::try_from(n).unwrap_or(u32::MAX));
+                    if s.input as usize > STREAM_INPUT_CAP {
                         self.close(key, Cause::TooChatty);
                     }
                 }

@@ -207,8 +207,10 @@ pub(super) fn open(
                     Purpose::Alerts => Arc::from(Vec::new()),
                 },
                 connected_at_ms: epoch_ms(),
-                owner,
-                ip: s.client,
+                owner: (
+                    u32::try_from(owner.0).unwrap_or(u32::MAX),
+                    u32::try_from(owner.1).unwrap_or(u32::MAX),
+                ),
             };
             let opened = gw.registry.open(&s.ticket.user, s.client, slot, elsewhere);
             if let (Err(_), LeaseAnswer::Granted { .. }) = (&opened, facts.lease) {

@@ -203,19 +203,26 @@ impl Leases {
         let mut con: Option<Link> = None;
         loop {
             thread::sleep(period);
-            let keys = held_keys(registry);
-            if keys.is_empty() {
+            let (users, ips) = registry.lease_holders();
+            if users.is_empty() && ips.is_empty() {
                 continue;
             }
             if con.is_none() {
                 con = redis.link().ok();
             }
             let Some(c) = con.as_mut() else { continue };
-            // In pipelines of a bounded size: one for 100,000 keys would
-            // need tens of megabytes of buffers, which the allocator keeps.
-            // In a Cluster, each goes to the nodes of its keys' slots.
-            for batch in keys.chunks(RENEW_BATCH) {
-                if let Err(e) = c.batch(self.renewals(batch)) {
+            // In pipelines of a bounded size, their key names made batch by
+            // batch: one for 100,000 keys would need tens of megabytes of
+            // buffers, which the allocator keeps. In a Cluster, each goes
+            // to the nodes of its keys' slots.
+            let users = users.iter().map(|(user, purpose)| key(user, *purpose));
+            let mut keys = users.chain(ips.into_iter().map(ip_key));
+            loop {
+                let batch: Vec<String> = keys.by_ref().take(RENEW_BATCH).collect();
+                if batch.is_empty() {
+                    break;
+                }
+                if let Err(e) = c.batch(self.renewals(&batch)) {
                     warn!("lease renewal failed: {e}");
                     con = None;
                     break;
@@ -223,13 +230,6 @@ impl Leases {
             }
         }
     }
-}
-
-/// The lease keys of what `registry` holds.
-fn held_keys(registry: &Registry) -> Vec<String> {
-    let (users, ips) = registry.lease_holders();
-    let users = users.iter().map(|(user, purpose)| key(user, *purpose));
-    users.chain(ips.into_iter().map(ip_key)).collect()
 }
 
 #[cfg(test)]

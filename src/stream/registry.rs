@@ -27,10 +27,9 @@ pub struct Slot {
     /// The data stream's devices (shared with its filter; empty for alerts).
     pub devices: Arc<[Box<str>]>,
     pub connected_at_ms: u64,
-    /// Where its socket lives: (reactor, connection key).
-    pub owner: (usize, usize),
-    /// The address it counts against (IPv6: its /64); set by `open`.
-    pub ip: IpAddr,
+    /// Where its socket lives: (reactor, connection key), in 32 bits each
+    /// (reactors are threads, keys index a slab of descriptors).
+    pub owner: (u32, u32),
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -138,11 +137,10 @@ impl Registry {
         &self,
         user: &UserId,
         ip: IpAddr,
-        mut stream: Slot,
+        stream: Slot,
         elsewhere: Elsewhere,
     ) -> Result<(), Refusal> {
         let ip = limit_key(ip);
-        stream.ip = ip;
         let mut t = self.lock();
         let mut current = t
             .users
@@ -167,13 +165,10 @@ impl Registry {
         }
         *t.ips.entry(ip).or_default() += 1;
         // Most users hold one or two streams: no room for four up front.
-        let u = t
-            .users
-            .entry(Arc::from(&*user.key))
-            .or_insert_with(|| User {
-                counts: Counts::default(),
-                streams: Vec::with_capacity(1),
-            });
+        let u = t.users.entry(user.key.clone()).or_insert_with(|| User {
+            counts: Counts::default(),
+            streams: Vec::with_capacity(1),
+        });
         *u.counts.slot(purpose) += 1;
         u.streams.push(stream);
         t.total += 1;
@@ -223,7 +218,7 @@ impl Registry {
             u.streams
                 .iter()
                 .filter(|s| s.purpose == purpose)
-                .map(|s| s.owner)
+                .map(|s| (s.owner.0 as usize, s.owner.1 as usize))
                 .collect()
         })
     }
@@ -261,7 +256,6 @@ mod tests {
             devices: Arc::from(Vec::new()),
             connected_at_ms: 0,
             owner: (0, 0),
-            ip: "0.0.0.0".parse().unwrap(),
         }
     }
 
