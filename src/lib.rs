@@ -11,7 +11,6 @@
 //! | leaves | [`time`], [`config`], [`log`], [`metrics`], [`http`] | clocks, flags, logging, counters, request heads and responses |
 //! | model | [`stream::frame`], [`stream::subscriptions`], [`auth`] | events, purposes, filters, ids; who is asking |
 //! | state | [`stream::registry`], [`stream::replay`], [`stream`] | open streams and limits, the replay window, an open stream |
-//! | heap | [`heap`] | free pages given back after a burst of opens or closes |
 //! | store | [`store`] | the lookup protocol, its memory and Redis backends, leases |
 //! | ingress | [`ingress`] | the bus turned into frames: the hub, the Redis subscriber, rate limit, demo |
 //! | context | [`context`] | what every reactor and route shares |
@@ -22,7 +21,6 @@
 pub mod auth;
 pub mod config;
 pub mod context;
-pub mod heap;
 pub mod http;
 pub mod ingress;
 pub mod log;

@@ -115,7 +115,6 @@ pub fn assemble(config: Config) -> Result<Assembly, Fatal> {
         per_ip: config.max_conns_per_ip,
     };
     let registry = Arc::new(Registry::new(limits, metrics.clone()));
-    crate::heap::start_trimming(metrics.clone(), registry.clone()).map_err(io)?;
     let leases = match &redis_client {
         Some(client) => {
             let leases = Arc::new(Leases::new(config.heartbeat_secs));
