@@ -27,7 +27,7 @@
 //! node serves).
 
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::thread;
 use std::time::Duration;
 
@@ -72,6 +72,27 @@ if n <= 0 then
 end
 return n
 "#;
+
+/// The scripts, hashed once; run by EVALSHA.
+pub static ACQUIRE_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(ACQUIRE));
+pub static RELEASE_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(RELEASE));
+
+/// `EVALSHA` of `script` ([`ACQUIRE_SCRIPT`] or [`RELEASE_SCRIPT`]) on one
+/// lease: KEYS the lease key and this instance's counter, ARGV the
+/// instance, then `args`.
+pub fn call(script: &redis::Script, ask: &LeaseAsk, args: &[u64]) -> redis::Cmd {
+    let mut evalsha = redis::cmd("EVALSHA");
+    evalsha
+        .arg(script.get_hash())
+        .arg(2)
+        .arg(&ask.key)
+        .arg(ask.counter())
+        .arg(&*ask.instance);
+    for a in args {
+        evalsha.arg(*a);
+    }
+    evalsha
+}
 
 /// The lease key of a client address (its /64 for IPv6): the per-IP limit
 /// held across instances as the per-user one is.
