@@ -13,7 +13,7 @@ use crate::config::Config;
 use crate::ingress::Hub;
 use crate::metrics::Metrics;
 use crate::reactor::peers::PeerCounts;
-use crate::store::lease::{self, Leases};
+use crate::store::lease::Leases;
 use crate::store::protocol::Job;
 use crate::store::Store;
 use crate::stream::frame::Purpose;
@@ -24,21 +24,16 @@ impl Gateway {
     /// limit slot here and its lease in Redis.
     pub fn stream_closed(&self, user: &UserId, ip: IpAddr, purpose: Purpose, stream_id: StreamId) {
         self.registry.close(user, ip, stream_id);
-        self.release_lease(user, ip, purpose, stream_id);
+        self.release_lease(user, ip, purpose);
     }
 
     /// Gives back a stream's cluster-wide leases, its user's and its
     /// address's (Redis mode).
-    pub fn release_lease(&self, user: &UserId, ip: IpAddr, purpose: Purpose, stream_id: StreamId) {
+    pub fn release_lease(&self, user: &UserId, ip: IpAddr, purpose: Purpose) {
         if let Some(leases) = &self.leases {
-            for key in [
-                lease::key(&user.key, purpose),
-                lease::ip_key(crate::config::limit_key(ip)),
-            ] {
-                self.store.fire(Job::ReleaseLease {
-                    key,
-                    member: leases.member(stream_id),
-                });
+            let ip = crate::config::limit_key(ip);
+            for ask in [leases.ask(user, purpose, 0), leases.ask_ip(ip, 0)] {
+                self.store.fire(Job::ReleaseLease(ask));
             }
         }
     }

@@ -15,10 +15,11 @@ pub mod token;
 use std::fmt;
 
 /// A user id as the token's `sub` carried it: a string, or a number that
-/// `/sse/status` gives back as a number.
+/// `/sse/status` gives back as a number. Shared, not copied: a stream, its
+/// registry row and its store lookups hold one allocation of it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct UserId {
-    pub key: Box<str>,
+    pub key: std::sync::Arc<str>,
     pub numeric: bool,
 }
 

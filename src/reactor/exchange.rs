@@ -57,8 +57,8 @@ impl Reactor {
                     return;
                 }
                 if let Phase::Streaming(s) = &mut conn.phase {
-                    s.input += n;
-                    if s.input > STREAM_INPUT_CAP {
+                    s.input = s.input.saturating_add(u32::try_from(n).unwrap_or(u32::MAX));
+                    if s.input as usize > STREAM_INPUT_CAP {
                         self.close(key, Cause::TooChatty);
                     }
                 }
@@ -197,15 +197,19 @@ impl Reactor {
             // client left): a lease taken for it must not hold the user's
             // slot until it expires.
             if let Outcome::Facts(facts) = outcome {
-                if let (LeaseAnswer::Granted { .. }, Some(ask)) = (facts.lease, facts.lease_ask) {
-                    info!(
-                        "lease of a stream request that gave up released: {}",
-                        ask.member
-                    );
-                    self.gw.store.fire(Job::ReleaseLease {
-                        key: ask.key,
-                        member: ask.member,
-                    });
+                let facts = *facts;
+                let leases = [
+                    (facts.lease, facts.lease_ask),
+                    (facts.ip_lease, facts.ip_lease_ask),
+                ];
+                for (answer, ask) in leases {
+                    if let (LeaseAnswer::Granted { .. }, Some(ask)) = (answer, ask) {
+                        info!(
+                            "lease of a stream request that gave up released: {}",
+                            ask.key
+                        );
+                        self.gw.store.fire(Job::ReleaseLease(ask));
+                    }
                 }
             }
             return;

@@ -75,12 +75,13 @@ impl Outbox {
         self.queued == 0
     }
 
-    /// Gives back the room a burst left, keeping one slot: for a stream
-    /// that has been idle a while (its heartbeat), never per flush, so a busy
-    /// stream keeps its room and never reallocates turn after turn.
+    /// Gives back all the room an empty outbox holds: after a quiet flush
+    /// and at a stream's heartbeat, never after a busy flush, so a busy
+    /// stream keeps its room and never reallocates turn after turn. An idle
+    /// stream holds no buffer between one frame and the next.
     pub fn trim(&mut self) {
-        if self.chunks.is_empty() && self.chunks.capacity() > 1 {
-            self.chunks.shrink_to(1);
+        if self.chunks.is_empty() && self.chunks.capacity() > 0 {
+            self.chunks = VecDeque::new();
         }
     }
 
@@ -119,8 +120,8 @@ impl Outbox {
                 Err(e) => return Err(e),
             }
         }
-        // Keep room for one chunk: most streams spend their life between one
-        // frame and the next, so that is all an idle stream holds. A busy
+        // Give the room back: most streams spend their life between one
+        // frame and the next, holding nothing meanwhile. A busy
         // stream (more than a few chunks a turn) keeps its room instead of
         // reallocating it turn after turn; its heartbeat trims it once idle.
         if !busy {

@@ -143,11 +143,11 @@ pub fn stream_job(gw: &Gateway, r: &StreamRequest) -> Job {
         lease: gw
             .leases
             .as_ref()
-            .map(|leases| leases.ask(&r.ticket.user, r.purpose, r.id, limit)),
+            .map(|leases| leases.ask(&r.ticket.user, r.purpose, limit)),
         ip_lease: gw
             .leases
             .as_ref()
-            .map(|leases| leases.ask_ip(limit_key(r.client), r.id, gw.registry.limits.per_ip)),
+            .map(|leases| leases.ask_ip(limit_key(r.client), gw.registry.limits.per_ip)),
     }
 }
 
@@ -207,12 +207,14 @@ pub(super) fn open(
                     Purpose::Alerts => Arc::from(Vec::new()),
                 },
                 connected_at_ms: epoch_ms(),
-                owner,
-                ip: s.client,
+                owner: (
+                    u32::try_from(owner.0).unwrap_or(u32::MAX),
+                    u32::try_from(owner.1).unwrap_or(u32::MAX),
+                ),
             };
             let opened = gw.registry.open(&s.ticket.user, s.client, slot, elsewhere);
             if let (Err(_), LeaseAnswer::Granted { .. }) = (&opened, facts.lease) {
-                gw.release_lease(&s.ticket.user, s.client, s.purpose, s.id);
+                gw.release_lease(&s.ticket.user, s.client, s.purpose);
             }
             opened.err()
         }
@@ -221,7 +223,7 @@ pub(super) fn open(
         if s.retried {
             return Resolution::Respond(too_many(gw, refusal));
         }
-        // A fresh id, so the retry's lease can never race the release above.
+        // A fresh id: the retry is a new stream.
         s.retried = true;
         s.id = StreamId::new_v4();
         let holders = gw.registry.holders(&s.ticket.user, s.purpose);

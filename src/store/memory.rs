@@ -106,7 +106,7 @@ impl Memory {
                     m.mints
                         .retain(|_, times| times.back().is_some_and(|t| t + MINT_WINDOW_MS > now));
                 }
-                let times = m.mints.entry(user.key.clone()).or_default();
+                let times = m.mints.entry(Box::from(&*user.key)).or_default();
                 while times.front().is_some_and(|t| t + MINT_WINDOW_MS <= now) {
                     times.pop_front();
                 }
@@ -117,12 +117,13 @@ impl Memory {
                     };
                 }
                 times.push_back(now);
-                m.tickets.insert(id, (user.key, now + ttl_secs * 1000));
+                m.tickets
+                    .insert(id, (Box::from(&*user.key), now + ttl_secs * 1000));
                 Outcome::TicketStored
             }
             Job::Owned { user } => Outcome::Owned(
                 m.devices
-                    .get(&user.key)
+                    .get(&*user.key)
                     .map(|set| {
                         set.iter()
                             .filter_map(|d| device_id(d.clone().into_bytes()))
@@ -132,7 +133,7 @@ impl Memory {
             ),
             Job::DeleteTicket { id, user } => match m.tickets.get(&id) {
                 Some((owner, exp)) if *exp > now => {
-                    if *owner != user.key {
+                    if **owner != *user.key {
                         return Outcome::NotOwner;
                     }
                     m.tickets.remove(&id);
@@ -148,7 +149,7 @@ impl Memory {
                 status_of,
                 ..
             } => {
-                let owned_by = m.devices.get(&user.key);
+                let owned_by = m.devices.get(&*user.key);
                 let mut facts = StreamFacts {
                     ticket_alive: alive(&m, &ticket_id),
                     ..StreamFacts::default()

@@ -11,12 +11,14 @@
 //! - [`protocol`]: jobs, outcomes, addresses and the Redis key names.
 //! - [`memory`]: the embedded store.
 //! - [`redis`]: the Redis worker pool.
+//! - [`pipeline`]: stream lookups and ticket writes, grouped into shared round trips.
 //! - [`connect`]: where Redis is (one server, Sentinel, Cluster) and how to connect.
 //! - [`lease`]: cluster-wide per-user limits.
 
 pub mod connect;
 pub mod lease;
 pub mod memory;
+pub mod pipeline;
 pub mod protocol;
 pub mod redis;
 

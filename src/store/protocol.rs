@@ -47,8 +47,9 @@ pub enum Job {
         /// Redis mode: and one for the client's address.
         ip_lease: Option<LeaseAsk>,
     },
-    /// `ZREM` a closed stream's lease (no reply).
-    ReleaseLease { key: String, member: String },
+    /// Give one lease back: a closed stream's, or one taken for a request
+    /// that gave up (no reply).
+    ReleaseLease(LeaseAsk),
     /// `PUBLISH channel payload` (Redis mode `/sse/publish`).
     Publish { channel: String, payload: Vec<u8> },
 }

@@ -4,9 +4,11 @@
 //! asking reactor's mailbox). The job queue is bounded: past it a request
 //! gets 503 rather than unbounded memory; jobs nobody waits for (lease
 //! releases) have a queue of their own that never refuses one.
+//! A worker that finds several stream lookups or ticket writes queued runs
+//! them together, a round trip per stage ([`super::pipeline`]).
 
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
@@ -15,33 +17,12 @@ use log::warn;
 use redis::Value;
 
 use super::connect::{worth_a_fresh_link, Deployment, Link};
-use super::lease::{self, LeaseAnswer};
-use super::protocol::{
-    device_id, devices_key, mints_key, status_key, ticket_key, Job, Outcome, Reply, StreamFacts,
-    MINT_WINDOW_MS, REVOKE_CHANNEL,
-};
+use super::pipeline;
+use super::protocol::{device_id, devices_key, ticket_key, Job, Outcome, Reply, REVOKE_CHANNEL};
 use super::Completions;
 
 const QUEUE_BOUND: usize = 16_384;
 const WORKERS: usize = 4;
-
-/// The lease script, hashed once; `invoke` runs it by EVALSHA.
-static ACQUIRE: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(lease::ACQUIRE));
-
-/// The mint-limit script: a sliding window of one minute per user, in one
-/// sorted set (one key, so one hash slot). Returns the count after adding,
-/// or `-ms` (the wait until the oldest mint leaves the window) when full.
-const MINT: &str = r#"
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1] - ARGV[4])
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then
-  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-  return -math.max(1, oldest[2] + ARGV[4] - ARGV[1])
-end
-redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-return redis.call('ZCARD', KEYS[1])
-"#;
-static MINTS: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(MINT));
 
 pub struct RedisPool {
     jobs: Sender<(Job, Option<Reply>)>,
@@ -144,6 +125,15 @@ type Queues = (Receiver<(Job, Option<Reply>)>, Receiver<Job>);
 fn worker(redis: &Deployment, queues: Queues, completions: &Completions, pending: &AtomicUsize) {
     let (jobs, fired) = queues;
     let mut con: Option<Link> = None;
+    let done = |reply: Option<Reply>, outcome: Outcome| {
+        if let (Outcome::Unavailable, None) = (&outcome, &reply) {
+            warn!("redis job nobody waits for was lost (Redis unavailable)");
+        }
+        pending.fetch_sub(1, SeqCst);
+        if let Some(reply) = reply {
+            completions(reply, outcome);
+        }
+    };
     loop {
         let (job, reply) = crossbeam_channel::select! {
             recv(fired) -> job => match job {
@@ -155,105 +145,83 @@ fn worker(redis: &Deployment, queues: Queues, completions: &Completions, pending
                 Err(_) => return,
             },
         };
-        let outcome = run_once_more(redis, &mut con, &job);
-        if let (Outcome::Unavailable, None) = (&outcome, &reply) {
-            warn!("redis job nobody waits for was lost (Redis unavailable)");
+        if !pipeline::groupable(&job) {
+            done(reply, run_once_more(redis, &mut con, &job));
+            continue;
         }
-        pending.fetch_sub(1, SeqCst);
-        if let Some(reply) = reply {
-            completions(reply, outcome);
+        // More stream lookups and ticket writes waiting: one round trip per
+        // stage for all of them. A job of another kind ends the group and
+        // runs after it.
+        let mut group = vec![(job, reply)];
+        let mut after = None;
+        while group.len() < pipeline::GROUP {
+            match jobs.try_recv() {
+                Ok(next) if pipeline::groupable(&next.0) => group.push(next),
+                Ok(other) => {
+                    after = Some(other);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        let outcomes = run_group_once_more(redis, &mut con, &group);
+        for ((_, reply), outcome) in group.into_iter().zip(outcomes) {
+            done(reply, outcome);
+        }
+        if let Some((job, reply)) = after {
+            done(reply, run_once_more(redis, &mut con, &job));
         }
     }
 }
 
-/// Runs the lease script for `user` and, in the same round trip, for `ip`
-/// (in a Cluster, one per node of their slots). EVALSHA in a batch; a Redis
-/// that lost its script cache (a restart) gets it loaded and the batch runs
-/// again.
-fn acquire(
-    link: &mut Link,
-    user: &lease::LeaseAsk,
-    ip: Option<&lease::LeaseAsk>,
-) -> redis::RedisResult<(LeaseAnswer, Option<LeaseAnswer>)> {
-    let run = |link: &mut Link| {
-        let now = crate::time::epoch_ms();
-        let cmds = std::iter::once(user)
-            .chain(ip)
-            .map(|ask| {
-                let mut evalsha = redis::cmd("EVALSHA");
-                evalsha
-                    .arg(ACQUIRE.get_hash())
-                    .arg(2)
-                    .arg(&ask.key)
-                    .arg(lease::own_key(&ask.key, &ask.member))
-                    .arg(now)
-                    .arg(now + ask.ttl_ms)
-                    .arg(&ask.member)
-                    .arg(ask.limit)
-                    .arg(ask.ttl_ms);
-                evalsha
-            })
-            .collect();
-        link.batch(cmds)
-    };
-    let answers = match run(link) {
-        Err(e) if e.code() == Some("NOSCRIPT") => {
-            ACQUIRE.load(link.con())?;
-            run(link)?
+/// A group's outcomes, in order: on a connection that died while idle, the
+/// group runs once more on a fresh one (as [`run_once_more`]); a group
+/// whose first stage fails otherwise runs job by job, so one bad job (a key
+/// of the wrong type) fails alone.
+fn run_group_once_more(
+    redis: &Deployment,
+    con: &mut Option<Link>,
+    group: &[(Job, Option<Reply>)],
+) -> Vec<Outcome> {
+    let jobs: Vec<&Job> = group.iter().map(|(job, _)| job).collect();
+    let reused = con.is_some();
+    let attempt = |con: &mut Option<Link>| -> redis::RedisResult<Vec<Outcome>> {
+        let c = match con {
+            Some(c) => c,
+            None => con.insert(redis.link()?),
+        };
+        let result = pipeline::run_group(c, &jobs);
+        if result.is_err() {
+            *con = None;
         }
-        other => other?,
+        result
     };
-    let answer = |i: usize| {
-        answers
-            .get(i)
-            .and_then(|v| redis::from_redis_value::<i64>(v.clone()).ok())
-            .map(LeaseAnswer::from_script)
+    let result = match attempt(con) {
+        Err(e) if reused && worth_a_fresh_link(&e) => attempt(con),
+        other => other,
     };
-    Ok((answer(0).unwrap_or_default(), answer(1)))
-}
-
-/// Gives lease `member` of set `key` back, from the set and from its
-/// instance's part (one hash slot).
-fn release(link: &mut Link, key: &str, member: &str) -> redis::RedisResult<()> {
-    let mut all = redis::cmd("ZREM");
-    all.arg(key).arg(member);
-    let mut own = redis::cmd("ZREM");
-    own.arg(lease::own_key(key, member)).arg(member);
-    link.batch(vec![all, own]).map(drop)
+    match result {
+        Ok(outcomes) => outcomes,
+        Err(_) if jobs.len() > 1 => jobs
+            .iter()
+            .map(|job| run_once_more(redis, con, job))
+            .collect(),
+        Err(e) => {
+            warn!("redis lookup failed: {e}");
+            vec![Outcome::Unavailable]
+        }
+    }
 }
 
 /// One job, one round trip (pipelined where it needs several commands; in
 /// a Cluster, one per node holding its keys). No script spans hash slots:
-/// the mint script touches one key, the lease script a set and its
-/// per-instance twin, hash-tagged into one slot.
+/// the mint script touches one key, the lease scripts a lease key and the
+/// counters of its instances, hash-tagged into one slot.
 fn run(link: &mut Link, job: &Job) -> redis::RedisResult<Outcome> {
     Ok(match job {
-        Job::PutTicket {
-            id,
-            user,
-            ttl_secs,
-            per_minute,
-        } => {
-            let now = crate::time::epoch_ms();
-            let count: i64 = MINTS
-                .key(mints_key(user))
-                .arg(now)
-                .arg(id)
-                .arg(per_minute)
-                .arg(MINT_WINDOW_MS)
-                .invoke(link.con())?;
-            if count < 0 {
-                return Ok(Outcome::TooManyTickets {
-                    retry_after_secs: count.unsigned_abs().div_ceil(1000).max(1),
-                });
-            }
-            redis::cmd("SET")
-                .arg(ticket_key(id))
-                .arg(&*user.key)
-                .arg("EX")
-                .arg(ttl_secs)
-                .query::<()>(link.con())?;
-            Outcome::TicketStored
+        Job::PutTicket { .. } | Job::StreamFacts { .. } => {
+            let mut outcomes = pipeline::run_group(link, &[job])?;
+            outcomes.pop().unwrap_or(Outcome::Unavailable)
         }
         Job::Owned { user } => {
             let members: Vec<Vec<u8>> = redis::cmd("SMEMBERS")
@@ -289,93 +257,8 @@ fn run(link: &mut Link, job: &Job) -> redis::RedisResult<Outcome> {
             let n: u64 = redis::cmd("EXISTS").arg(ticket_key(id)).query(link.con())?;
             Outcome::TicketAlive(n == 1)
         }
-        Job::StreamFacts {
-            ticket_id,
-            user,
-            check,
-            status_of,
-            lease,
-            ip_lease,
-        } => {
-            // Single-key commands only (GET per status, not one MGET), so a
-            // Cluster sends each to the node of its slot.
-            let mut cmds = vec![redis::cmd("EXISTS")];
-            cmds[0].arg(ticket_key(ticket_id));
-            match check {
-                Some(devices) if !devices.is_empty() => {
-                    let mut smismember = redis::cmd("SMISMEMBER");
-                    smismember.arg(devices_key(user)).arg(devices);
-                    cmds.push(smismember);
-                }
-                Some(_) => {}
-                None => {
-                    let mut smembers = redis::cmd("SMEMBERS");
-                    smembers.arg(devices_key(user));
-                    cmds.push(smembers);
-                }
-            }
-            for device in status_of {
-                let mut get = redis::cmd("GET");
-                get.arg(status_key(device));
-                cmds.push(get);
-            }
-            let mut values = link.batch(cmds)?.into_iter();
-            let mut facts = StreamFacts {
-                ticket_alive: matches!(values.next(), Some(Value::Int(1))),
-                ..StreamFacts::default()
-            };
-            match check {
-                Some(devices) if !devices.is_empty() => {
-                    facts.owned = redis::from_redis_value::<Vec<bool>>(next(&mut values)?)?;
-                }
-                Some(_) => {}
-                // Members that are not UTF-8 name no device a stream could
-                // ask for: skipped, never an error for the user's streams.
-                None => {
-                    facts.owned_set = redis::from_redis_value::<Vec<Vec<u8>>>(next(&mut values)?)?
-                        .into_iter()
-                        .filter_map(device_id)
-                        .map(String::from)
-                        .collect()
-                }
-            }
-            // A status that is not UTF-8 is sent as what it can be.
-            facts.statuses = values
-                .map(|v| {
-                    redis::from_redis_value::<Option<Vec<u8>>>(v)
-                        .map(|s| s.map(|b| String::from_utf8_lossy(&b).into_owned()))
-                })
-                .collect::<Result<_, _>>()?;
-            let checks_pass = facts.ticket_alive && facts.owned.iter().all(|o| *o);
-            if let (Some(ask), true) = (lease, checks_pass) {
-                // Both leases in one round trip; the address's counts only
-                // if the user's is granted (all or nothing, below).
-                let (user, ip) = acquire(link, ask, ip_lease.as_ref())?;
-                facts.lease = user;
-                facts.lease_ask = Some(ask.clone());
-                if let (Some(ip), Some(ip_ask)) = (ip, ip_lease) {
-                    facts.ip_lease = ip;
-                    facts.ip_lease_ask = Some(ip_ask.clone());
-                    let undo = match (user, ip) {
-                        // The address is full: the user's goes back.
-                        (LeaseAnswer::Granted { .. }, LeaseAnswer::Refused { .. }) => Some(ask),
-                        // The user is full: the address's goes back.
-                        (LeaseAnswer::Refused { .. }, LeaseAnswer::Granted { .. }) => Some(ip_ask),
-                        _ => None,
-                    };
-                    if let Some(undo) = undo {
-                        release(link, &undo.key, &undo.member)?;
-                    }
-                    if let LeaseAnswer::Refused { .. } = user {
-                        facts.ip_lease = LeaseAnswer::NotAsked;
-                        facts.ip_lease_ask = None;
-                    }
-                }
-            }
-            Outcome::Facts(Box::new(facts))
-        }
-        Job::ReleaseLease { key, member } => {
-            release(link, key, member)?;
+        Job::ReleaseLease(ask) => {
+            pipeline::release(link, ask)?;
             Outcome::Published
         }
         Job::Publish { channel, payload } => {
@@ -386,11 +269,4 @@ fn run(link: &mut Link, job: &Job) -> redis::RedisResult<Outcome> {
             Outcome::Published
         }
     })
-}
-
-/// The next reply of a batch; a batch answers every command it sent.
-fn next(values: &mut impl Iterator<Item = Value>) -> redis::RedisResult<Value> {
-    values
-        .next()
-        .ok_or_else(|| (redis::ErrorKind::UnexpectedReturnType, "a reply is missing").into())
 }

@@ -30,8 +30,9 @@ pub struct Stream {
     pub filter: Filter,
     /// Reactor clock (ms) when it opened.
     pub opened: u64,
-    /// Bytes the client sent since (should stay 0).
-    pub input: usize,
+    /// Bytes the client sent since (should stay 0; it is cut off past
+    /// 16 KiB, so 32 bits hold it).
+    pub input: u32,
     /// Reactor clock (ms) of the next heartbeat.
     pub next_heartbeat: u64,
     /// Reactor clock (ms) since which the client has taken none of the

@@ -27,10 +27,9 @@ pub struct Slot {
     /// The data stream's devices (shared with its filter; empty for alerts).
     pub devices: Arc<[Box<str>]>,
     pub connected_at_ms: u64,
-    /// Where its socket lives: (reactor, connection key).
-    pub owner: (usize, usize),
-    /// The address it counts against (IPv6: its /64); set by `open`.
-    pub ip: IpAddr,
+    /// Where its socket lives: (reactor, connection key), in 32 bits each
+    /// (reactors are threads, keys index a slab of descriptors).
+    pub owner: (u32, u32),
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -138,11 +137,10 @@ impl Registry {
         &self,
         user: &UserId,
         ip: IpAddr,
-        mut stream: Slot,
+        stream: Slot,
         elsewhere: Elsewhere,
     ) -> Result<(), Refusal> {
         let ip = limit_key(ip);
-        stream.ip = ip;
         let mut t = self.lock();
         let mut current = t
             .users
@@ -167,13 +165,10 @@ impl Registry {
         }
         *t.ips.entry(ip).or_default() += 1;
         // Most users hold one or two streams: no room for four up front.
-        let u = t
-            .users
-            .entry(Arc::from(&*user.key))
-            .or_insert_with(|| User {
-                counts: Counts::default(),
-                streams: Vec::with_capacity(1),
-            });
+        let u = t.users.entry(user.key.clone()).or_insert_with(|| User {
+            counts: Counts::default(),
+            streams: Vec::with_capacity(1),
+        });
         *u.counts.slot(purpose) += 1;
         u.streams.push(stream);
         t.total += 1;
@@ -223,22 +218,26 @@ impl Registry {
             u.streams
                 .iter()
                 .filter(|s| s.purpose == purpose)
-                .map(|s| s.owner)
+                .map(|s| (s.owner.0 as usize, s.owner.1 as usize))
                 .collect()
         })
     }
 
-    /// Every open stream: (user, purpose, stream id), for lease renewal.
-    /// Holds the lock for one pass, copying no string: user ids are shared.
-    pub fn all(&self) -> Vec<(Arc<str>, Purpose, StreamId, IpAddr)> {
+    /// What this instance holds leases on, for their renewal: each user
+    /// with open streams of a purpose, and each address (limit key) with
+    /// open streams. One pass under the lock, O(users + addresses), copying
+    /// no string: user ids are shared.
+    pub fn lease_holders(&self) -> (Vec<(Arc<str>, Purpose)>, Vec<IpAddr>) {
         let t = self.lock();
-        let mut out = Vec::with_capacity(t.total);
+        let mut users = Vec::with_capacity(t.users.len());
         for (user, u) in &t.users {
-            for s in &u.streams {
-                out.push((user.clone(), s.purpose, s.id, s.ip));
+            for p in [Purpose::Alerts, Purpose::Data] {
+                if u.counts.get(p) > 0 {
+                    users.push((user.clone(), p));
+                }
             }
         }
-        out
+        (users, t.ips.keys().copied().collect())
     }
 
     pub fn total(&self) -> usize {
@@ -257,7 +256,6 @@ mod tests {
             devices: Arc::from(Vec::new()),
             connected_at_ms: 0,
             owner: (0, 0),
-            ip: "0.0.0.0".parse().unwrap(),
         }
     }
 
@@ -357,7 +355,7 @@ mod tests {
                 current: Counts { alerts: 0, data: 1 }
             })
         );
-        assert_eq!(r.all().len(), 0);
+        assert_eq!(r.lease_holders(), (Vec::new(), Vec::new()));
     }
 
     #[test]
@@ -400,9 +398,13 @@ mod tests {
             r.open(&u, a, stream("6", Purpose::Data), Elsewhere::default()),
             Ok(())
         );
-        assert!(r
-            .all()
+        let (users, mut ips) = r.lease_holders();
+        assert_eq!(users, vec![(Arc::from("u"), Purpose::Data)]);
+        ips.sort();
+        let nets: Vec<IpAddr> = ["2001:db8:0:1::", "2001:db8:0:2::"]
             .iter()
-            .all(|(_, _, _, ip)| ip.to_string().starts_with("2001:db8:0:")));
+            .map(|a| a.parse().unwrap())
+            .collect();
+        assert_eq!(ips, nets);
     }
 }
