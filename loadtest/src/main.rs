@@ -3,6 +3,8 @@
 //! - `loadtest compare`: every scenario against the gateway, the NestJS
 //!   baseline and the floor; writes `loadtest/RESULTS.md` and `results.json`.
 //! - `loadtest smoke --gateway PATH`: the CI check (exactly-once delivery).
+//! - `loadtest rolling`: a rolling restart under load (CI runs a small one).
+//! - `loadtest resume-time`: how fast a stream catches up on missed events.
 //! - `loadtest worker <i>` and `loadtest floor-server <port> <devices>`: the
 //!   processes the harness starts itself.
 //!
@@ -22,6 +24,8 @@ mod protocol;
 mod publisher;
 mod report;
 mod resp;
+mod resume_time;
+mod rolling;
 mod scenario;
 mod services;
 mod smoke;
@@ -51,6 +55,10 @@ enum Cmd {
     },
     /// Exactly-once check against the gateway only, for CI.
     Smoke(smoke::SmokeOpts),
+    /// A rolling restart of N gateway processes under load: nothing lost.
+    Rolling(rolling::RollingOpts),
+    /// Time for a stream to catch up on 1,000 or 100,000 missed events.
+    ResumeTime(resume_time::ResumeTimeOpts),
     /// (internal) a client worker process.
     #[command(hide = true)]
     Worker { index: u32 },
@@ -81,6 +89,8 @@ fn main() {
         Cmd::Worker { index } => worker::run(index),
         Cmd::FloorServer { port, devices } => floor::run(port, devices, "d"),
         Cmd::Smoke(opts) => smoke::run(&opts),
+        Cmd::Rolling(opts) => rolling::run(&opts),
+        Cmd::ResumeTime(opts) => resume_time::run(&opts),
         Cmd::Report { json, out } => match compare::rerender(&json, &out) {
             Ok(()) => 0,
             Err(e) => {

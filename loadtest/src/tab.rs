@@ -9,7 +9,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use mio::net::TcpStream;
 use socket2::{Domain, Protocol, Socket, Type};
-use sse_testkit::{access_token, FrameReader};
+use sse_testkit::{access_token, find, FrameReader};
 
 use crate::hist::Histogram;
 use crate::protocol::{Stats, StreamKind, TargetKind};
@@ -33,6 +33,10 @@ pub fn source_addr(index: u32, k: u64) -> SocketAddr {
     SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(127, b, c, d), 0))
 }
 
+/// The reconnection delay before a server sent `retry:` (EventSource's
+/// default is of this order).
+pub const DEFAULT_RETRY_MS: u64 = 1000;
+
 /// One simulated browser tab.
 pub struct Slot {
     pub user: String,
@@ -46,6 +50,14 @@ pub struct Slot {
     pub highest: u64,
     pub unique: u64,
     pub dups: u64,
+    /// Reopen with `Last-Event-ID` when the server closes the stream.
+    pub resume: bool,
+    /// The id of the last block that had one (what EventSource would send).
+    pub last_id: Option<String>,
+    /// The reconnection delay the server asked for (`retry:`), in ms.
+    pub retry_ms: u64,
+    /// When the server closed this tab's stream, until it is open again.
+    pub closed_at: Option<Instant>,
 }
 
 impl Slot {
@@ -62,6 +74,10 @@ impl Slot {
             highest: 0,
             unique: 0,
             dups: 0,
+            resume: false,
+            last_id: None,
+            retry_ms: DEFAULT_RETRY_MS,
+            closed_at: None,
         }
     }
 }
@@ -167,6 +183,13 @@ pub fn body(
     let now = now_ns();
     conn.sse
         .feed(data, |block| {
+            if let Some(ms) = block.retry {
+                slot.retry_ms = ms;
+            }
+            // Any block with an id sets the last event id, as in EventSource.
+            if let Some(id) = block.id.filter(|id| id.iter().all(u8::is_ascii_graphic)) {
+                slot.last_id = Some(String::from_utf8_lossy(id).into_owned());
+            }
             // A block without data dispatches nothing (preamble, comments).
             let Some(data) = block.data.as_deref() else {
                 return;
@@ -188,7 +211,14 @@ pub fn body(
                         }
                     }
                 }
-                b"system" => stats.heartbeats += 1,
+                b"system" => {
+                    stats.heartbeats += 1;
+                    if find(data, br#""kind":"replay-gap""#).is_some() {
+                        stats.replay_gaps += 1;
+                    } else if find(data, br#""kind":"shutdown""#).is_some() {
+                        stats.shutdowns += 1;
+                    }
+                }
                 _ => {}
             }
         })
@@ -201,8 +231,12 @@ pub fn stream_request(target: &Target, slot: &Slot, kind: Option<StreamKind>) ->
         Some(StreamKind::Alerts) => format!("/sse/alerts?ticket={ticket}"),
         _ => format!("/sse/stream?deviceId={}&ticket={ticket}", slot.device),
     };
+    let resume = match slot.last_id.as_deref() {
+        Some(id) if slot.resume => format!("Last-Event-ID: {id}\r\n"),
+        _ => String::new(),
+    };
     format!(
-        "GET {path} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\n\r\n",
+        "GET {path} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\n{resume}\r\n",
         target.host
     )
     .into_bytes()

@@ -124,6 +124,7 @@ pub fn clients(
         device_prefix: device_prefix.to_owned(),
         devices,
         kind,
+        resume: false,
     }
 }
 
