@@ -5,6 +5,7 @@
 //! - `loadtest smoke --gateway PATH`: the CI check (exactly-once delivery).
 //! - `loadtest rolling`: a rolling restart under load (CI runs a small one).
 //! - `loadtest resume-time`: how fast a stream catches up on missed events.
+//! - `loadtest redis-cost`: Redis CPU per ingest event.
 //! - `loadtest worker <i>` and `loadtest floor-server <port> <devices>`: the
 //!   processes the harness starts itself.
 //!
@@ -22,6 +23,7 @@ mod nchan;
 mod proc;
 mod protocol;
 mod publisher;
+mod redis_cost;
 mod report;
 mod resp;
 mod resume_time;
@@ -59,6 +61,8 @@ enum Cmd {
     Rolling(rolling::RollingOpts),
     /// Time for a stream to catch up on 1,000 or 100,000 missed events.
     ResumeTime(resume_time::ResumeTimeOpts),
+    /// Redis CPU per ingest event, for 1 and 3 gateway processes.
+    RedisCost(redis_cost::RedisCostOpts),
     /// (internal) a client worker process.
     #[command(hide = true)]
     Worker { index: u32 },
@@ -91,6 +95,7 @@ fn main() {
         Cmd::Smoke(opts) => smoke::run(&opts),
         Cmd::Rolling(opts) => rolling::run(&opts),
         Cmd::ResumeTime(opts) => resume_time::run(&opts),
+        Cmd::RedisCost(opts) => redis_cost::run(&opts),
         Cmd::Report { json, out } => match compare::rerender(&json, &out) {
             Ok(()) => 0,
             Err(e) => {
