@@ -325,6 +325,51 @@ mod tests {
     }
 
     #[test]
+    fn a_resuming_tab_keeps_the_last_id_and_retry_and_sends_last_event_id() {
+        let t = target(TargetKind::Gateway);
+        let mut s = slot();
+        s.ticket = Some("tk".into());
+        let mut conn = Conn {
+            sock: TcpStream::from_std(
+                std::net::TcpListener::bind("127.0.0.1:0")
+                    .and_then(|l| std::net::TcpStream::connect(l.local_addr()?))
+                    .unwrap(),
+            ),
+            slot: 0,
+            phase: Phase::Streaming,
+            out: Vec::new(),
+            out_pos: 0,
+            input: Vec::new(),
+            chunked: None,
+            sse: FrameReader::default(),
+            deadline: Instant::now(),
+        };
+        let (mut stats, mut hist, mut dups, mut scratch) =
+            (Stats::default(), Histogram::default(), 0, Vec::new());
+        let bytes = b"id: 5-1\nevent: realtime-update\ndata: {\"seq\":1}\n\nevent: system\ndata: {\"kind\":\"replay-gap\"}\n\nretry: 2500\nevent: system\ndata: {\"kind\":\"shutdown\"}\n\n";
+        body(
+            &mut conn,
+            &mut s,
+            &mut stats,
+            &mut hist,
+            &mut dups,
+            &mut scratch,
+            bytes,
+        )
+        .unwrap();
+        assert_eq!((s.last_id.as_deref(), s.retry_ms), (Some("5-1"), 2500));
+        assert_eq!(
+            (stats.events, stats.replay_gaps, stats.shutdowns),
+            (1, 1, 1)
+        );
+        let plain = stream_request(&t, &s, Some(StreamKind::Data));
+        assert!(!String::from_utf8(plain).unwrap().contains("Last-Event-ID"));
+        s.resume = true;
+        let req = String::from_utf8(stream_request(&t, &s, Some(StreamKind::Data))).unwrap();
+        assert!(req.contains("\r\nLast-Event-ID: 5-1\r\n\r\n"), "{req}");
+    }
+
+    #[test]
     fn source_addresses_are_distinct_loopback_hosts_per_worker() {
         let mut seen = std::collections::HashSet::new();
         for index in [0, 1] {
