@@ -252,6 +252,7 @@ pub fn run(config: Config) -> Result<(), Fatal> {
         }
     }
     if let Store::Redis(pool) = &gw.store {
+        gw.hub.wait_resigned(std::time::Duration::from_millis(500));
         pool.finish(std::time::Duration::from_secs(2));
     }
     info!("drained, exiting");

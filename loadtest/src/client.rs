@@ -56,6 +56,8 @@ pub struct Client {
     sources: u64,
     stats: Stats,
     hist: Histogram,
+    /// Close-to-reopen times of streams resumed after the server closed them.
+    resume_hist: Histogram,
     total_dups: u64,
     scratch: Vec<u8>,
     rng: u64,
@@ -86,6 +88,7 @@ impl Client {
             sources: 0,
             stats: Stats::default(),
             hist: Histogram::default(),
+            resume_hist: Histogram::default(),
             total_dups: 0,
             scratch: Vec::with_capacity(64 * 1024),
             rng: 0x9E37_79B9_7F4A_7C15 ^ u64::from(index),
@@ -117,8 +120,9 @@ impl Client {
         }
         self.target = Some(target);
         for i in clients.first..clients.first + clients.count {
-            self.slots
-                .push(Slot::new(clients.user(i), clients.device(i)));
+            let mut slot = Slot::new(clients.user(i), clients.device(i));
+            slot.resume = clients.resume;
+            self.slots.push(slot);
         }
         self.clients = Some(clients);
         self.stats.clients = self.slots.len() as u64;
@@ -163,6 +167,7 @@ impl Client {
         let mut s = self.stats.clone();
         s.pending = (self.queue.len() + self.retry.len() + self.inflight) as u64;
         s.latency = self.hist.sparse();
+        s.resume = self.resume_hist.sparse();
         s
     }
 
@@ -174,6 +179,7 @@ impl Client {
             ..Stats::default()
         };
         self.hist.clear();
+        self.resume_hist.clear();
     }
 
     pub fn check(&self, published: &BTreeMap<String, u64>) -> Check {
@@ -338,6 +344,15 @@ impl Client {
             self.stats.closed_by_server += 1;
             if let Some(slot) = self.slots.get_mut(slot_idx) {
                 slot.open = false;
+                if slot.resume {
+                    // As EventSource: wait the server's `retry:`, then reopen
+                    // with the last event id.
+                    let now = Instant::now();
+                    slot.closed_at = Some(now);
+                    slot.attempt = 0;
+                    let at = now + Duration::from_millis(slot.retry_ms);
+                    self.retry.push((at, slot_idx));
+                }
             }
             return;
         }
@@ -486,6 +501,10 @@ impl Client {
                 let slot = &mut self.slots[conn.slot];
                 slot.open = true;
                 slot.attempt = 0;
+                if let Some(at) = slot.closed_at.take() {
+                    self.stats.resumed += 1;
+                    self.resume_hist.record_ns(at.elapsed().as_nanos() as u64);
+                }
                 body(
                     conn,
                     slot,

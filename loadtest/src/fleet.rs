@@ -28,6 +28,8 @@ pub struct Fleet {
 pub struct Totals {
     pub stats: Stats,
     pub hist: Histogram,
+    /// Close-to-reopen times of resumed streams.
+    pub resume: Histogram,
 }
 
 impl Fleet {
@@ -107,6 +109,7 @@ impl Fleet {
                 return Err("expected stats".into());
             };
             t.hist.merge(&s.latency);
+            t.resume.merge(&s.resume);
             let a = &mut t.stats;
             a.clients += s.clients;
             a.open_now += s.open_now;
@@ -117,6 +120,9 @@ impl Fleet {
             a.heartbeats += s.heartbeats;
             a.dups += s.dups;
             a.closed_by_server += s.closed_by_server;
+            a.replay_gaps += s.replay_gaps;
+            a.shutdowns += s.shutdowns;
+            a.resumed += s.resumed;
             a.last_open_ns = a.last_open_ns.max(s.last_open_ns);
             for (k, v) in s.errors {
                 *a.errors.entry(k).or_default() += v;

@@ -26,6 +26,8 @@ pub struct Lab {
     pub nchan_template: PathBuf,
     /// Keep-alive connections the nchan publisher POSTs over.
     pub nchan_publishers: usize,
+    /// More flags for every gateway process.
+    pub gateway_args: Vec<String>,
 }
 
 /// A started server, ready for one scenario.
@@ -68,6 +70,7 @@ impl Lab {
             devices,
             nchan_template: PathBuf::from("loadtest/peers/nchan.conf"),
             nchan_publishers: 2,
+            gateway_args: Vec::new(),
         })
     }
 
@@ -78,12 +81,7 @@ impl Lab {
     /// A fresh server of `kind`; `instances` gateway processes share one port
     /// (ignored for the other kinds, which are always one server).
     pub fn start(&self, kind: TargetKind, instances: usize) -> Result<Running, String> {
-        let cfg = ServerConfig {
-            redis: self.redis.addr,
-            jwt_secret: &self.secret,
-            heartbeat_secs: self.heartbeat_secs,
-            dir: &self.dir,
-        };
+        let cfg = self.server_config();
         let instances = if kind == TargetKind::Gateway {
             instances.max(1)
         } else {
@@ -116,6 +114,17 @@ impl Lab {
             kind,
             instances,
         })
+    }
+
+    /// What every contract server of this bench is started with.
+    pub fn server_config(&self) -> ServerConfig<'_> {
+        ServerConfig {
+            redis: self.redis.addr,
+            jwt_secret: &self.secret,
+            heartbeat_secs: self.heartbeat_secs,
+            dir: &self.dir,
+            gateway_args: &self.gateway_args,
+        }
     }
 
     pub fn target<'a>(&'a self, r: &Running) -> Target<'a> {

@@ -6,6 +6,9 @@
 //! - `loadtest run --url http://HOST:PORT`: drives a server that is already
 //!   running and writes the same report; `loadtest serve <server>` starts
 //!   one to point it at.
+//! - `loadtest rolling`: a rolling restart under load (CI runs a small one).
+//! - `loadtest resume-time`: how fast a stream catches up on missed events.
+//! - `loadtest redis-cost`: Redis CPU per ingest event.
 //! - `loadtest worker <i>` and `loadtest floor-server <port> <devices>`: the
 //!   processes the harness starts itself.
 //!
@@ -24,8 +27,11 @@ mod proc;
 mod progress;
 mod protocol;
 mod publisher;
+mod redis_cost;
 mod report;
 mod resp;
+mod resume_time;
+mod rolling;
 mod run;
 mod scenario;
 mod serve;
@@ -61,6 +67,12 @@ enum Cmd {
     Serve(serve::ServeOpts),
     /// Exactly-once check against the gateway only, for CI.
     Smoke(smoke::SmokeOpts),
+    /// A rolling restart of N gateway processes under load: nothing lost.
+    Rolling(rolling::RollingOpts),
+    /// Time for a stream to catch up on 1,000 or 100,000 missed events.
+    ResumeTime(resume_time::ResumeTimeOpts),
+    /// Redis CPU per ingest event, for 1 and 3 gateway processes.
+    RedisCost(redis_cost::RedisCostOpts),
     /// (internal) a client worker process.
     #[command(hide = true)]
     Worker { index: u32 },
@@ -99,6 +111,9 @@ fn main() {
         Cmd::Worker { index } => worker::run(index),
         Cmd::FloorServer { port, devices } => floor::run(port, devices, "d"),
         Cmd::Smoke(opts) => smoke::run(&opts),
+        Cmd::Rolling(opts) => rolling::run(&opts),
+        Cmd::ResumeTime(opts) => resume_time::run(&opts),
+        Cmd::RedisCost(opts) => redis_cost::run(&opts),
         Cmd::Report { json, out } => match compare::rerender(&json, &out) {
             Ok(()) => 0,
             Err(e) => {

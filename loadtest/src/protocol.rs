@@ -80,6 +80,11 @@ pub struct Clients {
     pub device_prefix: String,
     pub devices: u64,
     pub kind: StreamKind,
+    /// Reopen a stream the server closed, after the `retry:` it asked for,
+    /// with the `Last-Event-ID` of the last event received (as EventSource
+    /// does); off for the scenarios that drop and reconnect themselves.
+    #[serde(default)]
+    pub resume: bool,
 }
 
 impl Clients {
@@ -149,6 +154,18 @@ pub struct Stats {
     /// Streams that ended without the client asking.
     pub closed_by_server: u64,
     pub latency: Sparse,
+    /// `event: system` `{"kind":"replay-gap"}` received.
+    #[serde(default)]
+    pub replay_gaps: u64,
+    /// `event: system` `{"kind":"shutdown"}` received.
+    #[serde(default)]
+    pub shutdowns: u64,
+    /// Streams reopened with `Last-Event-ID` after the server closed them.
+    #[serde(default)]
+    pub resumed: u64,
+    /// Time from the server closing a stream to its reopened stream's head.
+    #[serde(default)]
+    pub resume: Sparse,
 }
 
 /// The answer to [`Command::Check`].

@@ -164,6 +164,7 @@ fn run(opts: &RunOpts, command: String) -> Result<bool, String> {
         device_prefix: opts.device_prefix.clone(),
         devices: opts.devices.max(1),
         kind: StreamKind::Data,
+        resume: false,
     };
     let devices: Vec<String> = (0..all.devices).map(|i| all.device(i)).collect();
     let mut publisher = publisher(opts, addr, devices)?;

@@ -136,6 +136,8 @@ pub struct ServerConfig<'a> {
     pub jwt_secret: &'a str,
     pub heartbeat_secs: f64,
     pub dir: &'a Path,
+    /// More flags for every gateway process (after the harness's own).
+    pub gateway_args: &'a [String],
 }
 
 /// `instances` gateway processes on one port: each binds its listeners with
@@ -154,14 +156,26 @@ pub fn gateways(bin: &Path, c: &ServerConfig, instances: usize) -> Result<Vec<Se
                 c.dir.join(format!("gateway-{i}.log")),
             )
         };
-        let mut svc = gateway_on(bin, c, port, &name, log.clone())?;
-        wait_ready(&mut svc, Duration::from_secs(20), |_| {
-            std::fs::read_to_string(&log).is_ok_and(|t| t.contains("listening on"))
-        })?;
-        out.push(svc);
+        out.push(gateway_at(bin, c, port, &name, log)?);
     }
     wait_ready(&mut out[0], Duration::from_secs(20), health_up)?;
     Ok(out)
+}
+
+/// One gateway process on `port` (which others may share), once it logged
+/// that it listens: its replay window is loaded by then.
+pub fn gateway_at(
+    bin: &Path,
+    c: &ServerConfig,
+    port: u16,
+    name: &str,
+    log: PathBuf,
+) -> Result<Service, String> {
+    let mut svc = gateway_on(bin, c, port, name, log.clone())?;
+    wait_ready(&mut svc, Duration::from_secs(20), |_| {
+        std::fs::read_to_string(&log).is_ok_and(|t| t.contains("listening on"))
+    })?;
+    Ok(svc)
 }
 
 fn gateway_on(
@@ -183,7 +197,8 @@ fn gateway_on(
         .arg("--max-requests-per-ip")
         .arg("1000000")
         .arg("--heartbeat-secs")
-        .arg(c.heartbeat_secs.to_string());
+        .arg(c.heartbeat_secs.to_string())
+        .args(c.gateway_args);
     spawn(name, cmd, log, port)
 }
 

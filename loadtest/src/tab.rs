@@ -33,6 +33,10 @@ pub fn source_addr(index: u32, k: u64) -> SocketAddr {
     SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(127, b, c, d), 0))
 }
 
+/// The reconnection delay before a server sent `retry:` (EventSource's
+/// default is of this order).
+pub const DEFAULT_RETRY_MS: u64 = 1000;
+
 /// One simulated browser tab.
 pub struct Slot {
     pub user: String,
@@ -46,6 +50,14 @@ pub struct Slot {
     pub highest: u64,
     pub unique: u64,
     pub dups: u64,
+    /// Reopen with `Last-Event-ID` when the server closes the stream.
+    pub resume: bool,
+    /// The id of the last block that had one (what EventSource would send).
+    pub last_id: Option<String>,
+    /// The reconnection delay the server asked for (`retry:`), in ms.
+    pub retry_ms: u64,
+    /// When the server closed this tab's stream, until it is open again.
+    pub closed_at: Option<Instant>,
 }
 
 impl Slot {
@@ -62,6 +74,10 @@ impl Slot {
             highest: 0,
             unique: 0,
             dups: 0,
+            resume: false,
+            last_id: None,
+            retry_ms: DEFAULT_RETRY_MS,
+            closed_at: None,
         }
     }
 }
@@ -234,6 +250,13 @@ pub fn body(
     let now = now_ns();
     conn.sse
         .feed(data, |block| {
+            if let Some(ms) = block.retry {
+                slot.retry_ms = ms;
+            }
+            // Any block with an id sets the last event id, as in EventSource.
+            if let Some(id) = block.id.filter(|id| id.iter().all(u8::is_ascii_graphic)) {
+                slot.last_id = Some(String::from_utf8_lossy(id).into_owned());
+            }
             // A block without data dispatches nothing (preamble, comments).
             let Some(data) = block.data.as_deref() else {
                 return;
@@ -244,6 +267,11 @@ pub fn body(
                 || (name != b"system" && find(data, b"\"t_pub_ns\":").is_some());
             if name == b"system" {
                 stats.heartbeats += 1;
+                if find(data, br#""kind":"replay-gap""#).is_some() {
+                    stats.replay_gaps += 1;
+                } else if find(data, br#""kind":"shutdown""#).is_some() {
+                    stats.shutdowns += 1;
+                }
             }
             if !ours {
                 return;
@@ -287,8 +315,12 @@ pub fn stream_request(target: &Target, slot: &Slot, kind: Option<StreamKind>) ->
             String::new(),
         ),
     };
+    let resume = match slot.last_id.as_deref() {
+        Some(id) if slot.resume => format!("Last-Event-ID: {id}\r\n"),
+        _ => String::new(),
+    };
     format!(
-        "GET {path} HTTP/1.1\r\nHost: {}\r\n{auth}Accept: text/event-stream\r\nCache-Control: no-cache\r\n\r\n",
+        "GET {path} HTTP/1.1\r\nHost: {}\r\n{auth}Accept: text/event-stream\r\nCache-Control: no-cache\r\n{resume}\r\n",
         target.host
     )
     .into_bytes()
@@ -375,6 +407,51 @@ mod tests {
         assert!(req.starts_with(b"GET /sse/stream?deviceId=d3&ticket=tk HTTP/1.1\r\n"));
         let floor = first_request(&target(TargetKind::Floor), None, &mut slot()).unwrap();
         assert!(floor.starts_with(b"GET /floor?deviceId=d3 HTTP/1.1\r\n"));
+    }
+
+    #[test]
+    fn a_resuming_tab_keeps_the_last_id_and_retry_and_sends_last_event_id() {
+        let t = target(TargetKind::Gateway);
+        let mut s = slot();
+        s.ticket = Some("tk".into());
+        let mut conn = Conn {
+            sock: TcpStream::from_std(
+                std::net::TcpListener::bind("127.0.0.1:0")
+                    .and_then(|l| std::net::TcpStream::connect(l.local_addr()?))
+                    .unwrap(),
+            ),
+            slot: 0,
+            phase: Phase::Streaming,
+            out: Vec::new(),
+            out_pos: 0,
+            input: Vec::new(),
+            chunked: None,
+            sse: FrameReader::default(),
+            deadline: Instant::now(),
+        };
+        let (mut stats, mut hist, mut dups, mut scratch) =
+            (Stats::default(), Histogram::default(), 0, Vec::new());
+        let bytes = b"id: 5-1\nevent: realtime-update\ndata: {\"seq\":1}\n\nevent: system\ndata: {\"kind\":\"replay-gap\"}\n\nretry: 2500\nevent: system\ndata: {\"kind\":\"shutdown\"}\n\n";
+        body(
+            &mut conn,
+            &mut s,
+            &mut stats,
+            &mut hist,
+            &mut dups,
+            &mut scratch,
+            bytes,
+        )
+        .unwrap();
+        assert_eq!((s.last_id.as_deref(), s.retry_ms), (Some("5-1"), 2500));
+        assert_eq!(
+            (stats.events, stats.replay_gaps, stats.shutdowns),
+            (1, 1, 1)
+        );
+        let plain = stream_request(&t, &s, Some(StreamKind::Data));
+        assert!(!String::from_utf8(plain).unwrap().contains("Last-Event-ID"));
+        s.resume = true;
+        let req = String::from_utf8(stream_request(&t, &s, Some(StreamKind::Data))).unwrap();
+        assert!(req.contains("\r\nLast-Event-ID: 5-1\r\n\r\n"), "{req}");
     }
 
     #[test]

@@ -75,6 +75,8 @@ pub struct Hub {
     /// held go when they are due (the log gives them their ids).
     journal: Option<clusterlog::Inlet>,
     draining: AtomicBool,
+    /// The cluster log's writer is done: it holds no lease (drain).
+    resigned: AtomicBool,
 }
 
 impl Hub {
@@ -97,6 +99,7 @@ impl Hub {
             max_event_bytes: usize::MAX,
             journal: None,
             draining: AtomicBool::new(false),
+            resigned: AtomicBool::new(false),
         }
     }
 
@@ -274,6 +277,20 @@ impl Hub {
 
     pub fn draining(&self) -> bool {
         self.draining.load(Relaxed)
+    }
+
+    /// The cluster log's writer gave its lease up for the drain.
+    pub fn log_resigned(&self) {
+        self.resigned.store(true, Relaxed);
+    }
+
+    /// Waits (at most `limit`) until the log's writer holds no lease, so
+    /// the next leader takes over at once rather than when it expires.
+    pub fn wait_resigned(&self, limit: std::time::Duration) {
+        let until = std::time::Instant::now() + limit;
+        while !self.resigned.load(Relaxed) && std::time::Instant::now() < until {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
     }
 
     /// The position of the newest frame sent (the base before any).

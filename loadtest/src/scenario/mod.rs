@@ -127,6 +127,7 @@ pub fn clients(
         device_prefix: device_prefix.to_owned(),
         devices,
         kind,
+        resume: false,
     }
 }
 

@@ -38,11 +38,13 @@ pub const LEASE_MS: u64 = 1000;
 /// How often the lease is renewed, or tried for by a standby.
 const TICK: Duration = Duration::from_millis(200);
 /// How long this instance must have heard Pub/Sub without a break before
-/// it tries for the lease: longer than a lease lives plus a tick, so what
-/// it heard reaches back past whatever the last leader had not written yet.
-/// (A replacement started in a rolling restart would otherwise take the
-/// lease the old leader handed over, find none of its writes in what it
-/// heard, and write a gap marker.)
+/// it may write a gap marker as leader: longer than a lease lives plus a
+/// tick, so what it heard reaches back past whatever the last leader had not
+/// written yet. A younger instance that takes the lease and does not find
+/// the log's tail in what it heard gives the lease back at once, for an
+/// older instance (which heard more) to take: a replacement started in a
+/// rolling restart never writes a needless gap marker. A cluster starting
+/// cold (an empty log) needs no waiting.
 const COVER: Duration = Duration::from_millis(1500);
 /// Entries written per script call at most.
 const BATCH: usize = 512;
@@ -137,6 +139,9 @@ pub struct Writer {
     trimmed: Option<Instant>,
     /// Since when Pub/Sub was heard without a break (None: not subscribed).
     covered_since: Option<Instant>,
+    /// Gave the lease back for being too young at this time: wait [`COVER`]
+    /// before trying again.
+    hold_off: Option<Instant>,
 }
 
 /// Starts the writer thread.
@@ -159,6 +164,7 @@ pub fn start(
         failing: false,
         trimmed: None,
         covered_since: None,
+        hold_off: None,
     };
     thread::Builder::new()
         .name("log-writer".into())
@@ -171,7 +177,8 @@ impl Writer {
         let mut last_tick: Option<Instant> = None;
         loop {
             let now = Instant::now();
-            if last_tick.is_none_or(|t| now.duration_since(t) >= TICK) {
+            let resigning = self.hub.draining() && !matches!(self.role, Role::Resigned);
+            if resigning || last_tick.is_none_or(|t| now.duration_since(t) >= TICK) {
                 last_tick = Some(now);
                 self.tick();
             }
@@ -240,19 +247,14 @@ impl Writer {
             _ if draining => {
                 let was = matches!(self.role, Role::Leading { .. });
                 self.role = Role::Resigned;
-                self.set_leader(false);
                 if was {
-                    let _ = self.link().and_then(|l| {
-                        RESIGN_SCRIPT
-                            .key(LEADER_KEY)
-                            .arg(&me)
-                            .invoke::<i64>(l.con())
-                    });
+                    self.resign();
                     info!("cluster log: leader lease handed over (shutting down)");
                 }
+                self.hub.log_resigned();
                 return;
             }
-            Role::Standby if self.covered_since.is_none_or(|t| t.elapsed() < COVER) => return,
+            Role::Standby if self.hold_off.is_some_and(|t| t.elapsed() < COVER) => return,
             Role::Standby => self.link().and_then(|l| {
                 redis::cmd("SET")
                     .arg(LEADER_KEY)
@@ -291,6 +293,18 @@ impl Writer {
             (Ok(_), _) => self.failing = false,
             (Err(e), _) => self.failed(&e),
         }
+    }
+
+    /// Gives the lease up (if it is still this instance's).
+    fn resign(&mut self) {
+        self.set_leader(false);
+        let me = self.me.clone();
+        let _ = self.link().and_then(|l| {
+            RESIGN_SCRIPT
+                .key(LEADER_KEY)
+                .arg(&me)
+                .invoke::<i64>(l.con())
+        });
     }
 
     fn set_leader(&self, leading: bool) {
@@ -418,6 +432,15 @@ impl Writer {
                 true,
             ),
         };
+        let young = self.covered_since.is_none_or(|t| t.elapsed() < COVER);
+        if gap && young {
+            // An older instance may have heard what this one did not.
+            info!("cluster log: the log's tail was not heard here yet; leaving the lead to an older instance");
+            self.hold_off = Some(Instant::now());
+            self.resign();
+            self.role = Role::Standby;
+            return Ok(());
+        }
         if gap {
             warn!(
                 "cluster log: what the last leader wrote was not heard here; writing a gap marker"
