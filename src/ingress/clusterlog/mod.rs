@@ -17,6 +17,7 @@
 //!   exactly what the old one had not (nothing lost, nothing twice).
 //! - [`reader`]: reading the log, noticing holes, preloading the replay
 //!   window at start.
+//! - [`script`]: the lease commands and the append script.
 //!
 //! An entry's id is `<ms>-<n>`: Redis's clock and a count of every entry
 //! ever written, which the write script keeps. So ids increase by their
@@ -26,6 +27,7 @@
 
 pub mod heard;
 pub mod reader;
+pub mod script;
 pub mod writer;
 
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};

@@ -18,7 +18,7 @@
 //! within a tick instead of a lease's lifetime.
 
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -27,7 +27,8 @@ use redis::Value;
 
 use super::heard::{self, Alignment, Heard, Mark};
 use super::reader::{entries, field};
-use super::{Input, Outlet, EVENTS_KEY, LAST_KEY, LEADER_KEY};
+use super::script::{self, Entry};
+use super::{Input, Outlet, EVENTS_KEY};
 use crate::ingress::Hub;
 use crate::store::connect::{Deployment, Link};
 use crate::stream::frame::{self, Event, Message, CHANNELS};
@@ -50,57 +51,6 @@ const COVER: Duration = Duration::from_millis(1500);
 const BATCH: usize = 512;
 /// The log entries compared with what was heard when syncing.
 const TAIL: usize = 16;
-/// What a gap marker's `data` is.
-const GAP: &[u8] = br#"{"kind":"replay-gap"}"#;
-
-/// Appends entries under ids `<ms>-<n>`: `ms` is Redis's clock (never
-/// smaller than the last id's), `n` counts every entry ever written, so ids
-/// increase by `<seq>` alone too, and a reader sees a hole as a jump in it.
-/// The last id is kept apart from the log, which may be trimmed empty.
-const WRITE: &str = r#"
-if redis.call('GET', KEYS[2]) ~= ARGV[1] then
-  return redis.error_reply('NOTLEADER the leader lease is not ours')
-end
-local last = redis.call('GET', KEYS[3])
-if not last then
-  local top = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
-  last = top[1] and top[1][1] or '0-0'
-end
-local dash = string.find(last, '-', 1, true)
-local ms = tonumber(string.sub(last, 1, dash - 1))
-local n = tonumber(string.sub(last, dash + 1))
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if now > ms then ms = now end
-local id = last
-for i = 4, #ARGV, 4 do
-  n = n + 1
-  id = string.format('%d-%d', ms, n)
-  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], id,
-    'e', ARGV[i], 'd', ARGV[i + 1], 'p', ARGV[i + 2], 'h', ARGV[i + 3])
-end
-redis.call('SET', KEYS[3], id)
-if ARGV[3] ~= '' then
-  redis.call('XTRIM', KEYS[1], 'MINID', '~', ARGV[3])
-end
-return n
-"#;
-const RENEW: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
-end
-return 0
-"#;
-const RESIGN: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"#;
-static WRITE_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(WRITE));
-static RENEW_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(RENEW));
-static RESIGN_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(RESIGN));
 
 enum Role {
     Standby,
@@ -113,14 +63,6 @@ enum Role {
     },
     /// Shutting down: never leads again.
     Resigned,
-}
-
-/// One entry to append: event name, device, `data`, hash of what was heard.
-struct Entry {
-    event: &'static str,
-    device: String,
-    data: Vec<u8>,
-    hash: u64,
 }
 
 pub struct Writer {
@@ -255,24 +197,8 @@ impl Writer {
                 return;
             }
             Role::Standby if self.hold_off.is_some_and(|t| t.elapsed() < COVER) => return,
-            Role::Standby => self.link().and_then(|l| {
-                redis::cmd("SET")
-                    .arg(LEADER_KEY)
-                    .arg(&me)
-                    .arg("NX")
-                    .arg("PX")
-                    .arg(LEASE_MS)
-                    .query::<Option<String>>(l.con())
-                    .map(|ok| ok.is_some())
-            }),
-            Role::Leading { .. } => self.link().and_then(|l| {
-                RENEW_SCRIPT
-                    .key(LEADER_KEY)
-                    .arg(&me)
-                    .arg(LEASE_MS)
-                    .invoke::<i64>(l.con())
-                    .map(|held| held == 1)
-            }),
+            Role::Standby => self.link().and_then(|l| script::acquire(l, &me, LEASE_MS)),
+            Role::Leading { .. } => self.link().and_then(|l| script::renew(l, &me, LEASE_MS)),
         };
         match (result, &self.role) {
             (Ok(true), Role::Standby) => {
@@ -299,12 +225,7 @@ impl Writer {
     fn resign(&mut self) {
         self.set_leader(false);
         let me = self.me.clone();
-        let _ = self.link().and_then(|l| {
-            RESIGN_SCRIPT
-                .key(LEADER_KEY)
-                .arg(&me)
-                .invoke::<i64>(l.con())
-        });
+        let _ = self.link().and_then(|l| script::resign(l, &me));
     }
 
     fn set_leader(&self, leading: bool) {
@@ -352,7 +273,7 @@ impl Writer {
             match self.append(&entries) {
                 Ok(()) => {
                     self.heard.forget(next, upto);
-                    let gaps = entries.iter().filter(|e| e.event == "system").count();
+                    let gaps = entries.iter().filter(|e| e.is_gap()).count();
                     self.hub
                         .metrics()
                         .log_gaps_written
@@ -458,7 +379,7 @@ impl Writer {
     fn entries(&mut self, from: u64, gap_first: bool) -> (Vec<Entry>, u64) {
         let mut out = Vec::new();
         if gap_first {
-            out.push(gap_entry());
+            out.push(Entry::gap());
         }
         let mut upto = from.max(self.heard.first());
         let hub = &self.hub;
@@ -467,11 +388,8 @@ impl Writer {
             match mark {
                 // Not heard here, or forgotten: a hole to mark (once).
                 Mark::Break | Mark::Message { payload: None, .. } => {
-                    if out
-                        .last()
-                        .is_none_or(|e: &Entry| e.hash != 0 || e.event != "system")
-                    {
-                        out.push(gap_entry());
+                    if out.last().is_none_or(|e: &Entry| !e.is_gap()) {
+                        out.push(Entry::gap());
                     }
                 }
                 Mark::Message {
@@ -482,14 +400,14 @@ impl Writer {
                     let name = CHANNELS[usize::from(*channel) % CHANNELS.len()];
                     // Bad messages are counted inside and never written.
                     if let Ok(Some(msg)) = hub.admit(name, payload) {
-                        out.push(entry(msg, *hash));
+                        out.push(Entry::of(msg, *hash));
                     }
                 }
             }
         }
         let room = BATCH.saturating_sub(out.len());
         let released = self.released.len().min(room);
-        out.extend(self.released.drain(..released).map(|m| entry(m, 0)));
+        out.extend(self.released.drain(..released).map(|m| Entry::of(m, 0)));
         (out, upto)
     }
 
@@ -498,48 +416,12 @@ impl Writer {
         let trim = self
             .trimmed
             .is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
-        let minid = match trim {
-            true => epoch_ms().saturating_sub(age_ms).to_string(),
-            false => String::new(),
-        };
+        let minid = trim.then(|| epoch_ms().saturating_sub(age_ms));
         let me = self.me.clone();
-        let link = self.link()?;
-        let mut invocation = WRITE_SCRIPT.key(EVENTS_KEY);
-        invocation
-            .key(LEADER_KEY)
-            .key(LAST_KEY)
-            .arg(&me)
-            .arg(maxlen)
-            .arg(minid);
-        for e in entries {
-            invocation
-                .arg(e.event)
-                .arg(&e.device)
-                .arg(&e.data)
-                .arg(e.hash);
-        }
-        invocation.invoke::<i64>(link.con())?;
+        script::append(self.link()?, &me, maxlen, minid, entries)?;
         if trim {
             self.trimmed = Some(Instant::now());
         }
         Ok(())
-    }
-}
-
-fn entry(msg: Message, hash: u64) -> Entry {
-    Entry {
-        event: msg.event.name(),
-        device: msg.device,
-        data: msg.data,
-        hash,
-    }
-}
-
-fn gap_entry() -> Entry {
-    Entry {
-        event: Event::System.name(),
-        device: String::new(),
-        data: GAP.to_vec(),
-        hash: 0,
     }
 }
