@@ -1,6 +1,8 @@
 //! The gateway's hot paths, one benchmark each: parsing a request head,
 //! turning a bus message into an encoded frame, fanning one frame out to
-//! 10,000 outboxes, the timer wheel at 100,000 timers, and verifying a ticket.
+//! 10,000 outboxes, the timer wheel at 100,000 timers, verifying a ticket, and
+//! the cluster log's structures: finding a resume id in a 100,000-event replay
+//! window, and a new leader finding the log's tail in 100,000 heard messages.
 //!
 //! `cargo bench --bench hot_paths`; results go to `target/criterion/`.
 
@@ -11,9 +13,14 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 use sse_gateway::auth::ticket::TicketKey;
 use sse_gateway::auth::{Identity, UserId};
 use sse_gateway::http::head;
+use sse_gateway::ingress::clusterlog::{
+    self,
+    heard::{Heard, Mark},
+};
 use sse_gateway::reactor::outbox::Outbox;
 use sse_gateway::reactor::timer::TimerWheel;
 use sse_gateway::stream::frame::{self, EventId, Frame, Purpose};
+use sse_gateway::stream::replay::ReplayWindow;
 use sse_gateway::stream::subscriptions::{Filter, Subscriptions};
 
 const REQUEST: &[u8] = b"GET /sse/stream?ticket=eyJ0eXAiOiJKV1QiLCJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ1MSJ9.sig&deviceIds=Machine%201,Machine%202 HTTP/1.1\r\nHost: gateway.example\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\nLast-Event-ID: 1795307831033-7\r\nOrigin: https://dashboard.example\r\nUser-Agent: Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 Chrome/156.0 Safari/537.36\r\nX-Forwarded-For: 203.0.113.7\r\n\r\n";
@@ -155,6 +162,53 @@ fn tickets(c: &mut Criterion) {
     });
 }
 
+/// A resume: the client's id looked up among 100,000 held frames (binary
+/// search), then the frames after it collected.
+fn replay(c: &mut Criterion) {
+    let mut window = ReplayWindow::new(100_000, u64::MAX, 0, true);
+    for pos in 1..=100_000u64 {
+        let id = EventId {
+            ms: 1_700_000_000_000 + pos / 4,
+            seq: pos,
+        };
+        let mut f = Frame::encode(Some(id), frame::Event::SpcUpdate, "M1", b"{}");
+        f.pos = pos;
+        window.push(Arc::new(f), 0);
+    }
+    let near_end = EventId {
+        ms: 1_700_000_000_000 + 99_000 / 4,
+        seq: 99_000,
+    };
+    c.bench_function("replay/resume_1000_of_100k", |b| {
+        b.iter(|| window.after_id(black_box(near_end), 100_000, 0))
+    });
+}
+
+/// A new leader's sync: the log's 16 newest hashes found among 100,000
+/// heard messages (the tail sits 100 messages from the end).
+fn heard(c: &mut Criterion) {
+    let mut heard = Heard::default();
+    let now = std::time::Instant::now();
+    let mut hashes = Vec::new();
+    for n in 0..100_000u32 {
+        let payload = format!(r#"{{"deviceId":"M{}","n":{n}}}"#, n % 100).into_bytes();
+        let hash = clusterlog::heard::hash(0, &payload);
+        hashes.push(hash);
+        heard.push(
+            now,
+            Mark::Message {
+                channel: 0,
+                payload: Some(payload.into()),
+                hash,
+            },
+        );
+    }
+    let tail: Vec<u64> = hashes[..99_900].iter().rev().take(16).copied().collect();
+    c.bench_function("heard/align_tail_in_100k", |b| {
+        b.iter(|| heard.align(black_box(&tail), |_| false))
+    });
+}
+
 criterion_group!(
     benches,
     head_parse,
@@ -162,6 +216,8 @@ criterion_group!(
     fanout,
     subscriptions,
     timers,
-    tickets
+    tickets,
+    replay,
+    heard
 );
 criterion_main!(benches);
