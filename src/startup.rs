@@ -46,11 +46,11 @@ pub struct Assembly {
     pub local: SocketAddr,
     redis: Option<Arc<Deployment>>,
     conflator: Option<Arc<Conflator>>,
-    journal: Option<Journal>,
+    log_threads: Option<LogThreads>,
 }
 
 /// Redis mode: what the cluster log's threads start with.
-struct Journal {
+struct LogThreads {
     heard: Inlet,
     inputs: Outlet,
     /// Where reading goes on after the preload (None: Redis was not there).
@@ -113,8 +113,8 @@ pub fn assemble(config: Config) -> Result<Assembly, Fatal> {
     let hub = Arc::new(hub);
     // Before any reactor exists: the window holds the log's recent entries,
     // and the reactors start routing after them.
-    let journal = match (channels, &redis_client) {
-        (Some((heard, inputs)), Some(redis)) => Some(Journal {
+    let log_threads = match (channels, &redis_client) {
+        (Some((heard, inputs)), Some(redis)) => Some(LogThreads {
             heard,
             inputs,
             cursor: clusterlog::reader::preload(redis, &hub, config.replay_events),
@@ -174,7 +174,7 @@ pub fn assemble(config: Config) -> Result<Assembly, Fatal> {
         local,
         redis: redis_client,
         conflator,
-        journal,
+        log_threads,
     })
 }
 
@@ -200,7 +200,7 @@ pub fn run(config: Config) -> Result<(), Fatal> {
         local,
         redis,
         conflator,
-        journal,
+        log_threads,
     } = assemble(config)?;
     let io = |e: std::io::Error| Fatal::Io(e.to_string());
     let workers = reactors.len();
@@ -219,13 +219,14 @@ pub fn run(config: Config) -> Result<(), Fatal> {
             .spawn(move || hub.run_conflator(&conflator))
             .map_err(io)?;
     }
-    if let (Some(redis), Some(journal)) = (redis, journal) {
+    if let (Some(redis), Some(log_threads)) = (redis, log_threads) {
         let bounds =
             clusterlog::log_bounds(gw.config.replay_events, gw.config.replay_secs.as_secs());
-        clusterlog::writer::start(redis.clone(), gw.hub.clone(), journal.inputs, bounds)
+        clusterlog::writer::start(redis.clone(), gw.hub.clone(), log_threads.inputs, bounds)
             .map_err(io)?;
-        clusterlog::reader::start(redis.clone(), gw.hub.clone(), journal.cursor).map_err(io)?;
-        crate::ingress::subscriber::subscribe(redis, gw.hub.clone(), journal.heard).map_err(io)?;
+        clusterlog::reader::start(redis.clone(), gw.hub.clone(), log_threads.cursor).map_err(io)?;
+        crate::ingress::subscriber::subscribe(redis, gw.hub.clone(), log_threads.heard)
+            .map_err(io)?;
     }
     if gw.config.demo {
         demo::start(gw.hub.clone()).map_err(io)?;

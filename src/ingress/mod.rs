@@ -1,14 +1,19 @@
 //! Ingress: where events come from and how they reach the reactors. It
 //! only turns the bus into frames; lookups are the store's business.
 //!
-//! Whatever the source (the Redis subscriber thread, `POST /sse/publish` in
-//! embedded mode, the demo machines), a message goes through [`Hub::publish`]:
-//! checked, given the next id, encoded once into an `Arc<Frame>`, appended to
-//! the replay window and sent to every reactor's mailbox. Id assignment and the
-//! sends happen under one lock, so every reactor sees frames in id order.
-//! Revocations and access changes go to every reactor the same way.
+//! In embedded mode (`POST /sse/publish`, the demo machines) a message goes
+//! through [`Hub::publish`]: checked, given the next id, encoded once into an
+//! `Arc<Frame>`, appended to the replay window and sent to every reactor's
+//! mailbox. In Redis mode the subscriber hands what it hears to the
+//! [`clusterlog`]: its leader checks each message once ([`Hub::admit`]) and
+//! appends it to the log, and every instance's log reader hands the entries
+//! to [`Hub::logged`], under the log's ids. Either way the position in the
+//! sequence and the sends happen under one lock, so every reactor sees
+//! frames in order. Revocations and access changes go to every reactor the
+//! same way.
 //!
 //! - [`subscriber`]: the blocking Redis subscriber thread.
+//! - [`clusterlog`]: the cluster log (leader lease, writer, reader).
 //! - [`conflate`]: the per-device rate limit.
 //! - [`demo`]: simulated machines for `--demo`.
 
@@ -20,7 +25,7 @@ pub mod subscriber;
 use std::collections::HashSet;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::atomic::{AtomicBool, AtomicU8};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use crate::auth::UserId;
 use crate::metrics::Metrics;
@@ -73,10 +78,10 @@ pub struct Hub {
     max_event_bytes: usize,
     /// Redis mode: the cluster log's writer, where values the rate limit
     /// held go when they are due (the log gives them their ids).
-    journal: Option<clusterlog::Inlet>,
+    log_writer: Option<clusterlog::Inlet>,
     draining: AtomicBool,
     /// The cluster log's writer is done: it holds no lease (drain).
-    resigned: AtomicBool,
+    resigned: (Mutex<bool>, Condvar),
 }
 
 impl Hub {
@@ -97,9 +102,9 @@ impl Hub {
             metrics,
             conflator: None,
             max_event_bytes: usize::MAX,
-            journal: None,
+            log_writer: None,
             draining: AtomicBool::new(false),
-            resigned: AtomicBool::new(false),
+            resigned: (Mutex::new(false), Condvar::new()),
         }
     }
 
@@ -109,9 +114,9 @@ impl Hub {
     }
 
     /// Redis mode: events are the cluster log's, and held values go to its
-    /// writer through `journal`.
-    pub fn write_through(&mut self, journal: clusterlog::Inlet) {
-        self.journal = Some(journal);
+    /// writer through `log_writer`.
+    pub fn write_through(&mut self, log_writer: clusterlog::Inlet) {
+        self.log_writer = Some(log_writer);
     }
 
     /// Whether `realtime-update` passes the per-device rate limit.
@@ -133,9 +138,9 @@ impl Hub {
 
     /// The body of the thread that sends values the rate limit held.
     pub fn run_conflator(self: &Arc<Hub>, conflator: &Conflator) {
-        conflator.run(|msg| match &self.journal {
-            Some(journal) => {
-                if !journal.offer(clusterlog::Input::Released(msg)) {
+        conflator.run(|msg| match &self.log_writer {
+            Some(writer) => {
+                if !writer.offer(clusterlog::Input::Released(msg)) {
                     self.metrics.mailbox_overflows.fetch_add(1, Relaxed);
                 }
             }
@@ -226,7 +231,7 @@ impl Hub {
     pub fn broken(&self) {
         self.metrics.log_breaks.fetch_add(1, Relaxed);
         self.sequence(epoch_ms(), true, |_, _| {
-            Frame::encode(None, Event::System, "", br#"{"kind":"replay-gap"}"#)
+            Frame::encode(None, Event::System, "", frame::REPLAY_GAP.as_bytes())
         });
     }
 
@@ -281,16 +286,17 @@ impl Hub {
 
     /// The cluster log's writer gave its lease up for the drain.
     pub fn log_resigned(&self) {
-        self.resigned.store(true, Relaxed);
+        let (done, changed) = &self.resigned;
+        *done.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        changed.notify_all();
     }
 
     /// Waits (at most `limit`) until the log's writer holds no lease, so
     /// the next leader takes over at once rather than when it expires.
     pub fn wait_resigned(&self, limit: std::time::Duration) {
-        let until = std::time::Instant::now() + limit;
-        while !self.resigned.load(Relaxed) && std::time::Instant::now() < until {
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
+        let (done, changed) = &self.resigned;
+        let guard = done.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = changed.wait_timeout_while(guard, limit, |done| !*done);
     }
 
     /// The position of the newest frame sent (the base before any).

@@ -15,7 +15,7 @@ use super::mailbox::Inbox;
 use super::{ms, Cause, Listening, Reactor, TIMER_DRAIN};
 
 use crate::http::response::{self, Response};
-use crate::stream::frame::{Event, EventId, Frame};
+use crate::stream::frame::{Event, EventId, Frame, REPLAY_GAP};
 use crate::stream::replay::Resume;
 use crate::stream::subscriptions::{wants, Filter};
 use crate::stream::Stream;
@@ -104,7 +104,7 @@ impl Reactor {
                 after.push(key);
             } else {
                 self.gw.metrics.replay_gaps.fetch_add(1, Relaxed);
-                if self.push_frame(key, &Frame::system(r#"{"kind":"replay-gap"}"#)) {
+                if self.push_frame(key, &Frame::system(REPLAY_GAP)) {
                     self.subscribe(key);
                 }
             }
@@ -139,7 +139,7 @@ impl Reactor {
                 }
             }
             Resume::Gap | Resume::Ahead => {
-                let gap = Frame::system(r#"{"kind":"replay-gap"}"#);
+                let gap = Frame::system(REPLAY_GAP);
                 for key in self.stream_keys() {
                     self.gw.metrics.replay_gaps.fetch_add(1, Relaxed);
                     self.push_frame(key, &gap);
@@ -332,8 +332,7 @@ impl Reactor {
                 }
                 Resume::Gap => {
                     self.gw.metrics.replay_gaps.fetch_add(1, Relaxed);
-                    conn.outbox
-                        .push_frame(&Frame::system(r#"{"kind":"replay-gap"}"#));
+                    conn.outbox.push_frame(&Frame::system(REPLAY_GAP));
                 }
             }
         }

@@ -205,6 +205,10 @@ impl Frame {
     }
 }
 
+/// The `data` of the `system` frame that tells a stream it may have missed
+/// events (refetch history).
+pub const REPLAY_GAP: &str = r#"{"kind":"replay-gap"}"#;
+
 /// Why a bus message did not become a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rejected {

@@ -5,10 +5,7 @@ use std::sync::LazyLock;
 
 use super::{EVENTS_KEY, LAST_KEY, LEADER_KEY};
 use crate::store::connect::Link;
-use crate::stream::frame::{Event, Message};
-
-/// What a gap marker's `data` is.
-const GAP: &[u8] = br#"{"kind":"replay-gap"}"#;
+use crate::stream::frame::{Event, Message, REPLAY_GAP};
 
 /// Appends entries under ids `<ms>-<n>`: `ms` is Redis's clock (never
 /// smaller than the last id's), `n` counts every entry ever written, so ids
@@ -83,7 +80,7 @@ impl Entry {
         Entry {
             event: Event::System.name(),
             device: String::new(),
-            data: GAP.to_vec(),
+            data: REPLAY_GAP.as_bytes().to_vec(),
             hash: 0,
         }
     }
