@@ -296,6 +296,8 @@ type Seen = Vec<(Option<u64>, Instant)>;
 struct Watched {
     at: usize,
     stop: Arc<AtomicBool>,
+    /// Events received so far (`n` + 1 of the newest), for waiting on.
+    got: Arc<AtomicU64>,
     thread: Option<thread::JoinHandle<Seen>>,
 }
 
@@ -303,7 +305,8 @@ impl Watched {
     /// Starts reading; None in a record is a `replay-gap`.
     fn start(at: usize, mut s: SseStream) -> Watched {
         let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
+        let got = Arc::new(AtomicU64::new(0));
+        let (flag, count) = (stop.clone(), got.clone());
         let thread = thread::spawn(move || {
             let mut seen = Vec::new();
             let until = Instant::now() + Duration::from_secs(60);
@@ -314,7 +317,11 @@ impl Watched {
                 if f.is_system("replay-gap") {
                     seen.push((None, Instant::now()));
                 } else if f.event.as_deref() == Some("realtime-update") {
-                    seen.push((f.json()["data"]["n"].as_u64(), Instant::now()));
+                    let n = f.json()["data"]["n"].as_u64();
+                    if let Some(n) = n {
+                        count.fetch_max(n + 1, SeqCst);
+                    }
+                    seen.push((n, Instant::now()));
                 }
             }
             seen
@@ -322,6 +329,7 @@ impl Watched {
         Watched {
             at,
             stop,
+            got,
             thread: Some(thread),
         }
     }
@@ -352,8 +360,12 @@ fn kill_9_of_each_instance_in_turn_loses_nothing_silently() {
         drop(std::mem::replace(&mut gws[victim], replacement)); // SIGKILL
         let after = steady.published() + 600; // about three seconds on
         assert!(wait_until(Duration::from_secs(15), || steady.published() >= after));
-        // Let the survivors' readers catch up with what was published.
-        thread::sleep(Duration::from_millis(500)); // the tail of a steady flow, not a synchronisation
+        // The survivors' streams catch up with what was published.
+        let survivors: Vec<&Watched> = watched.iter().filter(|w| w.at != victim).collect();
+        assert!(
+            wait_until(T, || survivors.iter().all(|w| w.got.load(SeqCst) >= after)),
+            "survivors stalled after the kill of {victim}"
+        );
         let (mut gaps, mut longest) = (0, Duration::ZERO);
         for w in watched {
             let at = w.at;
@@ -475,4 +487,44 @@ fn a_log_that_starts_over_below_a_readers_position_is_a_replay_gap_not_silence()
     let (n, id) = next_value(&mut s);
     assert_eq!(n, 2);
     assert!(id.ends_with("-2"), "the count goes on from the log's: {id}");
+}
+
+#[test]
+fn replay_secs_bounds_the_window_on_every_instance() {
+    let redis = Redis::start();
+    let gws: Vec<Gateway> = (0..2)
+        .map(|_| {
+            Gateway::builder()
+                .redis(&redis)
+                .args(&[
+                    "--replay-secs",
+                    "2",
+                    "--max-data-per-user",
+                    "1000",
+                    "--max-conns-per-ip",
+                    "1000",
+                ])
+                .start()
+        })
+        .collect();
+    let mut s = data_stream(&redis, &gws[0], "fay", &["D1"]);
+    publish(&redis, "D1", 0);
+    let (_, first) = next_value(&mut s);
+    publish(&redis, "D1", 1);
+    assert_eq!(next_value(&mut s).0, 1);
+    drop(s);
+    let (ticket, _) = gws[1].ticket_for("fay", r#"{"purpose":"data"}"#);
+    let path = data_path(&ticket, &["D1"]);
+    let resume = || {
+        let mut r = SseStream::must_open(gws[1].addr(), &path, &[("Last-Event-ID", &first)]);
+        r.next_event(T).expect("a replayed event or the gap marker")
+    };
+    // Within two seconds, the other instance replays event 1 exactly...
+    let f = resume();
+    assert_eq!(f.json()["data"]["n"], 1, "{}", f.raw);
+    // ...and once it aged out, the same id is a replay-gap there.
+    assert!(
+        wait_until(T, || resume().is_system("replay-gap")),
+        "event 1 never left the window"
+    );
 }
