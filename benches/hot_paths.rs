@@ -74,6 +74,27 @@ fn fanout(c: &mut Criterion) {
             BatchSize::LargeInput,
         )
     });
+    // A frame queued and written on 10,000 streams, as at low load (one
+    // frame a turn): the ring kept between flushes (what a stream with
+    // traffic does) against given back after every flush (what every
+    // stream did before, an allocation and a free per frame).
+    for (name, trim) in [
+        ("push_flush_10k_keeping_room", false),
+        ("push_flush_10k_trimming", true),
+    ] {
+        let mut outboxes: Vec<Outbox> = (0..10_000).map(|_| Outbox::default()).collect();
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                for o in outboxes.iter_mut() {
+                    o.push_frame(&f);
+                    let _ = o.flush(&mut std::io::sink());
+                    if trim {
+                        o.trim();
+                    }
+                }
+            })
+        });
+    }
     g.finish();
 }
 

@@ -152,6 +152,10 @@ pub struct Config {
     #[arg(long, env = "SSE_WRITE_STALL_SECS", default_value = "60", value_parser = secs)]
     pub write_stall_secs: Duration,
 
+    /// Milliseconds a stream written less than this long ago keeps its next frames before they leave together, so a busy stream takes fewer, larger writes; a stream written longer ago is written in the turn its frame arrives. 0 writes every frame at once.
+    #[arg(long, env = "SSE_COALESCE_MS", default_value_t = 16, value_parser = clap::value_parser!(u32).range(0..=1000))]
+    pub coalesce_ms: u32,
+
     /// Bus frames a reactor's mailbox holds; past it frames are recovered from the replay window.
     #[arg(long, env = "SSE_MAILBOX_FRAMES", default_value_t = 16_384, value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
     pub mailbox_frames: u32,

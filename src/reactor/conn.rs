@@ -17,7 +17,7 @@
 //! progress), Closing (2 s linger). The reactor owns the transitions; this
 //! file owns the per-connection data and the socket I/O.
 
-use std::io::{self, Read};
+use std::io::{self, IoSlice, Read, Write};
 use std::net::SocketAddr;
 
 use mio::net::TcpStream;
@@ -81,8 +81,10 @@ pub struct Conn {
     pub timer: Option<TimerKey>,
     /// Tells a store outcome for an earlier request of this slot apart.
     pub serial: u64,
-    /// In the reactor's flush list this turn.
+    /// In the reactor's flush list this turn, or (with `held`) in its held
+    /// list, waiting out a coalescing window.
     pub dirty: bool,
+    pub held: bool,
     /// The socket buffer is full: wait for the writable edge before writing.
     pub write_blocked: bool,
     /// Reading stopped at the buffer cap or mid-request; read again when
@@ -96,6 +98,27 @@ pub struct Conn {
     pub started: u64,
     /// How much of `input` was already searched for the end of the head.
     pub scanned: usize,
+    /// Reactor clock (ms, wrapping at 32 bits: it only measures the time
+    /// since) of the last write that sent bytes.
+    pub wrote_at: u32,
+}
+
+/// The socket written with `send`/`sendmsg`: the socket calls, which skip
+/// the file layer `write`/`writev` pass through (and never raise SIGPIPE).
+struct Sender<'a>(socket2::SockRef<'a>);
+
+impl Write for Sender<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.send(buf)
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        self.0.send_vectored(bufs)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// What a read found.
@@ -120,12 +143,14 @@ impl Conn {
             timer: None,
             serial: 0,
             dirty: false,
+            held: false,
             write_blocked: false,
             read_blocked: false,
             idle: false,
             counted: false,
             started: now,
             scanned: 0,
+            wrote_at: 0,
         }
     }
 
@@ -186,8 +211,20 @@ impl Conn {
     /// Writes what is queued; also says whether the client took any byte.
     pub fn flush(&mut self) -> io::Result<(Flushed, bool)> {
         let before = self.outbox.queued();
-        let flushed = self.outbox.flush(&mut self.socket)?;
+        let flushed = self
+            .outbox
+            .flush(&mut Sender(socket2::SockRef::from(&self.socket)))?;
         Ok((flushed, self.outbox.queued() < before))
+    }
+
+    /// Queued bytes the client has left unread: a held stream's are all
+    /// the gateway's own (it was written out before they came).
+    pub fn backlog(&self) -> usize {
+        if self.held {
+            0
+        } else {
+            self.outbox.queued()
+        }
     }
 
     pub fn stream(&self) -> Option<&Stream> {

@@ -23,6 +23,10 @@ use crate::stream::Stream;
 /// Mailbox messages handled per turn before flushing, so a flood of frames
 /// never holds written output back for long.
 const INBOX_BATCH: usize = 4096;
+/// Bytes past which a held stream is written without waiting out its
+/// coalescing window (at most half the slow-consumer bound).
+const HOLD_BYTES: usize = 16 * 1024;
+
 impl Reactor {
     pub(super) fn drain_inbox(&mut self) {
         for _ in 0..INBOX_BATCH {
@@ -171,22 +175,46 @@ impl Reactor {
             return;
         }
         let max = self.gw.config.max_backlog_bytes;
-        let (conns, dirty) = (&mut self.conns, &mut self.dirty);
+        let now = self.now();
+        let coalesce = self.gw.config.coalesce_ms;
+        let hold_max = HOLD_BYTES.min(max / 2);
+        if self.held.is_empty() {
+            self.held_since = now;
+        }
+        let (conns, dirty, held) = (&mut self.conns, &mut self.dirty, &mut self.held);
         let mut slow: Vec<usize> = Vec::new();
         let mut delivered = 0;
         self.subs.each(frame, |key| {
             let Some(conn) = conns.get_mut(key) else {
                 return;
             };
-            let backlog = conn.outbox.queued();
+            let backlog = conn.backlog();
             conn.outbox.push_frame(frame);
             delivered += 1;
+            let queued = conn.outbox.queued();
             // A frame reaching an empty outbox never makes a stream slow,
             // whatever its size: only a backlog the client left does.
-            if backlog > 0 && conn.outbox.queued() > max {
+            if backlog > 0 && queued > max {
                 slow.push(key);
-            } else if !conn.dirty && !conn.write_blocked {
+                return;
+            }
+            if conn.write_blocked {
+                return; // the writable edge flushes it
+            }
+            // Written a moment ago: this frame waits (at most `coalesce`
+            // ms) for the ones behind it, to leave together; unless enough
+            // is queued for a write of its own.
+            let hold = queued <= hold_max && (now as u32).wrapping_sub(conn.wrote_at) < coalesce;
+            if !conn.dirty {
                 conn.dirty = true;
+                conn.held = hold;
+                if hold {
+                    held.push(key);
+                } else {
+                    dirty.push(key);
+                }
+            } else if conn.held && !hold {
+                conn.held = false;
                 dirty.push(key);
             }
         });
@@ -204,7 +232,7 @@ impl Reactor {
         let Some(conn) = self.conns.get_mut(key) else {
             return false;
         };
-        let backlog = conn.outbox.queued();
+        let backlog = conn.backlog();
         conn.outbox.push_frame(frame);
         if backlog > 0 && conn.outbox.queued() > max {
             self.gw.metrics.slow_consumers.fetch_add(1, Relaxed);

@@ -10,20 +10,26 @@
 //! 3. drain the mailbox: route each bus frame to its subscribers' outboxes,
 //!    apply store outcomes, revocations and probes;
 //! 4. fire due timers (heartbeats, deadlines, lingering closes);
-//! 5. flush every connection that got output this turn, one `writev` each.
+//! 5. flush every connection that got output this turn, one `send` (or
+//!    `sendmsg` of several frames) each.
 //!
 //! When the loop is idle a frame is therefore written as soon as it arrives;
 //! under load, everything a socket got during the turn leaves in one call.
+//! A stream written less than `--coalesce-ms` ago (16 ms: a frame of a
+//! 60 Hz display) is *held*: its frames wait at most that long and leave
+//! together, so a busy stream costs a write per window, not per frame,
+//! while a stream that gets a frame now and then is written at once.
 //!
 //! The reactor's work is split by job, one file each, all `impl Reactor`:
-//! this file is the loop (poll, accept, timers, flush, close);
+//! this file is the loop (poll, accept, timers); [`flush`] writes queued
+//! output (and holds busy streams' frames to coalesce them) and closes;
 //! [`exchange`] is the request exchange (request → lookup → outcome →
 //! response); [`fanout`] is everything that reaches open streams (bus
 //! frames, heartbeats, system frames, drain), [`revocation`] what closes
 //! them when a ticket or an access is withdrawn.
 //!
 //! - [`conn`]: a connection's state machine and socket I/O.
-//! - [`outbox`]: queued frames and the `writev` that sends them.
+//! - [`outbox`]: queued frames and the write that sends them.
 //! - [`timer`]: the timing wheel.
 //! - [`mailbox`]: how other threads reach a reactor.
 //! - [`listener`]: SO_REUSEPORT listeners.
@@ -32,6 +38,7 @@
 pub mod conn;
 mod exchange;
 mod fanout;
+mod flush;
 pub mod listener;
 pub mod mailbox;
 pub mod outbox;
@@ -47,7 +54,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use log::{info, warn};
+use log::warn;
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
@@ -56,7 +63,6 @@ use crate::context::Gateway;
 use crate::stream::frame::{EventId, Frame};
 use conn::{Conn, Phase};
 use mailbox::{Inboxes, Mailbox};
-use outbox::Flushed;
 use timer::TimerWheel;
 
 const LISTENER: Token = Token(usize::MAX - 1);
@@ -68,6 +74,10 @@ const TIMER_DRAIN: usize = usize::MAX - 1;
 /// How long a closing connection waits for the client to close its side
 /// (or, flushing a last message, for the client to take it).
 const LINGER: Duration = Duration::from_secs(2);
+/// A connection written within this many ms keeps its outbox's room after
+/// a flush (a stream with traffic never allocates per frame); one written
+/// less often gives it back, so an idle stream holds no buffer.
+const KEEP_RING_MS: u32 = 1000;
 /// How long accepting pauses after running out of descriptors.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -106,6 +116,11 @@ pub struct Reactor {
     inbox: Inboxes,
     subs: crate::stream::subscriptions::Subscriptions,
     dirty: Vec<usize>,
+    /// Streams whose frames wait to be coalesced (written less than
+    /// `--coalesce-ms` ago), flushed together once the first has waited
+    /// that long; `held_since` is when the first came.
+    held: Vec<usize>,
+    held_since: u64,
     epoch: Instant,
     /// The position of the newest bus frame routed here: a frame whose
     /// position is not the next one shows that the mailbox overflowed in
@@ -151,6 +166,8 @@ impl Reactor {
             inbox,
             subs: Default::default(),
             dirty: Vec::new(),
+            held: Vec::new(),
+            held_since: 0,
             epoch: Instant::now(),
             last_routed,
             waiting: Vec::new(),
@@ -187,10 +204,12 @@ impl Reactor {
         let timeout = if !self.dirty.is_empty() || !self.mailbox().arm(&self.inbox) {
             Some(Duration::ZERO)
         } else {
-            let next = self
-                .wheel
-                .next_deadline()
-                .map(|d| Duration::from_millis(d.saturating_sub(self.now())));
+            let release = self.held_until();
+            let next = match self.wheel.next_deadline() {
+                Some(d) => Some(d.min(release.unwrap_or(u64::MAX))),
+                None => release,
+            }
+            .map(|d| Duration::from_millis(d.saturating_sub(self.now())));
             match (next, max_wait) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
@@ -221,6 +240,9 @@ impl Reactor {
         }
         self.drain_inbox();
         self.fire_timers();
+        if self.held_until().is_some_and(|at| self.now() >= at) {
+            self.dirty.append(&mut self.held);
+        }
         self.flush_dirty();
         self.lag.record(&self.gw.metrics.lag);
         Ok(self.draining && self.conns.is_empty())
@@ -371,140 +393,6 @@ impl Reactor {
                 self.close(key, Cause::RequestTimeout);
             }
             Phase::Closing { .. } => self.close(key, Cause::Done),
-        }
-    }
-
-    // ----- writing and closing ---------------------------------------------
-
-    fn mark_dirty(&mut self, key: usize) {
-        if let Some(conn) = self.conns.get_mut(key) {
-            if !conn.dirty && !conn.write_blocked {
-                conn.dirty = true;
-                self.dirty.push(key);
-            }
-        }
-    }
-
-    fn flush_dirty(&mut self) {
-        let now = self.now();
-        let mut dirty = std::mem::take(&mut self.dirty);
-        for key in dirty.drain(..) {
-            let Some(conn) = self.conns.get_mut(key) else {
-                continue;
-            };
-            conn.dirty = false;
-            match conn.flush() {
-                Ok((Flushed::All, _)) => {
-                    if let Phase::Streaming(s) = &mut conn.phase {
-                        s.stalled_since = 0;
-                    }
-                    self.on_flushed(key);
-                }
-                // The writable edge will come; until then output only queues.
-                Ok((Flushed::Blocked, progressed)) => {
-                    conn.write_blocked = true;
-                    if let Phase::Streaming(s) = &mut conn.phase {
-                        let first = s.stalled_since == 0;
-                        if first || progressed {
-                            s.stalled_since = now;
-                        }
-                        if first {
-                            self.arm_stream(key);
-                        }
-                    }
-                }
-                Err(_) => self.close(key, Cause::WriteFailed),
-            }
-        }
-        // Handlers run from on_flushed may have queued more; keep the list's
-        // allocation and whatever they added.
-        dirty.append(&mut self.dirty);
-        self.dirty = dirty;
-    }
-
-    /// Everything queued was written: move the state machine on.
-    fn on_flushed(&mut self, key: usize) {
-        let now = self.now();
-        let Some(conn) = self.conns.get_mut(key) else {
-            return;
-        };
-        match conn.phase {
-            Phase::Responding { close: false } => {
-                conn.phase = Phase::Reading;
-                // The next request's clock starts now if it is already here
-                // (pipelined); otherwise the connection idles in keep-alive.
-                conn.idle = conn.input.is_empty();
-                conn.started = now;
-                let wait = if conn.idle {
-                    self.gw.config.keepalive_idle_secs
-                } else {
-                    self.gw.config.head_timeout_secs
-                };
-                self.arm(key, wait);
-                self.process_requests(key);
-                let blocked = self
-                    .conns
-                    .get(key)
-                    .is_some_and(|c| c.read_blocked && matches!(c.phase, Phase::Reading));
-                if blocked {
-                    self.on_readable(key);
-                }
-            }
-            Phase::Responding { close: true } | Phase::Closing { shut: false } => {
-                // Shut our side and wait briefly for the client's FIN, so
-                // unread request bytes never turn the close into a reset
-                // that destroys the response in flight.
-                let _ = conn.socket.shutdown(std::net::Shutdown::Write);
-                conn.phase = Phase::Closing { shut: true };
-                self.arm(key, LINGER);
-                self.on_readable(key);
-            }
-            _ => {}
-        }
-    }
-
-    /// Takes a stream out of the index and gives back its limit slot.
-    fn end_stream(&mut self, key: usize, cause: Cause) {
-        let Some(conn) = self.conns.get_mut(key) else {
-            return;
-        };
-        let Phase::Streaming(stream) =
-            std::mem::replace(&mut conn.phase, Phase::Closing { shut: false })
-        else {
-            return;
-        };
-        match self.waiting.iter().position(|(k, _)| *k == key) {
-            Some(i) => {
-                self.waiting.swap_remove(i);
-            }
-            None => self.subs.remove(key, stream.purpose, &stream.filter),
-        }
-        self.gw
-            .stream_closed(&stream.user, stream.client, stream.purpose, stream.id);
-        let secs = self.now().saturating_sub(stream.opened) as f64 / 1000.0;
-        info!(
-            id:% = stream.id,
-            user:% = stream.user,
-            purpose = stream.purpose.as_str(),
-            secs = (secs * 10.0).round() / 10.0,
-            cause:? = cause;
-            "stream closed"
-        );
-    }
-
-    fn close(&mut self, key: usize, cause: Cause) {
-        self.end_stream(key, cause);
-        self.disarm(key);
-        if self.conns.contains(key) {
-            let mut conn = self.conns.remove(key);
-            let _ = self.poll.registry().deregister(&mut conn.socket);
-            if conn.counted {
-                self.gw
-                    .peers
-                    .leave(crate::config::limit_key(conn.peer.ip()));
-            }
-            conn.outbox.clear();
-            self.gw.metrics.connections_open.fetch_sub(1, Relaxed);
         }
     }
 }

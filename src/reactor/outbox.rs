@@ -1,7 +1,13 @@
 //! A connection's unsent bytes: shared frames and owned buffers in order,
-//! written with one `writev` of everything queued (up to [`MAX_IOVECS`]
-//! slices). A frame fanned out to 10,000 streams is 10,000 `Arc` clones of one
-//! buffer, never 10,000 copies.
+//! written with one call of everything queued: a plain `write` for one
+//! slice (the common case: one frame since the last flush), a vectored
+//! write of up to [`MAX_IOVECS`] slices otherwise. A frame fanned out to
+//! 10,000 streams is 10,000 `Arc` clones of one buffer, never 10,000 copies.
+//!
+//! The ring of chunks keeps its room after a flush: the reactor gives it
+//! back ([`Outbox::trim`]) when a stream is not being written often, so a
+//! stream with traffic never allocates per frame and an idle one holds no
+//! buffer.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Write};
@@ -26,10 +32,6 @@ impl Chunk {
         }
     }
 }
-
-/// Chunks queued at a flush above which a stream counts as busy and keeps
-/// the room it grew.
-const BUSY_CHUNKS: usize = 4;
 
 /// What a flush achieved.
 #[derive(Debug, PartialEq, Eq)]
@@ -75,10 +77,8 @@ impl Outbox {
         self.queued == 0
     }
 
-    /// Gives back all the room an empty outbox holds: after a quiet flush
-    /// and at a stream's heartbeat, never after a busy flush, so a busy
-    /// stream keeps its room and never reallocates turn after turn. An idle
-    /// stream holds no buffer between one frame and the next.
+    /// Gives back all the room an empty outbox holds (the reactor calls it
+    /// after flushing a stream not written for a while, and at heartbeats).
     pub fn trim(&mut self) {
         if self.chunks.is_empty() && self.chunks.capacity() > 0 {
             self.chunks = VecDeque::new();
@@ -91,11 +91,11 @@ impl Outbox {
         self.queued = 0;
     }
 
-    /// Writes as much as the socket takes, one `writev` per up to
-    /// [`MAX_IOVECS`] chunks. A short write means the socket buffer is full, so
-    /// it stops there instead of paying for a call that would return EAGAIN.
+    /// Writes as much as the socket takes: one `write` for a lone chunk, one
+    /// vectored write per up to [`MAX_IOVECS`] chunks otherwise. A short
+    /// write means the socket buffer is full, so it stops there instead of
+    /// paying for a call that would return EAGAIN.
     pub fn flush<W: Write>(&mut self, out: &mut W) -> io::Result<Flushed> {
-        let busy = self.chunks.len() > BUSY_CHUNKS;
         while !self.chunks.is_empty() {
             let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
             let mut n = 0;
@@ -107,7 +107,12 @@ impl Outbox {
                 offered += bytes.len();
                 n = i + 1;
             }
-            match out.write_vectored(&slices[..n]) {
+            let sent = if n == 1 {
+                out.write(&slices[0])
+            } else {
+                out.write_vectored(&slices[..n])
+            };
+            match sent {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(written) => {
                     self.advance(written);
@@ -119,13 +124,6 @@ impl Outbox {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
-        }
-        // Give the room back: most streams spend their life between one
-        // frame and the next, holding nothing meanwhile. A busy
-        // stream (more than a few chunks a turn) keeps its room instead of
-        // reallocating it turn after turn; its heartbeat trims it once idle.
-        if !busy {
-            self.trim();
         }
         Ok(Flushed::All)
     }
@@ -159,6 +157,8 @@ mod tests {
         room: usize,
         budget: usize,
         calls: usize,
+        /// Calls that were a plain `write`.
+        plain: usize,
     }
 
     impl Pipe {
@@ -168,12 +168,14 @@ mod tests {
                 room: usize::MAX,
                 budget: usize::MAX,
                 calls: 0,
+                plain: 0,
             }
         }
     }
 
     impl Write for Pipe {
         fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.plain += 1;
             self.write_vectored(&[IoSlice::new(buf)])
         }
         fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
@@ -220,6 +222,29 @@ mod tests {
     }
 
     #[test]
+    fn a_lone_chunk_is_one_plain_write_and_the_ring_keeps_its_room() {
+        let mut o = Outbox::default();
+        let f = frame("x");
+        let mut pipe = Pipe::unbounded();
+        for round in 1..=3 {
+            o.push_frame(&f);
+            assert_eq!(o.flush(&mut pipe).unwrap(), Flushed::All);
+            assert_eq!((pipe.calls, pipe.plain), (round, round));
+            assert!(o.chunks.capacity() > 0, "no allocation per frame");
+        }
+        o.trim();
+        assert_eq!(o.chunks.capacity(), 0);
+        o.push_frame(&f);
+        o.push_frame(&f);
+        o.flush(&mut pipe).unwrap();
+        assert_eq!(
+            (pipe.calls, pipe.plain),
+            (4, 3),
+            "two chunks: one vectored call"
+        );
+    }
+
+    #[test]
     fn partial_writes_resume_at_the_exact_byte() {
         for room in 1..40 {
             let mut o = Outbox::default();
@@ -234,6 +259,7 @@ mod tests {
                 room,
                 budget: usize::MAX,
                 calls: 0,
+                plain: 0,
             };
             let mut turns = 0;
             while o.flush(&mut pipe).unwrap() == Flushed::Blocked {
@@ -254,6 +280,7 @@ mod tests {
             room: usize::MAX,
             budget: 30,
             calls: 0,
+            plain: 0,
         };
         assert_eq!(o.flush(&mut pipe).unwrap(), Flushed::Blocked);
         assert_eq!(o.queued(), 70);

@@ -1,7 +1,7 @@
 //! Named races of the connection state machine, each replayed the same way
 //! every time: page reload, pipelining, partial writes, slow consumers,
 //! drain, a client gone during its lookup, lookups that never come back, a
-//! mailbox that overflowed.
+//! mailbox that overflowed, frames held to coalesce a busy stream's writes.
 
 use std::time::Duration;
 
@@ -256,4 +256,80 @@ fn a_resume_from_an_id_this_reactor_has_not_routed_yet_waits_for_it() {
     let text = c.text();
     assert!(!text.contains(r#""n":1"#), "event 1 twice: {text}");
     assert!(!text.contains("replay-gap"), "{text}");
+}
+
+/// Opens one data stream of `u1` on device M1 and publishes `n` frames.
+fn busy_stream(lab: &mut Lab) -> Client {
+    lab.memory().grant("u1", "M1");
+    let ticket = lab.ticket("u1");
+    let mut s = Client::connect(lab);
+    s.send(&stream_request(&ticket, "M1"));
+    assert!(lab.until(T, |_| s.pump().statuses() == [200]));
+    s
+}
+
+fn publish_n(lab: &Lab, n: usize, pad: usize) {
+    let pad = "x".repeat(pad);
+    let msg = format!(r#"{{"deviceId":"M1","data":{{"n":{n},"pad":"{pad}"}}}}"#);
+    lab.gw
+        .hub
+        .publish("mqtt:realtime:processed", msg.as_bytes())
+        .expect("published");
+}
+
+#[test]
+fn frames_for_a_stream_written_a_moment_ago_wait_out_the_window_and_leave_together() {
+    let mut lab = Lab::new(&["--coalesce-ms", "1000"]);
+    let mut s = busy_stream(&mut lab);
+    // The head went out a moment ago: these frames are held.
+    for n in 0..3 {
+        publish_n(&lab, n, 0);
+    }
+    lab.turn();
+    assert!(!s.pump().text().contains("\"n\":0"), "{}", s.text());
+    assert!(lab.until(Duration::from_secs(3), |_| s
+        .pump()
+        .text()
+        .contains("\"n\":0")));
+    assert!(
+        s.text().contains("\"n\":2"),
+        "written together: {}",
+        s.text()
+    );
+}
+
+#[test]
+fn without_coalescing_a_frame_leaves_in_the_turn_it_arrives() {
+    let mut lab = Lab::new(&["--coalesce-ms", "0"]);
+    let mut s = busy_stream(&mut lab);
+    for n in 0..3 {
+        publish_n(&lab, n, 0);
+        lab.turn();
+        assert!(s.pump().text().contains(&format!("\"n\":{n}")));
+    }
+}
+
+#[test]
+fn a_stream_not_written_for_a_window_is_written_at_once() {
+    let mut lab = Lab::new(&["--coalesce-ms", "50"]);
+    let mut s = busy_stream(&mut lab);
+    // Let the window since the head pass (time itself is what is tested).
+    let quiet = std::time::Instant::now() + Duration::from_millis(60);
+    assert!(lab.until(T, |_| std::time::Instant::now() >= quiet));
+    publish_n(&lab, 0, 0);
+    lab.turn();
+    assert!(s.pump().text().contains("\"n\":0"), "{}", s.text());
+}
+
+#[test]
+fn a_held_stream_with_a_write_worth_queued_is_written_at_once() {
+    let mut lab = Lab::new(&["--coalesce-ms", "1000"]);
+    let mut s = busy_stream(&mut lab);
+    // 20 KB: past what a held stream may gather.
+    publish_n(&lab, 0, 20_000);
+    lab.turn();
+    assert!(lab.until(Duration::from_millis(500), |_| s
+        .pump()
+        .text()
+        .contains("\"n\":0")));
 }
