@@ -49,6 +49,12 @@ const TICK: Duration = Duration::from_millis(200);
 const COVER: Duration = Duration::from_millis(1500);
 /// Entries written per script call at most.
 const BATCH: usize = 512;
+/// The leader appends at most once per this long: what is heard within a
+/// moment of the last append waits for the rest of it and goes in one script
+/// call, so a steady flow costs Redis (and every log reader) one call per
+/// window instead of one per event. A message heard after a quiet moment is
+/// appended at once.
+const APPEND_EVERY: Duration = Duration::from_millis(1);
 /// The log entries compared with what was heard when syncing.
 const TAIL: usize = 16;
 
@@ -77,6 +83,8 @@ pub struct Writer {
     /// `MAXLEN` and the age bound (ms) of the log.
     bounds: (usize, u64),
     failing: bool,
+    /// When this instance last appended to the log (see [`APPEND_EVERY`]).
+    last_append: Option<Instant>,
     /// When the log was last trimmed by age (once a second is enough).
     trimmed: Option<Instant>,
     /// Since when Pub/Sub was heard without a break (None: not subscribed).
@@ -104,6 +112,7 @@ pub fn start(
         released: Vec::new(),
         bounds,
         failing: false,
+        last_append: None,
         trimmed: None,
         covered_since: None,
         hold_off: None,
@@ -133,6 +142,15 @@ impl Writer {
                 match self.inputs.next(None) {
                     Ok(input) => self.take(input),
                     Err(_) => break,
+                }
+            }
+            if let Some(at) = self.last_append.map(|t| t + APPEND_EVERY) {
+                while let Some(wait) = at.checked_duration_since(Instant::now()) {
+                    match self.inputs.next(Some(wait)) {
+                        Ok(input) => self.take(input),
+                        Err(false) => break,
+                        Err(true) => return,
+                    }
                 }
             }
             self.write();
@@ -272,6 +290,7 @@ impl Writer {
             }
             match self.append(&entries) {
                 Ok(()) => {
+                    self.last_append = Some(Instant::now());
                     self.heard.forget(next, upto);
                     let gaps = entries.iter().filter(|e| e.is_gap()).count();
                     self.hub
