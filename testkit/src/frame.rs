@@ -33,10 +33,7 @@ pub struct Block<'a> {
 /// Where the line starting at `from` ends: (end of its text, start of the
 /// next line). None when no terminator has arrived yet.
 fn line_at(buf: &[u8], from: usize, eof: bool) -> Option<(usize, usize)> {
-    let end = from
-        + buf[from..]
-            .iter()
-            .position(|b| *b == b'\n' || *b == b'\r')?;
+    let end = from + memchr::memchr2(b'\n', b'\r', &buf[from..])?;
     let mut next = end + 1;
     if buf[end] == b'\r' {
         match buf.get(next) {
