@@ -99,7 +99,8 @@ pub struct Conn {
     /// How much of `input` was already searched for the end of the head.
     pub scanned: usize,
     /// Reactor clock (ms, wrapping at 32 bits: it only measures the time
-    /// since) of the last write that sent bytes.
+    /// since) of the last write that sent bytes since the stream opened; 0
+    /// for none (a request's response does not make a stream look busy).
     pub wrote_at: u32,
 }
 
@@ -215,6 +216,16 @@ impl Conn {
             .outbox
             .flush(&mut Sender(socket2::SockRef::from(&self.socket)))?;
         Ok((flushed, self.outbox.queued() < before))
+    }
+
+    /// Whether the stream sent bytes within the last `ms` milliseconds.
+    pub fn written_within(&self, now: u64, ms: u32) -> bool {
+        self.wrote_at != 0 && (now as u32).wrapping_sub(self.wrote_at) < ms
+    }
+
+    /// Notes a write that sent bytes.
+    pub fn wrote(&mut self, now: u64) {
+        self.wrote_at = (now as u32).max(1);
     }
 
     /// Queued bytes the client has left unread: a held stream's are all

@@ -204,7 +204,7 @@ impl Reactor {
             // Written a moment ago: this frame waits (at most `coalesce`
             // ms) for the ones behind it, to leave together; unless enough
             // is queued for a write of its own.
-            let hold = queued <= hold_max && (now as u32).wrapping_sub(conn.wrote_at) < coalesce;
+            let hold = queued <= hold_max && conn.written_within(now, coalesce);
             if !conn.dirty {
                 conn.dirty = true;
                 conn.held = hold;
@@ -332,6 +332,9 @@ impl Reactor {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
+        // Its requests' responses do not count as its writes (they would
+        // keep the outbox's room and hold its first frames).
+        conn.wrote_at = 0;
         conn.outbox
             .push_bytes(response::stream_head(exchange.cors.as_deref()));
         if !snapshot.is_empty() {

@@ -38,10 +38,10 @@ impl Reactor {
             };
             conn.dirty = false;
             conn.held = false;
-            let quiet = (now as u32).wrapping_sub(conn.wrote_at) >= KEEP_RING_MS;
+            let quiet = !conn.written_within(now, KEEP_RING_MS);
             let flushed = conn.flush();
             if matches!(flushed, Ok((_, true))) {
-                conn.wrote_at = now as u32;
+                conn.wrote(now);
             }
             match flushed {
                 Ok((Flushed::All, _)) => {

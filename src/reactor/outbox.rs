@@ -85,6 +85,12 @@ impl Outbox {
         }
     }
 
+    /// Chunks the ring has room for (what an idle stream should not hold).
+    #[cfg(test)]
+    pub fn room(&self) -> usize {
+        self.chunks.capacity()
+    }
+
     pub fn clear(&mut self) {
         self.chunks.clear();
         self.offset = 0;

@@ -333,3 +333,45 @@ fn a_held_stream_with_a_write_worth_queued_is_written_at_once() {
         .text()
         .contains("\"n\":0")));
 }
+
+#[test]
+fn a_stream_keeps_its_outbox_room_only_while_it_is_written_often() {
+    let mut lab = Lab::new(&["--coalesce-ms", "0"]);
+    lab.memory().grant("u1", "M1");
+    // The ticket and then the stream on one keep-alive connection: the
+    // ticket's response a moment before must not make the new stream look
+    // busy (it would keep its room for nothing).
+    let mut c = Client::connect(&mut lab);
+    let post = format!(
+        "POST /sse/stream-ticket HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {}\r\nContent-Length: 0\r\n\r\n",
+        lab.token("u1")
+    );
+    c.send(post.as_bytes());
+    assert!(lab.until(T, |lab| {
+        lab.release(&[]);
+        c.pump().statuses() == [200]
+    }));
+    let text = c.text();
+    let at = text.find("\"ticket\":\"").expect("a ticket") + 10;
+    let ticket = text[at..at + text[at..].find('"').expect("end")].to_owned();
+    c.send(&stream_request(&ticket, "M1"));
+    assert!(lab.until(T, |lab| {
+        lab.release(&[]);
+        c.pump().statuses() == [200, 200]
+    }));
+    let room = |lab: &Lab| {
+        let (_, conn) = lab
+            .reactor
+            .conns
+            .iter()
+            .find(|(_, c)| c.stream().is_some())
+            .expect("the stream");
+        conn.outbox.room()
+    };
+    assert_eq!(room(&lab), 0, "an idle stream holds no room");
+    // Written a moment ago (its head): a frame now keeps the room.
+    publish_n(&lab, 0, 0);
+    lab.turn();
+    assert!(c.pump().text().contains("\"n\":0"));
+    assert!(room(&lab) > 0, "a stream written often keeps its room");
+}
