@@ -102,7 +102,7 @@ pub fn init() {
             log::set_max_level(level);
         }
         let _ = thread::Builder::new()
-            .name("log-writer".into())
+            .name("stderr-writer".into())
             .spawn(move || write_lines(logger, rx));
     }
 }

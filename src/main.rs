@@ -4,6 +4,12 @@
 use clap::error::ErrorKind;
 
 fn main() {
+    // Only the thread that waits for SIGTERM/SIGINT takes them; every other
+    // thread, the logger's first, is started with them blocked.
+    if let Err(e) = sse_gateway::startup::block_drain_signals() {
+        eprintln!("error: cannot block SIGTERM/SIGINT: {e}");
+        std::process::exit(1);
+    }
     sse_gateway::log::init();
     let config = match sse_gateway::config::Config::from_args(std::env::args_os()) {
         Ok(c) => c,

@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use log::{info, warn};
 use mio::{Poll, Waker};
+use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow, Signal};
 
 use crate::config::Config;
 use crate::context::Gateway;
@@ -194,6 +195,9 @@ fn completions(mailboxes: &Mailboxes) -> Completions {
 
 /// Runs the gateway until SIGTERM or SIGINT has drained every stream.
 pub fn run(config: Config) -> Result<(), Fatal> {
+    // Before any thread starts, so every thread inherits it (main blocks
+    // them before the logger's thread too).
+    block_drain_signals().map_err(|e| Fatal::Io(e.to_string()))?;
     let Assembly {
         gw,
         reactors,
@@ -260,6 +264,24 @@ pub fn run(config: Config) -> Result<(), Fatal> {
     Ok(())
 }
 
+/// Blocks SIGTERM and SIGINT in the calling thread and every thread it
+/// starts from now on; [`run`]'s signal thread alone takes them.
+pub fn block_drain_signals() -> nix::Result<()> {
+    drain_signals(SigmaskHow::SIG_BLOCK)
+}
+
+/// Blocks or unblocks SIGTERM and SIGINT in the calling thread. They are
+/// blocked in every thread but the one that waits for them: a signal handled
+/// on a thread in a blocking Redis read that has a timeout fails that read
+/// with EINTR, and the Pub/Sub or log connection it was on is dropped and
+/// made again, at the very moment a drain starts.
+fn drain_signals(how: SigmaskHow) -> nix::Result<()> {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTERM);
+    set.add(Signal::SIGINT);
+    pthread_sigmask(how, Some(&set), None)
+}
+
 /// SIGTERM and SIGINT start the drain; a second one exits at once.
 fn watch_signals(hub: Arc<Hub>) -> Result<(), Fatal> {
     use signal_hook::consts::{SIGINT, SIGTERM};
@@ -268,6 +290,9 @@ fn watch_signals(hub: Arc<Hub>) -> Result<(), Fatal> {
     thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
+            if let Err(e) = drain_signals(SigmaskHow::SIG_UNBLOCK) {
+                warn!("signals stay blocked ({e}): SIGTERM cannot drain");
+            }
             let mut seen = 0;
             for signal in signals.forever() {
                 seen += 1;

@@ -1,8 +1,9 @@
 //! What operators install and watch (issue 14, contract 7.6): structured
 //! logs in both formats, the metrics that the Grafana dashboard and the
 //! Prometheus alert rules name, the rules themselves (`promtool`), and the
-//! packaged environment file and systemd unit. The `.deb` itself is built and
-//! checked by `tests/package/run.sh` (it needs the release build).
+//! packaged environment file and systemd unit, and where SIGTERM lands. The
+//! `.deb` itself is built and checked by `tests/package/run.sh` (it needs the
+//! release build).
 
 mod common;
 
@@ -319,4 +320,64 @@ fn the_environment_file_lists_every_flag_and_the_unit_is_hardened() {
     assert!(value("LimitNOFILE") >= 65_536);
     // The drain's default (5 s) and a generous operator setting fit.
     assert!(value("TimeoutStopSec") > 5 + 10);
+}
+
+/// Each thread's name and whether it blocks both SIGTERM and SIGINT
+/// (`SigBlk` in `/proc/<pid>/task/<tid>/status`: bits 14 and 1).
+fn drain_signals_blocked(pid: u32) -> Vec<(String, bool)> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for task in tasks.flatten() {
+        let dir = task.path();
+        let name = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
+        let Some(mask) = status
+            .lines()
+            .find_map(|l| l.strip_prefix("SigBlk:"))
+            .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+        else {
+            continue;
+        };
+        let both = (1 << (15 - 1)) | (1 << (2 - 1));
+        out.push((name.trim().to_owned(), mask & both == both));
+    }
+    out
+}
+
+#[test]
+fn sigterm_and_sigint_reach_only_the_thread_that_waits_for_them() {
+    let redis = Redis::start();
+    let mut gw = Gateway::builder().redis(&redis).start();
+    // Every thread is up once the signal thread is (it starts last) and has
+    // unblocked the two signals for itself.
+    let deadline = std::time::Instant::now() + T;
+    let threads = loop {
+        let threads = drain_signals_blocked(gw.pid());
+        let ready = threads
+            .iter()
+            .any(|(n, blocked)| n == "signals" && !blocked);
+        if ready || std::time::Instant::now() > deadline {
+            break threads;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let names: Vec<&str> = threads.iter().map(|(n, _)| n.as_str()).collect();
+    for wanted in [
+        "signals",
+        "reactor-0",
+        "redis-subscribe",
+        "log-reader",
+        "log-writer",
+    ] {
+        assert!(names.contains(&wanted), "no {wanted} thread: {names:?}");
+    }
+    for (name, blocked) in &threads {
+        assert_eq!(*blocked, name != "signals", "{name}: {threads:?}");
+    }
+    // The signal still drains the gateway.
+    gw.sigterm();
+    let status = gw.wait_exit(T).expect("exits after SIGTERM");
+    assert!(status.success(), "{status:?}");
 }
