@@ -43,6 +43,15 @@ fn publish(redis: &Redis, device: &str, n: u64) {
     );
 }
 
+/// One instance, a stream of `user` on D1, and event 0 through it.
+fn one_instance_flowing(user: &str) -> (Redis, Vec<Gateway>, SseStream) {
+    let (redis, gws) = cluster(1);
+    let mut s = data_stream(&redis, &gws[0], user, &["D1"]);
+    publish(&redis, "D1", 0);
+    assert_eq!(next_value(&mut s).0, 0);
+    (redis, gws, s)
+}
+
 /// The next `realtime-update`'s `n` and id (system frames are skipped).
 fn next_value(s: &mut SseStream) -> (u64, String) {
     let f = s.expect_event("realtime-update", T);
@@ -452,10 +461,7 @@ fn lost_redis_connections_and_a_redis_restart_leave_no_silent_hole() {
 
 #[test]
 fn a_log_that_starts_over_below_a_readers_position_is_a_replay_gap_not_silence() {
-    let (redis, gws) = cluster(1);
-    let mut s = data_stream(&redis, &gws[0], "erin", &["D1"]);
-    publish(&redis, "D1", 0);
-    assert_eq!(next_value(&mut s).0, 0);
+    let (redis, _gws, mut s) = one_instance_flowing("erin");
     // As a Redis that lost the log would, under a clock that is behind:
     // the log counts again from ids below what the reader has read.
     let mut con = redis.con();
@@ -550,10 +556,7 @@ fn script_calls(redis: &Redis) -> u64 {
 
 #[test]
 fn a_steady_flow_is_appended_in_batches_not_one_call_per_event() {
-    let (redis, gws) = cluster(1);
-    let mut s = data_stream(&redis, &gws[0], "u1", &["D1"]);
-    publish(&redis, "D1", 0);
-    assert_eq!(next_value(&mut s).0, 0);
+    let (redis, _gws, mut s) = one_instance_flowing("u1");
     let before = script_calls(&redis);
     // 100 events, one every 0.3 ms: each would get its own append if the
     // leader appended as soon as it heard one (an append takes ~0.1 ms).

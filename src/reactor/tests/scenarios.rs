@@ -7,6 +7,26 @@ use std::time::Duration;
 
 use super::{stream_request, Client, Lab, T};
 
+/// Opens one data stream of `u1` on device M1.
+fn busy_stream(lab: &mut Lab) -> Client {
+    lab.memory().grant("u1", "M1");
+    let ticket = lab.ticket("u1");
+    let mut s = Client::connect(lab);
+    s.send(&stream_request(&ticket, "M1"));
+    assert!(lab.until(T, |_| s.pump().statuses() == [200]));
+    s
+}
+
+/// Publishes event `n` of M1, its data padded with `pad` bytes.
+fn publish_n(lab: &Lab, n: usize, pad: usize) {
+    let pad = "x".repeat(pad);
+    let msg = format!(r#"{{"deviceId":"M1","data":{{"n":{n},"pad":"{pad}"}}}}"#);
+    lab.gw
+        .hub
+        .publish("mqtt:realtime:processed", msg.as_bytes())
+        .expect("published");
+}
+
 #[test]
 fn a_page_reload_never_meets_429() {
     let mut lab = Lab::new(&[]);
@@ -71,13 +91,8 @@ fn a_slow_consumer_is_closed_and_a_fast_one_keeps_up() {
     assert!(lab.until(T, |_| fast.pump().statuses() == [200]));
     assert!(lab.until(T, |lab| lab.gw.registry.total() == 2));
     // 6 MB: more than every socket buffer between the slow client and us.
-    let pad = "x".repeat(10_000);
     for n in 0..600 {
-        let msg = format!(r#"{{"deviceId":"M1","data":{{"n":{n},"pad":"{pad}"}}}}"#);
-        lab.gw
-            .hub
-            .publish("mqtt:realtime:processed", msg.as_bytes())
-            .expect("published");
+        publish_n(&lab, n, 10_000);
         lab.turn();
         fast.pump();
     }
@@ -176,17 +191,9 @@ fn values(c: &Client) -> Vec<String> {
 /// A stream on M1, then 50 events of M1 published while the reactor does
 /// not turn.
 fn burst_on_one_stream(lab: &mut Lab) -> Client {
-    lab.memory().grant("u1", "M1");
-    let ticket = lab.ticket("u1");
-    let mut s = Client::connect(lab);
-    s.send(&stream_request(&ticket, "M1"));
-    assert!(lab.until(T, |_| s.pump().statuses() == [200]));
+    let s = busy_stream(lab);
     for n in 0..50 {
-        let msg = format!(r#"{{"deviceId":"M1","data":{{"n":{n}}}}}"#);
-        lab.gw
-            .hub
-            .publish("mqtt:realtime:processed", msg.as_bytes())
-            .expect("published");
+        publish_n(lab, n, 0);
     }
     s
 }
@@ -256,25 +263,6 @@ fn a_resume_from_an_id_this_reactor_has_not_routed_yet_waits_for_it() {
     let text = c.text();
     assert!(!text.contains(r#""n":1"#), "event 1 twice: {text}");
     assert!(!text.contains("replay-gap"), "{text}");
-}
-
-/// Opens one data stream of `u1` on device M1 and publishes `n` frames.
-fn busy_stream(lab: &mut Lab) -> Client {
-    lab.memory().grant("u1", "M1");
-    let ticket = lab.ticket("u1");
-    let mut s = Client::connect(lab);
-    s.send(&stream_request(&ticket, "M1"));
-    assert!(lab.until(T, |_| s.pump().statuses() == [200]));
-    s
-}
-
-fn publish_n(lab: &Lab, n: usize, pad: usize) {
-    let pad = "x".repeat(pad);
-    let msg = format!(r#"{{"deviceId":"M1","data":{{"n":{n},"pad":"{pad}"}}}}"#);
-    lab.gw
-        .hub
-        .publish("mqtt:realtime:processed", msg.as_bytes())
-        .expect("published");
 }
 
 #[test]
