@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use sse_testkit::enc;
 
-use crate::publisher::{await_replies, by_device, event_payload, pace, Publish, Step};
+use crate::publisher::{await_replies, event_payload, pace, Publish, Rotation, Step};
 
 /// A response body larger than this ends the reader (nchan's and the
 /// gateway's are ~100 bytes).
@@ -53,9 +53,7 @@ pub struct PostPublisher {
     /// Responses other than 201/202, by status (0: unreadable response).
     refused: Arc<Mutex<BTreeMap<u16, u64>>>,
     host: String,
-    devices: Vec<String>,
-    seq: Vec<u64>,
-    next: usize,
+    devices: Rotation,
     sent: u64,
 }
 
@@ -90,23 +88,19 @@ impl PostPublisher {
             replies,
             refused,
             host: addr.to_string(),
-            seq: vec![0; devices.len()],
-            devices,
-            next: 0,
+            devices: Rotation::new(devices),
             sent: 0,
         })
     }
 
     fn push_event(&mut self, bufs: &mut [Vec<u8>]) {
-        let d = self.next;
-        self.next = (self.next + 1) % self.devices.len();
-        self.seq[d] += 1;
-        let event = event_payload(&self.devices[d], "data", self.seq[d]);
+        let (d, device, seq) = self.devices.next();
+        let event = event_payload(device, "data", seq);
         let body = match &self.route.channel {
             Some(channel) => format!(r#"{{"channel":"{channel}","message":{event}}}"#),
             None => event,
         };
-        let path = self.route.path.replace("{device}", &enc(&self.devices[d]));
+        let path = self.route.path.replace("{device}", &enc(device));
         let auth = self
             .route
             .bearer
@@ -201,7 +195,7 @@ impl Publish for PostPublisher {
     }
 
     fn published(&self) -> BTreeMap<String, u64> {
-        by_device(&self.devices, &self.seq)
+        self.devices.published()
     }
 
     fn errors(&self) -> BTreeMap<String, u64> {

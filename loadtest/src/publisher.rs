@@ -51,9 +51,7 @@ pub struct RedisPublisher {
     channel: String,
     /// `"data"` for realtime updates, `"alert"` for machine alerts.
     field: &'static str,
-    devices: Vec<String>,
-    seq: Vec<u64>,
-    next: usize,
+    devices: Rotation,
     sent: u64,
 }
 
@@ -92,18 +90,14 @@ impl RedisPublisher {
             errors,
             channel: channel.to_owned(),
             field,
-            seq: vec![0; devices.len()],
-            devices,
-            next: 0,
+            devices: Rotation::new(devices),
             sent: 0,
         })
     }
 
     fn push_event(&mut self, out: &mut Vec<u8>) {
-        let d = self.next;
-        self.next = (self.next + 1) % self.devices.len();
-        self.seq[d] += 1;
-        let payload = event_payload(&self.devices[d], self.field, self.seq[d]);
+        let (_, device, seq) = self.devices.next();
+        let payload = event_payload(device, self.field, seq);
         resp::encode(
             out,
             &[b"PUBLISH", self.channel.as_bytes(), payload.as_bytes()],
@@ -126,9 +120,41 @@ impl RedisPublisher {
     }
 }
 
-/// Events published so far per device, from parallel lists.
-pub fn by_device(devices: &[String], seq: &[u64]) -> BTreeMap<String, u64> {
-    devices.iter().cloned().zip(seq.iter().copied()).collect()
+/// The devices a publisher takes in turn, each with its count of events so
+/// far (the next event's sequence number is one more).
+pub struct Rotation {
+    devices: Vec<String>,
+    seq: Vec<u64>,
+    next: usize,
+}
+
+impl Rotation {
+    /// At least one device (the publishers check).
+    pub fn new(devices: Vec<String>) -> Rotation {
+        Rotation {
+            seq: vec![0; devices.len()],
+            devices,
+            next: 0,
+        }
+    }
+
+    /// The next device in turn (its index and name) and its event's
+    /// sequence number.
+    pub fn next(&mut self) -> (usize, &str, u64) {
+        let d = self.next;
+        self.next = (d + 1) % self.devices.len();
+        self.seq[d] += 1;
+        (d, &self.devices[d], self.seq[d])
+    }
+
+    /// Events published so far per device.
+    pub fn published(&self) -> BTreeMap<String, u64> {
+        self.devices
+            .iter()
+            .cloned()
+            .zip(self.seq.iter().copied())
+            .collect()
+    }
 }
 
 /// One event of a device: `{"deviceId":"d17","<field>":{"seq":N,"t_pub_ns":T}}`
@@ -214,12 +240,40 @@ impl Publish for RedisPublisher {
     }
 
     fn published(&self) -> BTreeMap<String, u64> {
-        by_device(&self.devices, &self.seq)
+        self.devices.published()
     }
 }
 
 impl Drop for RedisPublisher {
     fn drop(&mut self) {
         let _ = self.writer.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_are_taken_in_turn_each_counting_its_own_events() {
+        let mut r = Rotation::new(vec!["a".into(), "b".into()]);
+        let got: Vec<(usize, String, u64)> = (0..5)
+            .map(|_| {
+                let (i, d, n) = r.next();
+                (i, d.to_owned(), n)
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (0, "a".into(), 1),
+                (1, "b".into(), 1),
+                (0, "a".into(), 2),
+                (1, "b".into(), 2),
+                (0, "a".into(), 3)
+            ]
+        );
+        let published = r.published();
+        assert_eq!((published["a"], published["b"]), (3, 2));
     }
 }
