@@ -81,10 +81,8 @@ pub struct Conn {
     pub timer: Option<TimerKey>,
     /// Tells a store outcome for an earlier request of this slot apart.
     pub serial: u64,
-    /// In the reactor's flush list this turn, or (with `held`) in its held
-    /// list, waiting out a coalescing window.
-    pub dirty: bool,
-    pub held: bool,
+    /// Whether, and when, the reactor will flush it.
+    pub flush: Flush,
     /// The socket buffer is full: wait for the writable edge before writing.
     pub write_blocked: bool,
     /// Reading stopped at the buffer cap or mid-request; read again when
@@ -122,6 +120,18 @@ impl Write for Sender<'_> {
     }
 }
 
+/// Where a connection stands in the reactor's flushing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flush {
+    /// Nothing scheduled (nothing new queued, or waiting for writability).
+    No,
+    /// In the dirty list: written at the end of this turn.
+    Now,
+    /// In the held list: written when the coalescing window ends (or moved
+    /// to the dirty list once a write's worth is queued).
+    Held,
+}
+
 /// What a read found.
 #[derive(Debug, PartialEq, Eq)]
 pub enum ReadOutcome {
@@ -143,8 +153,7 @@ impl Conn {
             outbox: Outbox::default(),
             timer: None,
             serial: 0,
-            dirty: false,
-            held: false,
+            flush: Flush::No,
             write_blocked: false,
             read_blocked: false,
             idle: false,
@@ -231,7 +240,7 @@ impl Conn {
     /// Queued bytes the client has left unread: a held stream's are all
     /// the gateway's own (it was written out before they came).
     pub fn backlog(&self) -> usize {
-        if self.held {
+        if self.flush == Flush::Held {
             0
         } else {
             self.outbox.queued()

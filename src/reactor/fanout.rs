@@ -10,7 +10,7 @@ use std::sync::Arc;
 use log::info;
 use rand::Rng;
 
-use super::conn::{Exchange, Phase};
+use super::conn::{Exchange, Flush, Phase};
 use super::mailbox::Inbox;
 use super::{ms, Cause, Listening, Reactor, TIMER_DRAIN};
 
@@ -205,17 +205,16 @@ impl Reactor {
             // ms) for the ones behind it, to leave together; unless enough
             // is queued for a write of its own.
             let hold = queued <= hold_max && conn.written_within(now, coalesce);
-            if !conn.dirty {
-                conn.dirty = true;
-                conn.held = hold;
-                if hold {
+            match (conn.flush, hold) {
+                (Flush::No, true) => {
+                    conn.flush = Flush::Held;
                     held.push(key);
-                } else {
+                }
+                (Flush::No, false) | (Flush::Held, false) => {
+                    conn.flush = Flush::Now;
                     dirty.push(key);
                 }
-            } else if conn.held && !hold {
-                conn.held = false;
-                dirty.push(key);
+                (Flush::Now, _) | (Flush::Held, true) => {}
             }
         });
         self.gw.metrics.delivered(frame.event, delivered);

@@ -7,15 +7,15 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use log::info;
 
-use super::conn::Phase;
+use super::conn::{Flush, Phase};
 use super::outbox::Flushed;
 use super::{Cause, Reactor, KEEP_RING_MS, LINGER};
 
 impl Reactor {
     pub(super) fn mark_dirty(&mut self, key: usize) {
         if let Some(conn) = self.conns.get_mut(key) {
-            if !conn.dirty && !conn.write_blocked {
-                conn.dirty = true;
+            if conn.flush == Flush::No && !conn.write_blocked {
+                conn.flush = Flush::Now;
                 self.dirty.push(key);
             }
         }
@@ -33,11 +33,10 @@ impl Reactor {
         for key in dirty.drain(..) {
             // A key listed twice (its connection closed and the slot was
             // reused) is flushed once.
-            let Some(conn) = self.conns.get_mut(key).filter(|c| c.dirty) else {
+            let Some(conn) = self.conns.get_mut(key).filter(|c| c.flush != Flush::No) else {
                 continue;
             };
-            conn.dirty = false;
-            conn.held = false;
+            conn.flush = Flush::No;
             let quiet = !conn.written_within(now, KEEP_RING_MS);
             let flushed = conn.flush();
             if matches!(flushed, Ok((_, true))) {
