@@ -64,8 +64,10 @@ pub enum Phase {
     Retrying(Box<Retry>),
     /// A response is queued; then `Reading` again or, if `close`, `Closing`.
     Responding { close: bool },
-    /// An open SSE stream.
-    Streaming(Box<Stream>),
+    /// An open SSE stream, kept in the slab row itself: most connections
+    /// are streams, and a separate allocation per stream would cost its
+    /// header and scatter long-lived chunks among the transient ones.
+    Streaming(Stream),
     /// Flushing the last bytes, then the write side is shut and the socket is
     /// closed once the client closes too (or a linger timer fires).
     Closing { shut: bool },

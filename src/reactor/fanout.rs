@@ -392,7 +392,7 @@ impl Reactor {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
-        conn.phase = Phase::Streaming(stream);
+        conn.phase = Phase::Streaming(*stream);
         conn.input = Vec::new();
         self.mark_dirty(key);
         self.arm_stream(key);

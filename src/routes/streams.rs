@@ -5,7 +5,6 @@
 //! refusal: 401, 403, 400, or 429 after a second look at the limit.
 
 use std::net::IpAddr;
-use std::sync::Arc;
 
 use serde_json::{json, Value};
 
@@ -179,8 +178,9 @@ pub(super) fn open(
         user: facts.lease.others(),
         ip: facts.ip_lease.others(),
     };
-    // One copy of the device list, shared by the registry and the filter.
-    let devices: Arc<[Box<str>]> = s.devices.iter().map(|d| d.as_str().into()).collect();
+    // One copy of the device list, shared by the registry, the filter and
+    // the other open streams of the same devices.
+    let devices = gw.registry.devices(&s.devices);
     let refusal = match (facts.lease, facts.ip_lease) {
         (LeaseAnswer::Refused { .. }, _) => {
             let mut current = gw.registry.of(&s.ticket.user).0;
@@ -202,10 +202,8 @@ pub(super) fn open(
             let slot = Slot {
                 id: s.id,
                 purpose: s.purpose,
-                devices: match s.purpose {
-                    Purpose::Data => devices.clone(),
-                    Purpose::Alerts => Arc::from(Vec::new()),
-                },
+                // Empty for alerts streams.
+                devices: devices.clone(),
                 connected_at_ms: epoch_ms(),
                 owner: (
                     u32::try_from(owner.0).unwrap_or(u32::MAX),

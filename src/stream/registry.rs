@@ -1,9 +1,11 @@
 //! Open streams, shared by every reactor: who holds which stream, from which
 //! IP. It enforces the per-user and per-IP limits and answers `/sse/status`.
 //! A stream takes its slot when it opens and gives it back the moment its
-//! socket closes, so a page reload never meets a 429.
+//! socket closes, so a page reload never meets a 429. It also keeps one
+//! copy of each device list its open streams watch: dashboards open many
+//! streams of the same machines, and each would otherwise hold its own.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -18,6 +20,10 @@ use crate::stream::frame::Purpose;
 /// A stream's id: a random (v4) UUID, kept as its 16 bytes.
 pub type StreamId = uuid::Uuid;
 
+/// A data stream's device list, one copy shared by every open stream of
+/// the same devices (see [`Registry::devices`]).
+pub type Devices = Arc<[Box<str>]>;
+
 /// A limit slot: the open stream that holds it, where it lives, and what
 /// `/sse/status` lists of it.
 #[derive(Clone, Debug)]
@@ -25,7 +31,7 @@ pub struct Slot {
     pub id: StreamId,
     pub purpose: Purpose,
     /// The data stream's devices (shared with its filter; empty for alerts).
-    pub devices: Arc<[Box<str>]>,
+    pub devices: Devices,
     pub connected_at_ms: u64,
     /// Where its socket lives: (reactor, connection key), in 32 bits each
     /// (reactors are threads, keys index a slab of descriptors).
@@ -109,6 +115,10 @@ struct Tables {
     users: HashMap<Arc<str>, User>,
     ips: HashMap<IpAddr, u32>,
     total: usize,
+    /// The device lists of open streams, one copy each (see [`Registry::devices`]).
+    lists: HashSet<Devices>,
+    /// Streams closed since `lists` last dropped the lists nobody holds.
+    closed_since_sweep: usize,
 }
 
 pub struct Registry {
@@ -177,10 +187,30 @@ impl Registry {
         Ok(())
     }
 
+    /// The shared copy of the device list `devices`: the one an open stream
+    /// already holds, or a new one kept for the streams that follow.
+    pub fn devices(&self, devices: &[String]) -> Devices {
+        let list: Vec<Box<str>> = devices.iter().map(|d| d.as_str().into()).collect();
+        let mut t = self.lock();
+        if let Some(shared) = t.lists.get(&list[..]) {
+            return shared.clone();
+        }
+        let shared: Devices = list.into();
+        t.lists.insert(shared.clone());
+        shared
+    }
+
     /// Gives back the slot of stream `id`.
     pub fn close(&self, user: &UserId, ip: IpAddr, id: StreamId) {
         let ip = limit_key(ip);
         let mut t = self.lock();
+        t.closed_since_sweep += 1;
+        if t.closed_since_sweep > t.lists.len().max(64) {
+            // Lists only `lists` holds belong to no stream any more. Swept
+            // once per as many closes as there are lists: O(1) per close.
+            t.closed_since_sweep = 0;
+            t.lists.retain(|l| Arc::strong_count(l) > 1);
+        }
         let Some(u) = t.users.get_mut(&*user.key) else {
             return;
         };
@@ -262,6 +292,39 @@ mod tests {
     /// A test id from a short name.
     fn sid(name: &str) -> StreamId {
         uuid::Uuid::from_u128(name.bytes().fold(1, |h, b| h * 131 + u128::from(b)))
+    }
+
+    #[test]
+    fn streams_of_the_same_devices_share_one_list_until_none_holds_it() {
+        let r = Registry::new(
+            Limits {
+                alerts: 10,
+                data: 10,
+                per_ip: 1000,
+            },
+            Arc::default(),
+        );
+        let list = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        let a = r.devices(&list(&["press-1", "press-2"]));
+        let b = r.devices(&list(&["press-1", "press-2"]));
+        let c = r.devices(&list(&["press-2", "press-1"]));
+        assert!(Arc::ptr_eq(&a, &b), "an equal list is the same copy");
+        assert!(!Arc::ptr_eq(&a, &c), "another order is another list");
+        assert_eq!(
+            a.iter().map(|d| &**d).collect::<Vec<_>>(),
+            ["press-1", "press-2"]
+        );
+        // Held by a stream, a list survives any number of closes; dropped
+        // by every stream, it goes with the next sweep.
+        drop(b);
+        drop(c);
+        let (user, ip) = (UserId::named("u"), "127.0.0.1".parse().unwrap());
+        for _ in 0..=64 {
+            r.close(&user, ip, sid("none"));
+        }
+        let t = r.lock();
+        assert_eq!(t.lists.len(), 1);
+        assert!(t.lists.contains(&a));
     }
 
     #[test]
