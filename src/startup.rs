@@ -260,6 +260,9 @@ pub fn run(config: Config) -> Result<(), Fatal> {
         gw.hub.wait_resigned(std::time::Duration::from_millis(500));
         pool.finish(std::time::Duration::from_secs(2));
     }
+    if let Some(leases) = &gw.leases {
+        leases.leave();
+    }
     info!("drained, exiting");
     Ok(())
 }

@@ -576,10 +576,10 @@ fn a_lease_taken_for_a_request_that_gave_up_is_released() {
         users
             .iter()
             .map(|u| {
-                // The lease key (the set of holding instances) goes with
+                // The lease key (a hash of the holding instances) goes with
                 // the last lease on it.
                 redis::cmd("EXISTS")
-                    .arg(format!("sse:lease:{{{u}:data}}"))
+                    .arg(format!("sse:leases:{{{u}:data}}"))
                     .query::<u64>(&mut con)
                     .unwrap()
             })

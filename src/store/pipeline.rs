@@ -208,13 +208,7 @@ fn second(job: &Job, midway: &Midway) -> Vec<redis::Cmd> {
         _ => match leases_due(job, midway) {
             Some((user, ip)) => std::iter::once(user)
                 .chain(ip)
-                .map(|ask| {
-                    lease::call(
-                        &lease::ACQUIRE_SCRIPT,
-                        ask,
-                        &[u64::from(ask.limit), ask.ttl_ms],
-                    )
-                })
+                .map(lease::acquire)
                 .collect(),
             None => Vec::new(),
         },
@@ -287,7 +281,7 @@ fn settle(
 
 /// Gives one lease on `ask.key` back.
 pub fn release(link: &mut Link, ask: &LeaseAsk) -> RedisResult<()> {
-    stage(link, vec![lease::call(&lease::RELEASE_SCRIPT, ask, &[])]).map(drop)
+    stage(link, vec![lease::release(ask)]).map(drop)
 }
 
 /// Runs `jobs` (each [`groupable`]) in two shared round trips; their
@@ -448,12 +442,13 @@ mod tests {
         if let Outcome::Facts(f) = &outcomes[0] {
             assert_eq!(f.statuses, vec![Some("{}".to_owned())]);
         }
-        // Three streams granted: three leases on the address, one counter.
-        let counter = leases.ask_ip("10.1.2.3".parse().expect("ip"), 2).counter();
-        let held: i64 = redis::cmd("GET")
-            .arg(&counter)
+        // Three streams granted: three leases on the address, one entry.
+        let ask = leases.ask_ip("10.1.2.3".parse().expect("ip"), 2);
+        let held: i64 = redis::cmd("HGET")
+            .arg(&ask.key)
+            .arg(&*ask.instance)
             .query(&mut con)
-            .expect("get");
+            .expect("hget");
         assert_eq!(held, 3);
         let stored: Option<String> = redis::cmd("GET")
             .arg("sse:ticket:x1")
