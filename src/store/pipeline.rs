@@ -270,7 +270,7 @@ fn settle(
         _ => None,
     };
     if let Some(undo) = undo {
-        release(link, undo)?;
+        release(link, &[undo])?;
     }
     if let LeaseAnswer::Refused { .. } = user {
         facts.ip_lease = LeaseAnswer::NotAsked;
@@ -279,9 +279,9 @@ fn settle(
     Ok(())
 }
 
-/// Gives one lease on `ask.key` back.
-pub fn release(link: &mut Link, ask: &LeaseAsk) -> RedisResult<()> {
-    stage(link, vec![lease::release(ask)]).map(drop)
+/// Gives one lease back on each of `asks`' keys, in one round trip.
+pub fn release(link: &mut Link, asks: &[&LeaseAsk]) -> RedisResult<()> {
+    stage(link, asks.iter().map(|ask| lease::release(ask)).collect()).map(drop)
 }
 
 /// Runs `jobs` (each [`groupable`]) in two shared round trips; their

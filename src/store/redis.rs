@@ -17,12 +17,15 @@ use log::warn;
 use redis::Value;
 
 use super::connect::{worth_a_fresh_link, Deployment, Link};
+use super::lease::LeaseAsk;
 use super::pipeline;
 use super::protocol::{device_id, devices_key, ticket_key, Job, Outcome, Reply, REVOKE_CHANNEL};
 use super::Completions;
 
 const QUEUE_BOUND: usize = 16_384;
 const WORKERS: usize = 4;
+/// Lease releases sent in one round trip at most.
+const RELEASE_BATCH: usize = 256;
 
 pub struct RedisPool {
     jobs: Sender<(Job, Option<Reply>)>,
@@ -145,6 +148,37 @@ fn worker(redis: &Deployment, queues: Queues, completions: &Completions, pending
                 Err(_) => return,
             },
         };
+        if let (Job::ReleaseLease(_), None) = (&job, &reply) {
+            // More closed streams' releases waiting (a reconnect storm
+            // closes thousands at once): one round trip for all of them.
+            let mut releases = vec![job];
+            let mut after = None;
+            while releases.len() < RELEASE_BATCH {
+                match fired.try_recv() {
+                    Ok(next @ Job::ReleaseLease(_)) => releases.push(next),
+                    Ok(other) => {
+                        after = Some(other);
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+            let released = release_once_more(redis, &mut con, &releases);
+            for _ in &releases {
+                done(
+                    None,
+                    if released {
+                        Outcome::Published
+                    } else {
+                        Outcome::Unavailable
+                    },
+                );
+            }
+            if let Some(job) = after {
+                done(None, run_once_more(redis, &mut con, &job));
+            }
+            continue;
+        }
         if !pipeline::groupable(&job) {
             done(reply, run_once_more(redis, &mut con, &job));
             continue;
@@ -172,6 +206,37 @@ fn worker(redis: &Deployment, queues: Queues, completions: &Completions, pending
             done(reply, run_once_more(redis, &mut con, &job));
         }
     }
+}
+
+/// Runs lease releases in one round trip; on a connection that died while
+/// idle, once more on a fresh one (as [`run_once_more`]). Whether they ran.
+fn release_once_more(redis: &Deployment, con: &mut Option<Link>, releases: &[Job]) -> bool {
+    let asks: Vec<&LeaseAsk> = releases
+        .iter()
+        .filter_map(|job| match job {
+            Job::ReleaseLease(ask) => Some(ask),
+            _ => None,
+        })
+        .collect();
+    let reused = con.is_some();
+    let attempt = |con: &mut Option<Link>| -> redis::RedisResult<()> {
+        let c = match con {
+            Some(c) => c,
+            None => con.insert(redis.link()?),
+        };
+        let result = pipeline::release(c, &asks);
+        if result.is_err() {
+            *con = None;
+        }
+        result
+    };
+    let result = match attempt(con) {
+        Err(e) if reused && worth_a_fresh_link(&e) => attempt(con),
+        other => other,
+    };
+    result
+        .map_err(|e| warn!("{} lease releases failed: {e}", asks.len()))
+        .is_ok()
 }
 
 /// A group's outcomes, in order: on a connection that died while idle, the
@@ -258,7 +323,7 @@ fn run(link: &mut Link, job: &Job) -> redis::RedisResult<Outcome> {
             Outcome::TicketAlive(n == 1)
         }
         Job::ReleaseLease(ask) => {
-            pipeline::release(link, ask)?;
+            pipeline::release(link, &[ask])?;
             Outcome::Published
         }
         Job::Publish { channel, payload } => {
@@ -269,4 +334,61 @@ fn run(link: &mut Link, job: &Job) -> redis::RedisResult<Outcome> {
             Outcome::Published
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    //! The pool against a real redis-server.
+
+    use super::*;
+    use crate::auth::UserId;
+    use crate::store::lease::{self, Leases};
+    use crate::stream::frame::Purpose;
+    use sse_testkit::redis_server::Redis;
+
+    /// Socket reads Redis has processed: one per round trip of a client
+    /// that waits for its answers.
+    fn reads(con: &mut redis::Connection) -> u64 {
+        let info: String = redis::cmd("INFO").arg("stats").query(con).expect("info");
+        info.lines()
+            .find_map(|l| l.strip_prefix("total_reads_processed:"))
+            .and_then(|n| n.trim().parse().ok())
+            .expect("total_reads_processed")
+    }
+
+    #[test]
+    fn a_burst_of_lease_releases_shares_round_trips() {
+        let redis = Redis::start();
+        let config = <crate::config::Config as clap::Parser>::try_parse_from([
+            "sse-gateway",
+            "--redis-url",
+            &redis.url(),
+        ])
+        .expect("config");
+        let deployment = Deployment::from_config(&config).expect("deployment");
+        let pool = RedisPool::start(Arc::new(deployment.expect("redis")), Arc::new(|_, _| {}));
+        let leases = Leases::new(Duration::from_secs(5));
+        let mut con = redis.con();
+        lease::ACQUIRE_SCRIPT.load(&mut con).expect("load");
+        lease::RELEASE_SCRIPT.load(&mut con).expect("load");
+        let asks: Vec<_> = (0..1000)
+            .map(|n| leases.ask(&UserId::named(&format!("u{n}")), Purpose::Data, 5))
+            .collect();
+        let mut pipe = redis::pipe();
+        for ask in &asks {
+            pipe.add_command(lease::acquire(ask));
+        }
+        let granted: Vec<i64> = pipe.query(&mut con).expect("acquire");
+        assert!(granted.iter().all(|&others| others == 0));
+        let before = reads(&mut con);
+        for ask in asks {
+            pool.fire(Job::ReleaseLease(ask));
+        }
+        pool.finish(Duration::from_secs(10));
+        let after = reads(&mut con);
+        let left: u64 = redis::cmd("DBSIZE").query(&mut con).expect("dbsize");
+        assert_eq!(left, 0, "every lease given back, every key gone");
+        // One by one they took a round trip each (over 1,000 reads).
+        assert!(after - before < 200, "{} reads", after - before);
+    }
 }
