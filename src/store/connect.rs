@@ -438,6 +438,17 @@ fn cluster_of(
 }
 
 #[cfg(test)]
+impl Deployment {
+    /// The deployment of the one Redis server at `url`, for tests.
+    pub fn at(url: &str) -> std::sync::Arc<Deployment> {
+        let config = <Config as clap::Parser>::try_parse_from(["sse-gateway", "--redis-url", url])
+            .expect("config");
+        let deployment = Deployment::from_config(&config).expect("deployment");
+        std::sync::Arc::new(deployment.expect("redis mode"))
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use clap::Parser;

@@ -51,6 +51,12 @@ pub const KEY_LIFE: Duration = Duration::from_secs(3600);
 /// How long a dead instance stays in [`INSTANCES_KEY`]: past every renewal
 /// of the keys it held (a third of [`KEY_LIFE`]), which takes it out of them.
 const FORGET_AFTER: Duration = KEY_LIFE;
+/// Dead instances listed at most, the longest dead first (each is an
+/// argument of every acquire; past this many crashes within the hour, the
+/// latest count as live until the older ones are forgotten).
+const DEAD_MAX: usize = 256;
+/// An instance id is 32 hex digits; longer names in the set are not ours.
+const INSTANCE_ID_MAX: usize = 64;
 
 /// KEYS[1] the lease key; ARGV: instance, limit, the key's life (ms), then
 /// the dead instances. Returns the number of other live instances'
@@ -94,15 +100,17 @@ end
 return 0
 "#;
 
-/// KEYS[1] [`INSTANCES_KEY`]; ARGV: instance, ttl (ms), forget after (ms).
-/// Beats now (Redis's clock), forgets the long dead, and returns the
-/// instances that have not beaten within the ttl.
+/// KEYS[1] [`INSTANCES_KEY`]; ARGV: instance, ttl (ms), forget after (ms),
+/// how many to list. Beats now (Redis's clock), forgets the long dead, and
+/// returns (at most that many of) the instances that have not beaten
+/// within the ttl.
 const BEAT: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZADD', KEYS[1], now, ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[3]))
-return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. (now - tonumber(ARGV[2])))
+return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. (now - tonumber(ARGV[2])),
+  'LIMIT', 0, ARGV[4])
 "#;
 
 /// The scripts the request pipelines run, hashed once; run by EVALSHA.
@@ -256,11 +264,12 @@ impl Leases {
             .arg(INSTANCES_KEY)
             .arg(&*self.instance)
             .arg(self.ttl.as_millis() as u64)
-            .arg(FORGET_AFTER.as_millis() as u64);
+            .arg(FORGET_AFTER.as_millis() as u64)
+            .arg(DEAD_MAX);
         let dead: Vec<String> = eval.query(link.con())?;
         let dead: Dead = dead
             .into_iter()
-            .filter(|d| **d != *self.instance)
+            .filter(|d| **d != *self.instance && d.len() <= INSTANCE_ID_MAX)
             .map(String::into_boxed_str)
             .collect();
         *self.dead.lock().unwrap_or_else(|p| p.into_inner()) = dead;
@@ -466,14 +475,7 @@ mod tests {
             .expect("exists");
         assert_eq!(left, 0);
         // A clean exit leaves the set of instances: never heard of as dead.
-        let config = <crate::config::Config as clap::Parser>::try_parse_from([
-            "sse-gateway",
-            "--redis-url",
-            &redis.url(),
-        ])
-        .expect("config");
-        let deployment = Deployment::from_config(&config).expect("deployment");
-        let _ = a.redis.set(Arc::new(deployment.expect("redis mode")));
+        let _ = a.redis.set(Deployment::at(&redis.url()));
         a.leave();
         let listed: Option<f64> = redis::cmd("ZSCORE")
             .arg(INSTANCES_KEY)

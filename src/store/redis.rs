@@ -100,27 +100,36 @@ impl RedisPool {
 /// every job: each is idempotent, or (PUBLISH) was never delivered by a
 /// connection that was already dead.
 pub fn run_once_more(redis: &Deployment, con: &mut Option<Link>, job: &Job) -> Outcome {
-    let reused = con.is_some();
-    let result = match attempt(redis, con, job) {
-        Err(e) if reused && worth_a_fresh_link(&e) => attempt(redis, con, job),
-        other => other,
-    };
-    result.unwrap_or_else(|e| {
+    once_more(redis, con, |c| run(c, job)).unwrap_or_else(|e| {
         warn!("redis lookup failed: {e}");
         Outcome::Unavailable
     })
 }
 
-fn attempt(redis: &Deployment, con: &mut Option<Link>, job: &Job) -> redis::RedisResult<Outcome> {
-    let c = match con {
-        Some(c) => c,
-        None => con.insert(redis.link()?),
+/// Runs `work` on the worker's connection (made when there is none). A
+/// connection that failed is dropped; one that had died while idle gets
+/// one more try, on a fresh connection.
+fn once_more<T>(
+    redis: &Deployment,
+    con: &mut Option<Link>,
+    work: impl Fn(&mut Link) -> redis::RedisResult<T>,
+) -> redis::RedisResult<T> {
+    let reused = con.is_some();
+    let attempt = |con: &mut Option<Link>| {
+        let c = match con {
+            Some(c) => c,
+            None => con.insert(redis.link()?),
+        };
+        let result = work(c);
+        if result.is_err() {
+            *con = None;
+        }
+        result
     };
-    let result = run(c, job);
-    if result.is_err() {
-        *con = None;
+    match attempt(con) {
+        Err(e) if reused && worth_a_fresh_link(&e) => attempt(con),
+        other => other,
     }
-    result
 }
 
 type Queues = (Receiver<(Job, Option<Reply>)>, Receiver<Job>);
@@ -218,22 +227,7 @@ fn release_once_more(redis: &Deployment, con: &mut Option<Link>, releases: &[Job
             _ => None,
         })
         .collect();
-    let reused = con.is_some();
-    let attempt = |con: &mut Option<Link>| -> redis::RedisResult<()> {
-        let c = match con {
-            Some(c) => c,
-            None => con.insert(redis.link()?),
-        };
-        let result = pipeline::release(c, &asks);
-        if result.is_err() {
-            *con = None;
-        }
-        result
-    };
-    let result = match attempt(con) {
-        Err(e) if reused && worth_a_fresh_link(&e) => attempt(con),
-        other => other,
-    };
+    let result = once_more(redis, con, |c| pipeline::release(c, &asks));
     result
         .map_err(|e| warn!("{} lease releases failed: {e}", asks.len()))
         .is_ok()
@@ -249,22 +243,7 @@ fn run_group_once_more(
     group: &[(Job, Option<Reply>)],
 ) -> Vec<Outcome> {
     let jobs: Vec<&Job> = group.iter().map(|(job, _)| job).collect();
-    let reused = con.is_some();
-    let attempt = |con: &mut Option<Link>| -> redis::RedisResult<Vec<Outcome>> {
-        let c = match con {
-            Some(c) => c,
-            None => con.insert(redis.link()?),
-        };
-        let result = pipeline::run_group(c, &jobs);
-        if result.is_err() {
-            *con = None;
-        }
-        result
-    };
-    let result = match attempt(con) {
-        Err(e) if reused && worth_a_fresh_link(&e) => attempt(con),
-        other => other,
-    };
+    let result = once_more(redis, con, |c| pipeline::run_group(c, &jobs));
     match result {
         Ok(outcomes) => outcomes,
         Err(_) if jobs.len() > 1 => jobs
@@ -359,14 +338,7 @@ mod tests {
     #[test]
     fn a_burst_of_lease_releases_shares_round_trips() {
         let redis = Redis::start();
-        let config = <crate::config::Config as clap::Parser>::try_parse_from([
-            "sse-gateway",
-            "--redis-url",
-            &redis.url(),
-        ])
-        .expect("config");
-        let deployment = Deployment::from_config(&config).expect("deployment");
-        let pool = RedisPool::start(Arc::new(deployment.expect("redis")), Arc::new(|_, _| {}));
+        let pool = RedisPool::start(Deployment::at(&redis.url()), Arc::new(|_, _| {}));
         let leases = Leases::new(Duration::from_secs(5));
         let mut con = redis.con();
         lease::ACQUIRE_SCRIPT.load(&mut con).expect("load");
