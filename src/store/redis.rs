@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use crossbeam_channel::{Receiver, Sender};
 use log::warn;
 use redis::Value;
 
@@ -22,6 +22,7 @@ use super::pipeline;
 use super::protocol::{device_id, devices_key, ticket_key, Job, Outcome, Reply, REVOKE_CHANNEL};
 use super::Completions;
 
+/// Lookups waiting for a worker, at most; past it, 503 at once.
 const QUEUE_BOUND: usize = 16_384;
 const WORKERS: usize = 4;
 /// Lease releases sent in one round trip at most.
@@ -39,7 +40,9 @@ pub struct RedisPool {
 
 impl RedisPool {
     pub fn start(redis: Arc<Deployment>, completions: Completions) -> RedisPool {
-        let (tx, rx) = crossbeam_channel::bounded(QUEUE_BOUND);
+        // Unbounded underneath, bounded by `submit`: an array channel of
+        // 16,384 jobs would take its 4 MiB up front in every process.
+        let (tx, rx) = crossbeam_channel::unbounded();
         let (fired, fired_rx) = crossbeam_channel::unbounded();
         let pending = Arc::new(AtomicUsize::new(0));
         for n in 0..WORKERS {
@@ -63,10 +66,13 @@ impl RedisPool {
     /// Queues `job`; its outcome goes to `reply`. Some(Unavailable) at once
     /// when the queue is full.
     pub fn submit(&self, job: Job, reply: Reply) -> Option<Outcome> {
+        if self.jobs.len() >= QUEUE_BOUND {
+            return Some(Outcome::Unavailable);
+        }
         self.pending.fetch_add(1, SeqCst);
-        match self.jobs.try_send((job, Some(reply))) {
+        match self.jobs.send((job, Some(reply))) {
             Ok(()) => None,
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+            Err(_) => {
                 self.pending.fetch_sub(1, SeqCst);
                 Some(Outcome::Unavailable)
             }

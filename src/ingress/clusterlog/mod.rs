@@ -34,7 +34,7 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use crate::stream::frame::{Event, Message, CHANNELS};
 
@@ -80,7 +80,9 @@ pub struct Outlet {
 }
 
 pub fn queue() -> (Inlet, Outlet) {
-    let (tx, rx) = crossbeam_channel::bounded(QUEUE_INPUTS);
+    // Unbounded underneath, bounded by `offer`: an array channel of
+    // 65,536 slots would take its 4 MiB up front in every process.
+    let (tx, rx) = crossbeam_channel::unbounded();
     let bytes = Arc::new(AtomicUsize::new(0));
     (
         Inlet {
@@ -103,29 +105,28 @@ impl Inlet {
     /// Queues `input`; false when the queue is full (the input is dropped).
     pub fn offer(&self, input: Input) -> bool {
         let len = payload_len(&input);
-        if self.bytes.load(Relaxed) + len > QUEUE_BYTES {
+        if self.bytes.load(Relaxed) + len > QUEUE_BYTES || self.tx.len() >= QUEUE_INPUTS {
             return false;
         }
-        match self.tx.try_send(input) {
+        match self.tx.send(input) {
             Ok(()) => {
                 self.bytes.fetch_add(len, Relaxed);
                 true
             }
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => false,
+            Err(_) => false,
         }
     }
 
-    /// Queues a break, waiting up to a second for room: after a refused
-    /// message the writer must learn that something is missing.
+    /// Queues a break, past the bound: after a refused message the writer
+    /// must learn that something is missing.
     pub fn mark_break(&self) {
-        let _ = self.tx.send_timeout(Input::Break, Duration::from_secs(1));
+        let _ = self.tx.send(Input::Break);
     }
 
-    /// Tells the writer that the subscriber is subscribed (again).
+    /// Tells the writer that the subscriber is subscribed (again), past
+    /// the bound as a break is.
     pub fn mark_subscribed(&self) {
-        let _ = self
-            .tx
-            .send_timeout(Input::Subscribed, Duration::from_secs(1));
+        let _ = self.tx.send(Input::Subscribed);
     }
 }
 
@@ -174,5 +175,19 @@ mod tests {
         assert_eq!(event_named(b"nope"), None);
         assert_eq!(channel_index("machine:alarms"), Some(4));
         assert_eq!(channel_index("other"), None);
+    }
+
+    #[test]
+    fn the_queue_refuses_past_its_bound_but_never_a_break() {
+        let (inlet, outlet) = queue();
+        for n in 0..QUEUE_INPUTS {
+            assert!(inlet.offer(Input::Subscribed), "input {n} refused");
+        }
+        assert!(!inlet.offer(Input::Subscribed), "one past the bound");
+        inlet.mark_break(); // the break takes a place past the bound
+        for _ in 0..2 {
+            assert!(matches!(outlet.next(None), Ok(Input::Subscribed)));
+        }
+        assert!(inlet.offer(Input::Subscribed), "room again");
     }
 }
