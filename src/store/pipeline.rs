@@ -247,7 +247,7 @@ fn settle(
     ip_ask: Option<&LeaseAsk>,
 ) -> RedisResult<()> {
     // Every lease asked is answered (or the stage failed): a release must
-    // match a lease taken, since counters add up.
+    // match a lease taken, since the entries count them.
     let mut answers = values.into_iter().map(|v| {
         redis::from_redis_value::<i64>(v)
             .map(LeaseAnswer::from_script)

@@ -265,8 +265,7 @@ fn run_group_once_more(
 
 /// One job, one round trip (pipelined where it needs several commands; in
 /// a Cluster, one per node holding its keys). No script spans hash slots:
-/// the mint script touches one key, the lease scripts a lease key and the
-/// counters of its instances, hash-tagged into one slot.
+/// the mint script and the lease scripts each touch one key.
 fn run(link: &mut Link, job: &Job) -> redis::RedisResult<Outcome> {
     Ok(match job {
         Job::PutTicket { .. } | Job::StreamFacts { .. } => {
