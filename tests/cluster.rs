@@ -289,6 +289,12 @@ fn an_instance_that_exits_right_after_its_streams_close_releases_their_leases() 
             .and_then(|s| s.code()),
         Some(0)
     );
+    // It left the set of live instances too: nobody ever takes it for dead.
+    let instances: u64 = redis::cmd("ZCARD")
+        .arg("sse:instances")
+        .query(&mut con)
+        .unwrap();
+    assert_eq!(instances, 1, "only the instance still running beats");
     for i in 0..50 {
         let (ticket, _) = gws[1].ticket_for(&format!("e{i}"), r#"{"purpose":"data"}"#);
         if let Err(r) = SseStream::open(gws[1].addr(), &data_path(&ticket, &["D1"]), &[]) {

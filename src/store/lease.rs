@@ -203,6 +203,7 @@ impl LeaseAnswer {
 /// beat, and who it last heard had stopped beating.
 pub struct Leases {
     pub instance: Arc<str>,
+    /// How long after its last beat an instance still counts.
     pub ttl: Duration,
     dead: Mutex<Dead>,
     redis: OnceLock<Arc<Deployment>>,

@@ -163,37 +163,40 @@ fn worker(redis: &Deployment, queues: Queues, completions: &Completions, pending
                 Err(_) => return,
             },
         };
-        if let (Job::ReleaseLease(_), None) = (&job, &reply) {
-            // More closed streams' releases waiting (a reconnect storm
-            // closes thousands at once): one round trip for all of them.
-            let mut releases = vec![job];
-            let mut after = None;
-            while releases.len() < RELEASE_BATCH {
-                match fired.try_recv() {
-                    Ok(next @ Job::ReleaseLease(_)) => releases.push(next),
-                    Ok(other) => {
-                        after = Some(other);
-                        break;
+        let (job, reply) = match (job, reply) {
+            (Job::ReleaseLease(first), None) => {
+                // More closed streams' releases waiting (a reconnect storm
+                // closes thousands at once): one round trip for all of them.
+                let mut asks = vec![first];
+                let mut after = None;
+                while asks.len() < RELEASE_BATCH {
+                    match fired.try_recv() {
+                        Ok(Job::ReleaseLease(ask)) => asks.push(ask),
+                        Ok(other) => {
+                            after = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
                     }
-                    Err(_) => break,
                 }
+                let released = release_once_more(redis, &mut con, &asks);
+                for _ in &asks {
+                    done(
+                        None,
+                        if released {
+                            Outcome::Published
+                        } else {
+                            Outcome::Unavailable
+                        },
+                    );
+                }
+                if let Some(job) = after {
+                    done(None, run_once_more(redis, &mut con, &job));
+                }
+                continue;
             }
-            let released = release_once_more(redis, &mut con, &releases);
-            for _ in &releases {
-                done(
-                    None,
-                    if released {
-                        Outcome::Published
-                    } else {
-                        Outcome::Unavailable
-                    },
-                );
-            }
-            if let Some(job) = after {
-                done(None, run_once_more(redis, &mut con, &job));
-            }
-            continue;
-        }
+            other => other,
+        };
         if !pipeline::groupable(&job) {
             done(reply, run_once_more(redis, &mut con, &job));
             continue;
@@ -225,16 +228,9 @@ fn worker(redis: &Deployment, queues: Queues, completions: &Completions, pending
 
 /// Runs lease releases in one round trip; on a connection that died while
 /// idle, once more on a fresh one (as [`run_once_more`]). Whether they ran.
-fn release_once_more(redis: &Deployment, con: &mut Option<Link>, releases: &[Job]) -> bool {
-    let asks: Vec<&LeaseAsk> = releases
-        .iter()
-        .filter_map(|job| match job {
-            Job::ReleaseLease(ask) => Some(ask),
-            _ => None,
-        })
-        .collect();
-    let result = once_more(redis, con, |c| pipeline::release(c, &asks));
-    result
+fn release_once_more(redis: &Deployment, con: &mut Option<Link>, asks: &[LeaseAsk]) -> bool {
+    let asks: Vec<&LeaseAsk> = asks.iter().collect();
+    once_more(redis, con, |c| pipeline::release(c, &asks))
         .map_err(|e| warn!("{} lease releases failed: {e}", asks.len()))
         .is_ok()
 }
