@@ -104,6 +104,18 @@ pub struct Conn {
     pub wrote_at: u32,
 }
 
+/// The reactor clock as `wrote_at` keeps it: 32 bits that wrap, never 0
+/// (0 is "no write").
+fn stamp(now: u64) -> u32 {
+    (now as u32).max(1)
+}
+
+/// Milliseconds from `stamp` to `now`, both read the same way: a write in
+/// the reactor's first millisecond is 0 ms old then, not 2^32 - 1.
+fn since(stamp_at: u32, now: u64) -> u32 {
+    stamp(now).wrapping_sub(stamp_at)
+}
+
 /// The socket written with `send`/`sendmsg`: the socket calls, which skip
 /// the file layer `write`/`writev` pass through (and never raise SIGPIPE).
 struct Sender<'a>(socket2::SockRef<'a>);
@@ -231,12 +243,12 @@ impl Conn {
 
     /// Whether the stream sent bytes within the last `ms` milliseconds.
     pub fn written_within(&self, now: u64, ms: u32) -> bool {
-        self.wrote_at != 0 && (now as u32).wrapping_sub(self.wrote_at) < ms
+        self.wrote_at != 0 && since(self.wrote_at, now) < ms
     }
 
     /// Notes a write that sent bytes.
     pub fn wrote(&mut self, now: u64) {
-        self.wrote_at = (now as u32).max(1);
+        self.wrote_at = stamp(now);
     }
 
     /// Queued bytes the client has left unread: a held stream's are all
@@ -254,5 +266,22 @@ impl Conn {
             Phase::Streaming(s) => Some(s),
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{since, stamp};
+
+    /// A stream written in the reactor's first millisecond was written 0 ms
+    /// before, in that millisecond (it read as 2^32 - 1 ms, and the frames
+    /// that followed at once were not held); the clock's wrap is seamless.
+    #[test]
+    fn a_write_is_as_old_as_the_clock_says_from_its_first_millisecond_past_the_wrap() {
+        assert_eq!(since(stamp(0), 0), 0);
+        assert_eq!(since(stamp(0), 1), 0);
+        assert_eq!(since(stamp(5), 1005), 1000);
+        let wrap = 1u64 << 32;
+        assert_eq!(since(stamp(wrap - 1), wrap + 9), 10);
     }
 }
