@@ -142,7 +142,7 @@ fn timers(c: &mut Criterion) {
             || TimerWheel::new(0),
             |w| {
                 for i in 0..100_000u64 {
-                    w.insert(25_000 + (i * 7919) % 25_000, i as usize);
+                    w.insert(25_000 + (i * 7919) % 25_000, i as u32);
                 }
             },
             BatchSize::LargeInput,
@@ -153,7 +153,7 @@ fn timers(c: &mut Criterion) {
             || {
                 let mut w = TimerWheel::new(0);
                 for i in 0..100_000u64 {
-                    w.insert(25_000 + (i * 7919) % 25_000, i as usize);
+                    w.insert(25_000 + (i * 7919) % 25_000, i as u32);
                 }
                 (w, Vec::with_capacity(100_000))
             },

@@ -87,7 +87,7 @@ impl Reactor {
                 Parse::Partial => return,
                 Parse::Error(e) => {
                     let status = e.status();
-                    debug!("bad request from {}: {}", conn.peer, e.reason());
+                    debug!("bad request from {}: {}", conn.peer(), e.reason());
                     let r = Response::error(status, e.reason()).closing();
                     let exchange = Exchange {
                         keep_alive: false,
@@ -121,11 +121,8 @@ impl Reactor {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
-        let client = routes::client_ip(
-            &self.gw.config,
-            conn.peer.ip(),
-            head.forwarded_for.as_deref(),
-        );
+        let client =
+            routes::client_ip(&self.gw.config, conn.peer_ip, head.forwarded_for.as_deref());
         let exchange = Exchange {
             keep_alive: head.keep_alive && !self.draining,
             head_only: head.method == Method::Head,
@@ -158,7 +155,7 @@ impl Reactor {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
-        self.next_serial += 1;
+        self.next_serial = self.next_serial.wrapping_add(1);
         conn.serial = self.next_serial;
         let reply = Reply {
             reactor: self.index,
@@ -187,7 +184,7 @@ impl Reactor {
         self.respond(key, &exchange, r);
     }
 
-    pub(super) fn on_outcome(&mut self, key: usize, serial: u64, outcome: Outcome) {
+    pub(super) fn on_outcome(&mut self, key: usize, serial: u32, outcome: Outcome) {
         let current = self
             .conns
             .get(key)
@@ -232,7 +229,7 @@ impl Reactor {
                         status = r.status,
                         path = exchange.path.as_str(),
                         user:% = user,
-                        client = conn.peer,
+                        client = conn.peer(),
                         reason = r.message();
                         "stream refused"
                     );
@@ -290,7 +287,7 @@ impl Reactor {
         }
     }
 
-    pub(super) fn on_probed(&mut self, key: usize, serial: u64) {
+    pub(super) fn on_probed(&mut self, key: usize, serial: u32) {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };

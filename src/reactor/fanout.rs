@@ -379,9 +379,7 @@ impl Reactor {
         );
         if conn.counted {
             conn.counted = false;
-            self.gw
-                .peers
-                .leave(crate::config::limit_key(conn.peer.ip()));
+            self.gw.peers.leave(crate::config::limit_key(conn.peer_ip));
         }
         match waits_for {
             Some(id) => self.waiting.push((key, id)),

@@ -151,9 +151,7 @@ impl Reactor {
             let mut conn = self.conns.remove(key);
             let _ = self.poll.registry().deregister(&mut conn.socket);
             if conn.counted {
-                self.gw
-                    .peers
-                    .leave(crate::config::limit_key(conn.peer.ip()));
+                self.gw.peers.leave(crate::config::limit_key(conn.peer_ip));
             }
             conn.outbox.clear();
             self.gw.metrics.connections_open.fetch_sub(1, Relaxed);

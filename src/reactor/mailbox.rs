@@ -31,7 +31,7 @@ pub enum Inbox {
     /// A store lookup for connection `conn` came back.
     Outcome {
         conn: usize,
-        serial: u64,
+        serial: u32,
         outcome: Outcome,
     },
     /// Another reactor's stream request was refused by a limit this
@@ -39,7 +39,7 @@ pub enum Inbox {
     /// `Probed` to `asker`.
     Probe { conn: usize, asker: Reply },
     /// A probe this connection asked for is done.
-    Probed { conn: usize, serial: u64 },
+    Probed { conn: usize, serial: u32 },
     /// Ticket `id` was revoked: close every stream opened with it.
     Revoke { ticket: uuid::Uuid },
     /// `user` now owns exactly `owned`: close their data streams naming

@@ -68,8 +68,15 @@ use timer::TimerWheel;
 const LISTENER: Token = Token(usize::MAX - 1);
 pub const WAKER: Token = Token(usize::MAX - 2);
 /// Timer values that are not connection keys.
-const TIMER_ACCEPT: usize = usize::MAX;
-const TIMER_DRAIN: usize = usize::MAX - 1;
+const TIMER_ACCEPT: u32 = u32::MAX;
+const TIMER_DRAIN: u32 = u32::MAX - 1;
+
+/// A connection's key as its timer's value. Keys index a slab of open
+/// descriptors, so they stay far below the two values above.
+fn timer_value(key: usize) -> u32 {
+    debug_assert!(key < TIMER_DRAIN as usize);
+    key as u32
+}
 
 /// How long a closing connection waits for the client to close its side
 /// (or, flushing a last message, for the client to take it).
@@ -134,10 +141,12 @@ pub struct Reactor {
     /// whose heartbeat falls due in it.
     heartbeat: Option<(u64, Arc<Frame>)>,
     draining: bool,
-    expired: Vec<usize>,
+    expired: Vec<u32>,
     /// Numbers store lookups, so an outcome for a connection that has since
-    /// closed (its slab slot reused) is recognised and dropped.
-    next_serial: u64,
+    /// closed (its slab slot reused) is recognised and dropped. 32 bits
+    /// that wrap: an outcome is at most seconds late, and 2^32 lookups take
+    /// a reactor days.
+    next_serial: u32,
     /// Revocations of the last few seconds, checked when a stream opens: a
     /// revocation that overtook the stream's own lookup still reaches it.
     recent: revocation::Recent,
@@ -288,7 +297,7 @@ impl Reactor {
                     let mut conn = Conn::new(socket, peer, now);
                     conn.counted = counted;
                     let head = ms(self.gw.config.head_timeout_secs);
-                    conn.timer = Some(self.wheel.insert(now + head, key));
+                    conn.timer = Some(self.wheel.insert(now + head, timer_value(key)));
                     entry.insert(conn);
                     self.gw.metrics.connections_accepted.fetch_add(1, Relaxed);
                     self.gw.metrics.connections_open.fetch_add(1, Relaxed);
@@ -334,7 +343,7 @@ impl Reactor {
         if let Some(old) = conn.timer.take() {
             self.wheel.cancel(old);
         }
-        conn.timer = Some(self.wheel.insert(at, key));
+        conn.timer = Some(self.wheel.insert(at, timer_value(key)));
     }
 
     fn disarm(&mut self, key: usize) {
@@ -363,7 +372,7 @@ impl Reactor {
                         self.close(key, Cause::Drained);
                     }
                 }
-                key => self.on_timer(key),
+                key => self.on_timer(key as usize),
             }
         }
         self.expired = expired;

@@ -35,8 +35,10 @@ const SLOT_MASK: u64 = SLOTS as u64 - 1;
 const LEVELS: usize = 6;
 /// Farthest distance (ms) a deadline is placed at; beyond it, it is clamped.
 const HORIZON: u64 = 1 << (SLOT_BITS as usize * LEVELS);
-/// "No node" marker for the intrusive lists and the free list.
-const NIL: usize = usize::MAX;
+/// "No node" marker for the intrusive lists and the free list. Links are
+/// 32-bit: a node is then 32 bytes, not 48, and a reactor has one per
+/// connection (its heartbeat or deadline).
+const NIL: u32 = u32::MAX;
 
 /// Handle to an armed timer, returned by [`TimerWheel::insert`].
 ///
@@ -45,8 +47,8 @@ const NIL: usize = usize::MAX;
 /// held by a connection that forgot to clear it cannot touch the new timer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct TimerKey {
-    index: usize,
-    generation: u64,
+    index: u32,
+    generation: u32,
 }
 
 /// Which list a slab node is currently on.
@@ -62,12 +64,13 @@ enum Home {
 
 struct Node {
     deadline: u64,
-    value: usize,
-    prev: usize,
-    next: usize,
-    /// Bumped every time the node is released. `u64` so it never wraps in
-    /// practice: a key stays stale forever, not merely for 2^32 reuses.
-    generation: u64,
+    value: u32,
+    prev: u32,
+    next: u32,
+    /// Bumped every time the node is released. A stale key would look
+    /// fresh again only after 2^32 reuses of its node; the reactor drops a
+    /// key when its timer fires or is cancelled, so this is the second line.
+    generation: u32,
     home: Home,
 }
 
@@ -77,11 +80,11 @@ pub struct TimerWheel {
     /// handed out by `poll`, except those on the pending list.
     now: u64,
     nodes: Vec<Node>,
-    free_head: usize,
+    free_head: u32,
     /// Head of the list of timers inserted with a deadline <= `now`.
-    pending: usize,
+    pending: u32,
     /// Head node of each slot's list.
-    heads: [[usize; SLOTS]; LEVELS],
+    heads: [[u32; SLOTS]; LEVELS],
     /// Bit `s` of `occupied[l]` is set iff `heads[l][s]` is non-empty.
     occupied: [u64; LEVELS],
     len: usize,
@@ -103,19 +106,19 @@ impl TimerWheel {
 
     /// Arms a timer that fires `value` at `deadline` (ms). A deadline at or
     /// before the wheel's current time fires on the next `poll`.
-    pub fn insert(&mut self, deadline: u64, value: usize) -> TimerKey {
+    pub fn insert(&mut self, deadline: u64, value: u32) -> TimerKey {
         let index = self.alloc(deadline, value);
         self.place(index);
         TimerKey {
             index,
-            generation: self.nodes[index].generation,
+            generation: self.node(index).generation,
         }
     }
 
     /// Disarms a timer; returns its value, or None if it already fired or was
     /// cancelled (stale key).
-    pub fn cancel(&mut self, key: TimerKey) -> Option<usize> {
-        let node = self.nodes.get(key.index)?;
+    pub fn cancel(&mut self, key: TimerKey) -> Option<u32> {
+        let node = self.nodes.get(key.index as usize)?;
         if node.generation != key.generation || node.home == Home::Free {
             return None;
         }
@@ -129,7 +132,7 @@ impl TimerWheel {
     ///
     /// Values come out in deadline order, except that timers which were
     /// already due when inserted come first, in no particular order.
-    pub fn poll(&mut self, now: u64, expired: &mut Vec<usize>) {
+    pub fn poll(&mut self, now: u64, expired: &mut Vec<u32>) {
         let now = now.max(self.now);
 
         while self.pending != NIL {
@@ -146,8 +149,8 @@ impl TimerWheel {
             let mut index = self.take_slot(level, slot);
             while index != NIL {
                 // Read the link first: `place` re-links the node elsewhere.
-                let next = self.nodes[index].next;
-                if self.nodes[index].deadline <= start {
+                let next = self.node(index).next;
+                if self.node(index).deadline <= start {
                     expired.push(self.release(index));
                 } else {
                     // Deadline lies later within this slot's span (or beyond
@@ -224,8 +227,8 @@ impl TimerWheel {
 
     /// Links node `index` into the list its deadline calls for, relative to
     /// the current clock.
-    fn place(&mut self, index: usize) {
-        let deadline = self.nodes[index].deadline;
+    fn place(&mut self, index: u32) {
+        let deadline = self.node(index).deadline;
         if deadline <= self.now {
             self.push_front(index, Home::Pending);
             return;
@@ -251,7 +254,7 @@ impl TimerWheel {
         );
     }
 
-    fn push_front(&mut self, index: usize, home: Home) {
+    fn push_front(&mut self, index: u32, home: Home) {
         let head = match home {
             Home::Pending => &mut self.pending,
             Home::Wheel { level, slot } => {
@@ -262,21 +265,21 @@ impl TimerWheel {
         };
         let old_head = std::mem::replace(head, index);
         if old_head != NIL {
-            self.nodes[old_head].prev = index;
+            self.node(old_head).prev = index;
         }
-        let node = &mut self.nodes[index];
+        let node = self.node(index);
         node.prev = NIL;
         node.next = old_head;
         node.home = home;
     }
 
     /// Removes node `index` from whichever list it is on.
-    fn unlink(&mut self, index: usize) {
+    fn unlink(&mut self, index: u32) {
         let Node {
             prev, next, home, ..
-        } = self.nodes[index];
+        } = *self.node(index);
         if prev != NIL {
-            self.nodes[prev].next = next;
+            self.node(prev).next = next;
         } else {
             match home {
                 Home::Pending => self.pending = next,
@@ -291,27 +294,33 @@ impl TimerWheel {
             }
         }
         if next != NIL {
-            self.nodes[next].prev = prev;
+            self.node(next).prev = prev;
         }
     }
 
     /// Detaches a whole slot list at once and returns its first node. The
     /// nodes keep their links among themselves until each is re-placed.
-    fn take_slot(&mut self, level: usize, slot: usize) -> usize {
+    fn take_slot(&mut self, level: usize, slot: usize) -> u32 {
         self.occupied[level] &= !(1 << slot);
         std::mem::replace(&mut self.heads[level][slot], NIL)
     }
 
-    fn alloc(&mut self, deadline: u64, value: usize) -> usize {
+    fn alloc(&mut self, deadline: u64, value: u32) -> u32 {
         self.len += 1;
         if self.free_head != NIL {
             let index = self.free_head;
-            let node = &mut self.nodes[index];
+            let node = &mut self.nodes[index as usize];
             self.free_head = node.next;
             node.deadline = deadline;
             node.value = value;
             return index;
         }
+        // NIL is the one index a node never takes: 2^32 - 1 armed timers
+        // would be 128 GiB of nodes, so running out is not a case to handle.
+        let index = u32::try_from(self.nodes.len())
+            .ok()
+            .filter(|&i| i != NIL)
+            .expect("fewer than 2^32 - 1 timers");
         self.nodes.push(Node {
             deadline,
             value,
@@ -320,20 +329,26 @@ impl TimerWheel {
             generation: 0,
             home: Home::Free,
         });
-        self.nodes.len() - 1
+        index
+    }
+
+    fn node(&mut self, index: u32) -> &mut Node {
+        &mut self.nodes[index as usize]
     }
 
     /// Returns an already unlinked node to the free list and yields its value.
     /// Bumping the generation here is what invalidates outstanding keys.
-    fn release(&mut self, index: usize) -> usize {
+    fn release(&mut self, index: u32) -> u32 {
         self.len -= 1;
-        let node = &mut self.nodes[index];
+        let free_head = self.free_head;
+        let node = self.node(index);
         node.generation = node.generation.wrapping_add(1);
         node.home = Home::Free;
         node.prev = NIL;
-        node.next = self.free_head;
+        node.next = free_head;
+        let value = node.value;
         self.free_head = index;
-        node.value
+        value
     }
 }
 
@@ -356,13 +371,13 @@ mod tests {
     #[derive(Default)]
     struct Model {
         now: u64,
-        timers: BTreeMap<usize, u64>,
+        timers: BTreeMap<u32, u64>,
     }
 
     impl Model {
-        fn poll(&mut self, now: u64) -> Vec<usize> {
+        fn poll(&mut self, now: u64) -> Vec<u32> {
             self.now = self.now.max(now);
-            let due: Vec<usize> = self
+            let due: Vec<u32> = self
                 .timers
                 .iter()
                 .filter(|&(_, &deadline)| deadline <= self.now)
@@ -384,7 +399,7 @@ mod tests {
     struct Harness {
         wheel: TimerWheel,
         model: Model,
-        keys: BTreeMap<usize, TimerKey>,
+        keys: BTreeMap<u32, TimerKey>,
     }
 
     impl Harness {
@@ -399,7 +414,7 @@ mod tests {
             }
         }
 
-        fn insert(&mut self, deadline: u64, value: usize) {
+        fn insert(&mut self, deadline: u64, value: u32) {
             let key = self.wheel.insert(deadline, value);
             assert!(self.keys.insert(value, key).is_none(), "value reused");
             self.model.timers.insert(value, deadline);
@@ -407,7 +422,7 @@ mod tests {
         }
 
         /// Cancels by value (the key is kept, so this can also test stale keys).
-        fn cancel(&mut self, value: usize) -> Option<usize> {
+        fn cancel(&mut self, value: u32) -> Option<u32> {
             let key = self.keys[&value];
             let got = self.wheel.cancel(key);
             let want = self.model.timers.remove(&value).map(|_| value);
@@ -416,7 +431,7 @@ mod tests {
             got
         }
 
-        fn poll(&mut self, now: u64) -> Vec<usize> {
+        fn poll(&mut self, now: u64) -> Vec<u32> {
             let mut fired = Vec::new();
             self.wheel.poll(now, &mut fired);
             let mut sorted = fired.clone();
@@ -448,11 +463,11 @@ mod tests {
     #[derive(Clone, Copy)]
     enum Op {
         /// Insert a timer with a deadline relative to the case's start time.
-        Insert(i64, usize),
+        Insert(i64, u32),
         /// Cancel by value; expected result.
-        Cancel(usize, Option<usize>),
+        Cancel(u32, Option<u32>),
         /// Poll at a time relative to the start; the values expected to fire.
-        Poll(i64, &'static [usize]),
+        Poll(i64, &'static [u32]),
         /// Exact `next_deadline` expected (relative to the start).
         Next(Option<i64>),
     }
@@ -700,10 +715,18 @@ mod tests {
 
         // A key from another wheel, beyond this slab, is simply stale.
         let foreign = TimerKey {
-            index: 1 << 40,
+            index: NIL - 1,
             generation: 0,
         };
         assert_eq!(wheel.cancel(foreign), None);
+    }
+
+    /// A reactor holds a node per connection and a key in each: 32 and 12
+    /// bytes (they were 48 and 24 with 64-bit links and generations).
+    #[test]
+    fn a_node_is_32_bytes_and_a_key_fits_in_12() {
+        assert_eq!(std::mem::size_of::<Node>(), 32);
+        assert_eq!(std::mem::size_of::<Option<TimerKey>>(), 12);
     }
 
     #[test]
@@ -771,12 +794,15 @@ mod tests {
         let mut wheel = TimerWheel::new(0);
         let mut rng = XorShift(0x5eed);
         let mut deadlines: Vec<u64> = (0..2000).map(|_| 1 + rng.next() % (1 << 20)).collect();
-        for (value, &deadline) in deadlines.iter().enumerate() {
+        for (value, &deadline) in (0..).zip(&deadlines) {
             wheel.insert(deadline, value);
         }
         let mut fired = Vec::new();
         wheel.poll(1 << 21, &mut fired);
-        let fired: Vec<u64> = fired.iter().map(|&value| deadlines[value]).collect();
+        let fired: Vec<u64> = fired
+            .iter()
+            .map(|&value| deadlines[value as usize])
+            .collect();
         deadlines.sort_unstable();
         assert_eq!(fired, deadlines);
     }
@@ -839,7 +865,7 @@ mod tests {
                 }
                 4..=5 if next_value > 0 => {
                     // Any value ever used: live, fired or already cancelled.
-                    let value = (rng.next() % next_value as u64) as usize;
+                    let value = (rng.next() % next_value as u64) as u32;
                     h.cancel(value);
                 }
                 6 => {
@@ -879,7 +905,7 @@ mod tests {
         #[derive(Clone, Debug)]
         enum PropOp {
             Insert { ahead: u64, past: bool },
-            Cancel(usize),
+            Cancel(u32),
             PollBy(u64),
             PollNext,
         }
@@ -899,7 +925,7 @@ mod tests {
             prop_oneof![
                 4 => (distance(), proptest::bool::weighted(0.1))
                     .prop_map(|(ahead, past)| PropOp::Insert { ahead, past }),
-                2 => any::<usize>().prop_map(PropOp::Cancel),
+                2 => any::<u32>().prop_map(PropOp::Cancel),
                 3 => distance().prop_map(PropOp::PollBy),
                 1 => Just(PropOp::PollNext),
             ]

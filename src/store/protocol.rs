@@ -11,7 +11,7 @@ use crate::auth::UserId;
 pub struct Reply {
     pub reactor: usize,
     pub conn: usize,
-    pub serial: u64,
+    pub serial: u32,
 }
 
 // Most jobs are stream lookups, the largest variant: boxing it would add
