@@ -101,7 +101,7 @@ fn fanout(c: &mut Criterion) {
 /// The reactor's device index: route a frame of a hot device to its 10,000
 /// subscribers, and a reconnect storm on it (every subscriber leaves).
 fn subscriptions(c: &mut Criterion) {
-    let devices: Filter = Filter::Devices(Arc::from(vec![Box::<str>::from("M1")]));
+    let devices: Filter = Filter::Devices(vec![Box::<str>::from("M1")].into());
     let full = || {
         let mut s = Subscriptions::default();
         for key in 0..10_000 {

@@ -523,7 +523,7 @@ mod tests {
             let slot = Slot {
                 id: uuid::Uuid::from_u128(n + 1),
                 purpose: Purpose::Data,
-                devices: Arc::from(Vec::new()),
+                devices: Vec::new().into(),
                 connected_at_ms: 0,
                 owner: (0, 0),
             };

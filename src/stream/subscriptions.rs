@@ -9,8 +9,8 @@
 //! leaves in O(1) (a swap with the last), so a reconnect storm there is not
 //! quadratic.
 
+use crate::stream::registry::Devices;
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use indexmap::IndexSet;
 
@@ -80,7 +80,7 @@ use crate::stream::frame::{Event, Frame, Purpose};
 #[derive(Debug, Clone)]
 pub enum Filter {
     /// Events of these devices.
-    Devices(Arc<[Box<str>]>),
+    Devices(Devices),
     /// Every device (an admin's alerts stream).
     All,
 }
@@ -246,7 +246,7 @@ mod tests {
     fn a_hot_device_routes_like_the_naive_model_past_few() {
         let mut s = Subscriptions::default();
         let mut open: Vec<(usize, Purpose, Filter)> = Vec::new();
-        let hot = || Filter::Devices(["H".into()].into());
+        let hot = || Filter::Devices(Devices::from(vec!["H".into()]));
         let f = frame(Event::RealtimeUpdate, "H");
         let (mut seed, mut grew) = (0x2545_f491_4f6c_dd1d_u64, false);
         for step in 0..4000 {
@@ -293,8 +293,8 @@ mod tests {
                     continue;
                 }
                 let (purpose, filter) = match kind {
-                    0 => (Purpose::Data, Filter::Devices([device(dev), device(dev / 2)].map(|d| d.into_boxed_str()).into())),
-                    1 => (Purpose::Alerts, Filter::Devices([device(dev)].map(|d| d.into_boxed_str()).into())),
+                    0 => (Purpose::Data, Filter::Devices([device(dev), device(dev / 2)].map(|d| d.into_boxed_str()).into_iter().collect())),
+                    1 => (Purpose::Alerts, Filter::Devices([device(dev)].map(|d| d.into_boxed_str()).into_iter().collect())),
                     _ => (Purpose::Alerts, Filter::All),
                 };
                 s.add(key, purpose, &filter);
