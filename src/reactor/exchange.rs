@@ -83,7 +83,7 @@ impl Reactor {
             if !conn.head_complete() && conn.input.len() <= MAX_HEAD_BYTES {
                 return;
             }
-            let head = match head::parse(&conn.input) {
+            let head = match head::parse(conn.input.bytes()) {
                 Parse::Partial => return,
                 Parse::Error(e) => {
                     let status = e.status();
@@ -105,13 +105,13 @@ impl Reactor {
                 // The body is still arriving (it fits: the parser capped it).
                 return;
             }
-            let input = std::mem::take(&mut conn.input);
+            let input = conn.input.take();
             conn.scanned = 0;
             self.handle(key, &head, &input[head.head_len..total]);
             if let Some(conn) = self.conns.get_mut(key) {
                 // Keep what followed (a pipelined request), unless the
                 // handler already moved on.
-                conn.input = input[total..].to_vec();
+                conn.input.keep(&input[total..]);
             }
         }
     }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use log::info;
 use rand::Rng;
 
-use super::conn::{Exchange, Flush, Phase};
+use super::conn::{Exchange, Flush, Input, Phase};
 use super::mailbox::Inbox;
 use super::{ms, Cause, Listening, Reactor, TIMER_DRAIN};
 
@@ -391,7 +391,7 @@ impl Reactor {
             return;
         };
         conn.phase = Phase::Streaming(*stream);
-        conn.input = Vec::new();
+        conn.input = Input::default();
         self.mark_dirty(key);
         self.arm_stream(key);
         // The client may have gone while the lookup ran: its FIN's readiness
