@@ -140,11 +140,10 @@ pub fn line(
     fields: &dyn Source,
 ) -> String {
     let mut out = String::with_capacity(128);
-    let mut ts = String::with_capacity(24);
-    crate::time::write_iso8601(&mut ts, crate::time::epoch_ms());
     match format {
         LogFormat::Text => {
-            let _ = write!(out, "{ts} {level:<5} ");
+            crate::time::write_iso8601(&mut out, crate::time::epoch_ms());
+            let _ = write!(out, " {level:<5} ");
             let mut text = Escaped {
                 out: &mut out,
                 quote: false,
@@ -153,8 +152,16 @@ pub fn line(
             let _ = fields.visit(&mut TextFields(&mut out));
         }
         LogFormat::Json => {
-            let level = level.as_str().to_ascii_lowercase();
-            let _ = write!(out, r#"{{"ts":"{ts}","level":"{level}","msg":"#);
+            out.push_str(r#"{"ts":""#);
+            crate::time::write_iso8601(&mut out, crate::time::epoch_ms());
+            let level = match level {
+                Level::Error => "error",
+                Level::Warn => "warn",
+                Level::Info => "info",
+                Level::Debug => "debug",
+                Level::Trace => "trace",
+            };
+            let _ = write!(out, r#"","level":"{level}","msg":"#);
             json_string(&mut out, &msg.to_string());
             let _ = fields.visit(&mut JsonFields(&mut out));
             out.push('}');
@@ -173,13 +180,14 @@ impl<'kvs> VisitSource<'kvs> for TextFields<'_> {
         out.push(' ');
         out.push_str(key.as_str());
         out.push('=');
-        let text = value.to_string();
-        let quote = text.is_empty() || text.chars().any(needs_quotes);
-        if quote {
+        // Written in place; only a value that must be quoted is taken out
+        // again to be escaped (most are ids, numbers and words).
+        let start = out.len();
+        let _ = write!(out, "{value}");
+        if out.len() == start || out[start..].chars().any(needs_quotes) {
+            let text = out.split_off(start);
             out.push('"');
-        }
-        let _ = Escaped { out, quote }.write_str(&text);
-        if quote {
+            let _ = Escaped { out, quote: true }.write_str(&text);
             out.push('"');
         }
         Ok(())
