@@ -2,7 +2,8 @@
 //! turning a bus message into an encoded frame, fanning one frame out to
 //! 10,000 outboxes, the timer wheel at 100,000 timers, verifying a ticket, and
 //! the cluster log's structures: finding a resume id in a 100,000-event replay
-//! window, and a new leader finding the log's tail in 100,000 heard messages.
+//! window, and a new leader finding the log's tail in 100,000 heard messages;
+//! the registry taking and giving back 10,000 streams' slots.
 //!
 //! `cargo bench --bench hot_paths`; results go to `target/criterion/`.
 
@@ -20,6 +21,7 @@ use sse_gateway::ingress::clusterlog::{
 use sse_gateway::reactor::outbox::Outbox;
 use sse_gateway::reactor::timer::TimerWheel;
 use sse_gateway::stream::frame::{self, EventId, Frame, Purpose};
+use sse_gateway::stream::registry::{Elsewhere, Limits, Registry, Slot};
 use sse_gateway::stream::replay::ReplayWindow;
 use sse_gateway::stream::subscriptions::{Filter, Subscriptions};
 
@@ -230,6 +232,51 @@ fn heard(c: &mut Criterion) {
     });
 }
 
+/// The registry of open streams: 10,000 streams take their slots and give
+/// them back (a reconnect storm's opens and closes), one stream per user
+/// and four per user.
+fn registry(c: &mut Criterion) {
+    let ip = "127.0.0.1".parse().expect("an address");
+    let limits = Limits {
+        alerts: 8,
+        data: 8,
+        per_ip: u32::MAX,
+    };
+    let slot = |i: u32| Slot {
+        id: uuid::Uuid::from_u128(u128::from(i) + 1),
+        purpose: Purpose::Data,
+        devices: Vec::<Box<str>>::new().into(),
+        connected_at_ms: 0,
+        owner: (0, i),
+    };
+    let mut g = c.benchmark_group("registry");
+    g.throughput(Throughput::Elements(10_000));
+    for per_user in [1u32, 4] {
+        let users: Vec<UserId> = (0..10_000 / per_user)
+            .map(|u| UserId::named(&format!("user-{u}")))
+            .collect();
+        let name = format!("open_close_10k_streams_{per_user}_per_user");
+        g.bench_function(name, |b| {
+            b.iter_batched_ref(
+                || Registry::new(limits, Arc::default()),
+                |r| {
+                    for i in 0..10_000 {
+                        let user = &users[(i / per_user) as usize];
+                        let _ = r.open(user, ip, slot(i), Elsewhere::default());
+                    }
+                    for i in 0..10_000 {
+                        let user = &users[(i / per_user) as usize];
+                        r.close(user, ip, uuid::Uuid::from_u128(u128::from(i) + 1));
+                    }
+                    r.total()
+                },
+                BatchSize::LargeInput,
+            )
+        });
+    }
+    g.finish();
+}
+
 criterion_group!(
     benches,
     head_parse,
@@ -239,6 +286,7 @@ criterion_group!(
     timers,
     tickets,
     replay,
-    heard
+    heard,
+    registry
 );
 criterion_main!(benches);
