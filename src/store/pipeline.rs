@@ -270,7 +270,7 @@ fn settle(
         _ => None,
     };
     if let Some(undo) = undo {
-        release(link, &[undo])?;
+        release(link, [undo])?;
     }
     if let LeaseAnswer::Refused { .. } = user {
         facts.ip_lease = LeaseAnswer::NotAsked;
@@ -280,8 +280,11 @@ fn settle(
 }
 
 /// Gives one lease back on each of `asks`' keys, in one round trip.
-pub fn release(link: &mut Link, asks: &[&LeaseAsk]) -> RedisResult<()> {
-    stage(link, asks.iter().map(|ask| lease::release(ask)).collect()).map(drop)
+pub fn release<'a>(
+    link: &mut Link,
+    asks: impl IntoIterator<Item = &'a LeaseAsk>,
+) -> RedisResult<()> {
+    stage(link, asks.into_iter().map(lease::release).collect()).map(drop)
 }
 
 /// Runs `jobs` (each [`groupable`]) in two shared round trips; their

@@ -229,8 +229,7 @@ fn worker(redis: &Deployment, queues: Queues, completions: &Completions, pending
 /// Runs lease releases in one round trip; on a connection that died while
 /// idle, once more on a fresh one (as [`run_once_more`]). Whether they ran.
 fn release_once_more(redis: &Deployment, con: &mut Option<Link>, asks: &[LeaseAsk]) -> bool {
-    let asks: Vec<&LeaseAsk> = asks.iter().collect();
-    once_more(redis, con, |c| pipeline::release(c, &asks))
+    once_more(redis, con, |c| pipeline::release(c, asks))
         .map_err(|e| warn!("{} lease releases failed: {e}", asks.len()))
         .is_ok()
 }
@@ -303,7 +302,7 @@ fn run(link: &mut Link, job: &Job) -> redis::RedisResult<Outcome> {
             Outcome::TicketAlive(n == 1)
         }
         Job::ReleaseLease(ask) => {
-            pipeline::release(link, &[ask])?;
+            pipeline::release(link, [ask])?;
             Outcome::Published
         }
         Job::Publish { channel, payload } => {
