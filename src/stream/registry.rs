@@ -442,7 +442,7 @@ mod tests {
         );
         let users: Vec<UserId> = ["a", "b", "c"].map(UserId::named).to_vec();
         let ip: IpAddr = "127.0.0.1".parse().unwrap();
-        let mut model: HashMap<usize, Vec<(StreamId, Purpose)>> = HashMap::new();
+        let mut model: HashMap<usize, Vec<(StreamId, Purpose, u64)>> = HashMap::new();
         let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
         let mut next = move || {
             seed ^= seed << 13;
@@ -457,21 +457,24 @@ mod tests {
                 let purpose = [Purpose::Alerts, Purpose::Data][(next() % 2) as usize];
                 let mut slot = stream(&n.to_string(), purpose);
                 slot.owner = (0, n);
+                slot.connected_at_ms = u64::from(n) * 7;
                 let full = held.iter().filter(|h| h.1 == purpose).count() >= 4;
                 let opened = r.open(&users[who], ip, slot, Elsewhere::default());
                 assert_eq!(opened.is_ok(), !full);
                 if !full {
-                    held.push((sid(&n.to_string()), purpose));
+                    held.push((sid(&n.to_string()), purpose, u64::from(n) * 7));
                 }
             } else if !held.is_empty() {
-                let (id, _) = held.remove((next() % held.len() as u64) as usize);
+                let (id, _, _) = held.remove((next() % held.len() as u64) as usize);
                 r.close(&users[who], ip, id);
             }
             for (i, user) in users.iter().enumerate() {
                 let want = model.get(&i).cloned().unwrap_or_default();
                 let (counts, slots) = r.of(user);
-                let got: Vec<(StreamId, Purpose)> =
-                    slots.iter().map(|s| (s.id, s.purpose)).collect();
+                let got: Vec<(StreamId, Purpose, u64)> = slots
+                    .iter()
+                    .map(|s| (s.id, s.purpose, s.connected_at_ms))
+                    .collect();
                 assert_eq!(got, want, "user {i} after step {n}");
                 let data = want.iter().filter(|w| w.1 == Purpose::Data).count();
                 assert_eq!(counts.data as usize, data);
