@@ -467,12 +467,16 @@ fn connections_that_are_not_streams_are_capped_per_ip() {
     let gw = Gateway::builder()
         .args(&["--max-requests-per-ip", "4"])
         .start();
+    // Read from another address: this one's connections are capped.
+    let open = || metric_sum_from(&gw, "127.0.0.2", "sse_connections_open");
+    // The start-up probe's connection (from this address) must be gone
+    // first: while the gateway still counted it, the fourth held one was
+    // refused, and the count below never came.
+    assert!(wait_until(T, || open() == 1.0), "only the reading one open");
     let held: Vec<TcpStream> = (0..4)
         .map(|_| TcpStream::connect(gw.addr()).unwrap())
         .collect();
-    // Read from another address: this one's connections are capped. The
-    // reading connection is the fifth connection open.
-    let open = || metric_sum_from(&gw, "127.0.0.2", "sse_connections_open");
+    // The reading connection is the fifth connection open.
     assert!(wait_until(T, || open() >= 5.0));
     let mut fifth = TcpStream::connect(gw.addr()).unwrap();
     assert!(closed_within(&mut fifth, T), "the fifth was kept");
