@@ -6,7 +6,7 @@
 //! streams of the same machines, and each would otherwise hold its own.
 
 use std::collections::{HashMap, HashSet};
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -175,13 +175,73 @@ impl Row {
     }
 }
 
+/// Open streams per address (limit key: an IPv4 address or an IPv6 /64),
+/// in two tables keyed by the address's bits: 8 bytes an entry for IPv4
+/// and 16 for IPv6, where an `IpAddr` key would make every entry 24. A
+/// server on the internet sees about as many addresses as streams.
+#[derive(Default)]
+struct Addresses {
+    v4: HashMap<u32, u32>,
+    /// The /64's upper 64 bits (the rest of a limit key is zero).
+    v6: HashMap<u64, u32>,
+}
+
+impl Addresses {
+    fn get(&self, ip: IpAddr) -> u32 {
+        let n = match ip {
+            IpAddr::V4(v4) => self.v4.get(&u32::from(v4)),
+            IpAddr::V6(v6) => self.v6.get(&net64(v6)),
+        };
+        n.copied().unwrap_or(0)
+    }
+
+    fn add(&mut self, ip: IpAddr) {
+        match ip {
+            IpAddr::V4(v4) => *self.v4.entry(u32::from(v4)).or_default() += 1,
+            IpAddr::V6(v6) => *self.v6.entry(net64(v6)).or_default() += 1,
+        }
+    }
+
+    /// One stream fewer; the entry goes at zero.
+    fn remove(&mut self, ip: IpAddr) {
+        match ip {
+            IpAddr::V4(v4) => one_fewer(&mut self.v4, u32::from(v4)),
+            IpAddr::V6(v6) => one_fewer(&mut self.v6, net64(v6)),
+        }
+    }
+
+    /// Every address with open streams, as a limit key.
+    fn keys(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        let v4 = self.v4.keys().map(|&k| IpAddr::from(Ipv4Addr::from(k)));
+        let v6 = self
+            .v6
+            .keys()
+            .map(|&k| IpAddr::from(Ipv6Addr::from(u128::from(k) << 64)));
+        v4.chain(v6)
+    }
+}
+
+/// An IPv6 /64's upper 64 bits.
+fn net64(v6: Ipv6Addr) -> u64 {
+    (u128::from(v6) >> 64) as u64
+}
+
+fn one_fewer<K: std::hash::Hash + Eq>(table: &mut HashMap<K, u32>, key: K) {
+    if let Some(n) = table.get_mut(&key) {
+        *n -= 1;
+        if *n == 0 {
+            table.remove(&key);
+        }
+    }
+}
+
 #[derive(Default)]
 struct Tables {
     /// Keyed by user id, shared (not copied) with the lease renewer.
     users: HashMap<Arc<str>, User>,
     /// Every open stream's slot, chained per user from `User::newest`.
     slots: Slab<Row>,
-    ips: HashMap<IpAddr, u32>,
+    ips: Addresses,
     total: usize,
     /// The device lists of open streams, one copy each (see [`Registry::devices`]).
     lists: HashSet<Devices>,
@@ -246,14 +306,14 @@ impl Registry {
         if current.get(purpose) >= limit {
             return Err(Refusal::User { purpose, current });
         }
-        let ip_streams = t.ips.get(&ip).copied().unwrap_or(0) + elsewhere.ip;
+        let ip_streams = t.ips.get(ip) + elsewhere.ip;
         if ip_streams >= self.limits.per_ip {
             return Err(Refusal::Ip {
                 current,
                 ip_streams,
             });
         }
-        *t.ips.entry(ip).or_default() += 1;
+        t.ips.add(ip);
         let t = &mut *t;
         let u = t.users.entry(user.key.clone()).or_insert(User {
             counts: Counts::default(),
@@ -321,12 +381,7 @@ impl Registry {
         if u.newest == NO_ROW {
             t.users.remove(&*user.key);
         }
-        if let Some(n) = t.ips.get_mut(&ip) {
-            *n -= 1;
-            if *n == 0 {
-                t.ips.remove(&ip);
-            }
-        }
+        t.ips.remove(ip);
         t.total -= 1;
         self.metrics.stream_gauge(purpose).fetch_sub(1, Relaxed);
     }
@@ -367,7 +422,7 @@ impl Registry {
                 }
             }
         }
-        (users, t.ips.keys().copied().collect())
+        (users, t.ips.keys().collect())
     }
 
     pub fn total(&self) -> usize {
@@ -492,6 +547,57 @@ mod tests {
         }
         // A slot is one 48-byte row of one table, not a vector per user.
         assert_eq!(std::mem::size_of::<Row>(), 48);
+    }
+
+    /// Random streams from and gone from a few IPv4 addresses and IPv6 /64s
+    /// (several addresses in one /64): after each, the counts and the
+    /// addresses listed for lease renewal agree with a map keyed by
+    /// `IpAddr`, the naive model.
+    #[test]
+    fn address_tables_agree_with_a_map_of_addresses() {
+        let pool: Vec<IpAddr> = [
+            "127.0.0.1",
+            "10.1.2.3",
+            "255.255.255.255",
+            "0.0.0.0",
+            "2001:db8::1",
+            "2001:db8::ffff",
+            "2001:db8:0:1::1",
+            "::1",
+            "fe80::1",
+            "ffff:ffff:ffff:ffff::1",
+        ]
+        .iter()
+        .map(|a| limit_key(a.parse().unwrap()))
+        .collect();
+        let mut table = Addresses::default();
+        let mut model: HashMap<IpAddr, u32> = HashMap::new();
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        for step in 0..4000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let ip = pool[(seed % pool.len() as u64) as usize];
+            if seed & (1 << 40) == 0 {
+                table.add(ip);
+                *model.entry(ip).or_default() += 1;
+            } else if let Some(n) = model.get_mut(&ip) {
+                table.remove(ip);
+                *n -= 1;
+                if *n == 0 {
+                    model.remove(&ip);
+                }
+            }
+            for ip in &pool {
+                let want = model.get(ip).copied().unwrap_or(0);
+                assert_eq!(table.get(*ip), want, "{ip} after step {step}");
+            }
+            let mut got: Vec<IpAddr> = table.keys().collect();
+            let mut want: Vec<IpAddr> = model.keys().copied().collect();
+            got.sort();
+            want.sort();
+            assert_eq!(got, want, "after step {step}");
+        }
     }
 
     #[test]
