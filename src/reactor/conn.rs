@@ -109,7 +109,7 @@ pub enum Phase {
 }
 
 /// A slab row: every field is sized for a connection that is an idle
-/// stream most of its life (192 bytes; a test holds it there).
+/// stream most of its life (176 bytes; a test holds it there).
 pub struct Conn {
     pub socket: TcpStream,
     /// The peer's address and port, kept apart: a `SocketAddr` would take
@@ -134,8 +134,9 @@ pub struct Conn {
     pub idle: bool,
     /// Counted in the per-IP cap of connections that are not streams.
     pub counted: bool,
-    /// Reactor clock (ms) when the current request's first byte arrived.
-    pub started: u64,
+    /// Reactor clock (ms, a 32-bit stamp: see [`stamp`]) when the current
+    /// request's first byte arrived; [`Conn::started_at`] reads it.
+    started: u32,
     /// How much of `input` was already searched for the end of the head
     /// (`input` holds at most [`READ_BUFFER_CAP`] bytes).
     pub scanned: u32,
@@ -145,16 +146,28 @@ pub struct Conn {
     pub wrote_at: u32,
 }
 
-/// The reactor clock as `wrote_at` keeps it: 32 bits that wrap, never 0
-/// (0 is "no write").
-fn stamp(now: u64) -> u32 {
+/// The reactor clock as a connection keeps it: 32 bits that wrap, never 0
+/// (0 is "none"). Only ever read back as the time since, which is exact
+/// below 49 days: far past every deadline that reads it.
+pub fn stamp(now: u64) -> u32 {
     (now as u32).max(1)
 }
 
 /// Milliseconds from `stamp` to `now`, both read the same way: a write in
 /// the reactor's first millisecond is 0 ms old then, not 2^32 - 1.
-fn since(stamp_at: u32, now: u64) -> u32 {
+pub fn since(stamp_at: u32, now: u64) -> u32 {
     stamp(now).wrapping_sub(stamp_at)
+}
+
+/// The reactor clock (ms) a stamp was taken at, read at `now`.
+pub fn stamped_at(stamp_at: u32, now: u64) -> u64 {
+    now.saturating_sub(u64::from(since(stamp_at, now)))
+}
+
+/// The reactor clock in tenths of a second, 32 bits (13 years): when a
+/// stream opened, for the duration its closing line reports.
+pub fn tenths(now: u64) -> u32 {
+    (now / 100) as u32
 }
 
 /// The socket written with `send`/`sendmsg`: the socket calls, which skip
@@ -214,7 +227,7 @@ impl Conn {
             read_blocked: false,
             idle: false,
             counted: false,
-            started: now,
+            started: stamp(now),
             scanned: 0,
             wrote_at: 0,
         }
@@ -287,6 +300,16 @@ impl Conn {
         Ok((flushed, self.outbox.queued() < before))
     }
 
+    /// The current request's first byte arrived now (reactor clock, ms).
+    pub fn start_request(&mut self, now: u64) {
+        self.started = stamp(now);
+    }
+
+    /// When the current request's first byte arrived (reactor clock, ms).
+    pub fn started_at(&self, now: u64) -> u64 {
+        stamped_at(self.started, now)
+    }
+
     /// Whether the stream sent bytes within the last `ms` milliseconds.
     pub fn written_within(&self, now: u64, ms: u32) -> bool {
         self.wrote_at != 0 && since(self.wrote_at, now) < ms
@@ -322,7 +345,7 @@ impl Conn {
 
 #[cfg(test)]
 mod tests {
-    use super::{since, stamp};
+    use super::{since, stamp, stamped_at, tenths};
 
     /// A stream written in the reactor's first millisecond was written 0 ms
     /// before, in that millisecond (it read as 2^32 - 1 ms, and the frames
@@ -336,15 +359,44 @@ mod tests {
         assert_eq!(since(stamp(wrap - 1), wrap + 9), 10);
     }
 
-    /// Every connection is a slab row of this size, most of them idle
-    /// streams: a field that grows it costs every stream. 192 bytes in a
-    /// release build (it was 288, then 232 before the outbox went behind a
-    /// pointer); mio's socket carries a selector id in a
-    /// debug build, so what is asserted is the row beside the socket.
+    /// A request's start and a stall's, kept as 32-bit stamps, read back as
+    /// the clock they were taken at: past the wrap, and days later.
     #[test]
-    fn a_connection_row_is_192_bytes() {
+    fn a_stamp_reads_back_as_the_clock_it_was_taken_at() {
+        let wrap = 1u64 << 32;
+        for taken in [5, wrap - 3, wrap, wrap + 7, 3 * wrap + 1] {
+            for later in [0, 1, 999, 3 * 86_400_000] {
+                // A stamp is never 0, so one taken in the wrap's own
+                // millisecond reads a millisecond later.
+                let want = if taken as u32 == 0 && later > 0 {
+                    taken + 1
+                } else {
+                    taken
+                };
+                assert_eq!(
+                    stamped_at(stamp(taken), taken + later),
+                    want,
+                    "{taken} + {later}"
+                );
+            }
+        }
+        // Tenths of a second go on where the millisecond stamp wraps.
+        let opened = tenths(wrap + 250);
+        assert_eq!(tenths(wrap + 250 + 1234 * 100).wrapping_sub(opened), 1234);
+    }
+
+    /// Every connection is a slab row of this size, most of them idle
+    /// streams: a field that grows it costs every stream. 176 bytes in a
+    /// release build (it was 288, then 232 before the outbox went behind a
+    /// pointer and three clocks to 32 bits). mio's socket is 4 bytes there
+    /// and 16 in a debug build (it carries a selector id), so a debug build
+    /// checks the row beside the socket, padding included: 172 or 176.
+    #[test]
+    fn a_connection_row_is_176_bytes() {
         use std::mem::size_of;
         let socket = size_of::<mio::net::TcpStream>();
-        assert!(size_of::<super::Conn>() - socket <= 192 - 4);
+        assert!(size_of::<super::Conn>() - socket <= 176);
+        #[cfg(not(debug_assertions))]
+        assert_eq!(size_of::<super::Conn>(), 176);
     }
 }

@@ -45,7 +45,7 @@ impl Reactor {
                 if conn.idle && !conn.input.is_empty() {
                     // The first byte of the next request: its clocks start.
                     conn.idle = false;
-                    conn.started = now;
+                    conn.start_request(now);
                     self.arm(key, self.gw.config.head_timeout_secs);
                 }
                 self.process_requests(key);
@@ -311,7 +311,7 @@ impl Reactor {
             return;
         };
         if let Phase::Retrying(retry) = &conn.phase {
-            if retry.probes > 0 && now < conn.started + ms(PROBE_WAIT) {
+            if retry.probes > 0 && now < conn.started_at(now) + ms(PROBE_WAIT) {
                 return self.arm(key, LIMIT_RETRY);
             }
         }
@@ -339,6 +339,7 @@ impl Reactor {
             self.gw.metrics.rejected(r.status);
         }
         let deadline = ms(self.gw.config.request_timeout_secs);
+        let now = self.now();
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
@@ -346,7 +347,7 @@ impl Reactor {
         conn.outbox
             .push_bytes(r.encode(exchange.head_only, !close, exchange.cors.as_deref()));
         conn.phase = Phase::Responding { close };
-        let at = conn.started + deadline;
+        let at = conn.started_at(now) + deadline;
         self.arm_at(key, at);
         self.mark_dirty(key);
     }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use log::info;
 use rand::Rng;
 
-use super::conn::{Exchange, Flush, Input, Phase};
+use super::conn::{since, stamped_at, tenths, Exchange, Flush, Input, Phase};
 use super::mailbox::Inbox;
 use super::{ms, Cause, Listening, Reactor, TIMER_DRAIN};
 
@@ -263,7 +263,7 @@ impl Reactor {
         };
         let mut at = s.next_heartbeat;
         if s.stalled_since != 0 {
-            at = at.min(s.stalled_since + stall);
+            at = at.min(stamped_at(s.stalled_since, self.now()) + stall);
         }
         self.arm_at(key, at);
     }
@@ -275,7 +275,7 @@ impl Reactor {
         let Some(Phase::Streaming(s)) = self.conns.get_mut(key).map(|c| &mut c.phase) else {
             return;
         };
-        if s.stalled_since != 0 && now >= s.stalled_since + stall {
+        if s.stalled_since != 0 && u64::from(since(s.stalled_since, now)) >= stall {
             self.gw.metrics.write_stalls.fetch_add(1, Relaxed);
             self.close(key, Cause::WriteStall);
             return;
@@ -322,7 +322,7 @@ impl Reactor {
                 .stream_closed(&stream.user, stream.client, stream.purpose, stream.id);
             return;
         };
-        if self.recent.refuses(conn.started, &mut stream) {
+        if self.recent.refuses(conn.started_at(now), &mut stream) {
             self.gw
                 .stream_closed(&stream.user, stream.client, stream.purpose, stream.id);
             let r = Response::error(401, "Stream ticket revoked");
@@ -385,7 +385,7 @@ impl Reactor {
             Some(id) => self.waiting.push((key, id)),
             None => self.subs.add(key, stream.purpose, &stream.filter),
         }
-        stream.opened = now;
+        stream.opened = tenths(now);
         stream.next_heartbeat = self.next_heartbeat(now);
         let Some(conn) = self.conns.get_mut(key) else {
             return;

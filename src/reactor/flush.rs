@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use log::info;
 
-use super::conn::{Flush, Phase};
+use super::conn::{stamp, tenths, Flush, Phase};
 use super::outbox::Flushed;
 use super::{Cause, Reactor, KEEP_RING_MS, LINGER};
 
@@ -58,7 +58,7 @@ impl Reactor {
                     if let Phase::Streaming(s) = &mut conn.phase {
                         let first = s.stalled_since == 0;
                         if first || progressed {
-                            s.stalled_since = now;
+                            s.stalled_since = stamp(now);
                         }
                         if first {
                             self.arm_stream(key);
@@ -86,7 +86,7 @@ impl Reactor {
                 // The next request's clock starts now if it is already here
                 // (pipelined); otherwise the connection idles in keep-alive.
                 conn.idle = conn.input.is_empty();
-                conn.started = now;
+                conn.start_request(now);
                 let wait = if conn.idle {
                     self.gw.config.keepalive_idle_secs
                 } else {
@@ -133,7 +133,7 @@ impl Reactor {
         }
         self.gw
             .stream_closed(&stream.user, stream.client, stream.purpose, stream.id);
-        let secs = self.now().saturating_sub(stream.opened) as f64 / 1000.0;
+        let secs = f64::from(tenths(self.now()).wrapping_sub(stream.opened)) / 10.0;
         info!(
             id:% = stream.id,
             user:% = stream.user,

@@ -28,14 +28,16 @@ pub struct Stream {
     pub client: IpAddr,
     pub purpose: Purpose,
     pub filter: Filter,
-    /// Reactor clock (ms) when it opened.
-    pub opened: u64,
+    /// Reactor clock when it opened, in tenths of a second (what the
+    /// closing log line reports; 32 bits of them last 13 years).
+    pub opened: u32,
     /// Bytes the client sent since (should stay 0; it is cut off past
     /// 16 KiB, so 32 bits hold it).
     pub input: u32,
     /// Reactor clock (ms) of the next heartbeat.
     pub next_heartbeat: u64,
-    /// Reactor clock (ms) since which the client has taken none of the
-    /// queued bytes; 0 while it keeps up.
-    pub stalled_since: u64,
+    /// Reactor clock (ms, wrapping at 32 bits like the connection's write
+    /// stamp) since which the client has taken none of the queued bytes; 0
+    /// while it keeps up.
+    pub stalled_since: u32,
 }
