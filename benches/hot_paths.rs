@@ -234,9 +234,10 @@ fn heard(c: &mut Criterion) {
 
 /// The registry of open streams: 10,000 streams take their slots and give
 /// them back (a reconnect storm's opens and closes), one stream per user
-/// and four per user.
+/// and four per user from one address, and one stream per user from an
+/// address of its own (clients on the internet).
 fn registry(c: &mut Criterion) {
-    let ip = "127.0.0.1".parse().expect("an address");
+    let one: std::net::IpAddr = "127.0.0.1".parse().expect("an address");
     let limits = Limits {
         alerts: 8,
         data: 8,
@@ -251,22 +252,30 @@ fn registry(c: &mut Criterion) {
     };
     let mut g = c.benchmark_group("registry");
     g.throughput(Throughput::Elements(10_000));
-    for per_user in [1u32, 4] {
+    for (per_user, addresses) in [(1u32, false), (4, false), (1, true)] {
         let users: Vec<UserId> = (0..10_000 / per_user)
             .map(|u| UserId::named(&format!("user-{u}")))
             .collect();
-        let name = format!("open_close_10k_streams_{per_user}_per_user");
+        // 10.0.0.0 onwards: one address per stream.
+        let ip = |i: u32| match addresses {
+            true => std::net::IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i)),
+            false => one,
+        };
+        let name = match addresses {
+            true => "open_close_10k_streams_1_per_user_and_address".to_string(),
+            false => format!("open_close_10k_streams_{per_user}_per_user"),
+        };
         g.bench_function(name, |b| {
             b.iter_batched_ref(
                 || Registry::new(limits, Arc::default()),
                 |r| {
                     for i in 0..10_000 {
                         let user = &users[(i / per_user) as usize];
-                        let _ = r.open(user, ip, slot(i), Elsewhere::default());
+                        let _ = r.open(user, ip(i), slot(i), Elsewhere::default());
                     }
                     for i in 0..10_000 {
                         let user = &users[(i / per_user) as usize];
-                        r.close(user, ip, uuid::Uuid::from_u128(u128::from(i) + 1));
+                        r.close(user, ip(i), uuid::Uuid::from_u128(u128::from(i) + 1));
                     }
                     r.total()
                 },
