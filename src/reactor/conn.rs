@@ -148,7 +148,9 @@ pub struct Conn {
 
 /// The reactor clock as a connection keeps it: 32 bits that wrap, never 0
 /// (0 is "none"). Only ever read back as the time since, which is exact
-/// below 49 days: far past every deadline that reads it.
+/// below 49 days: far past the deadlines that read it (a request's, a write
+/// stall's), unless a flag sets one longer; a write stall of 49 days or more
+/// then never ends a stream.
 pub fn stamp(now: u64) -> u32 {
     (now as u32).max(1)
 }
