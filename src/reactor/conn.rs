@@ -85,6 +85,12 @@ pub struct Retry {
     pub exchange: Exchange,
     /// Probes not answered yet.
     pub probes: usize,
+    /// A probe found its stream's client gone and freed the slot: the
+    /// second look comes when the probes are in. Otherwise it waits for the
+    /// retry timer: a client's close can reach the kernel's socket a moment
+    /// after its next request does (another CPU's backlog, a proxy that
+    /// closes upstream late), and a reload must not meet 429 for that.
+    pub freed: bool,
 }
 
 pub enum Phase {
@@ -94,8 +100,8 @@ pub enum Phase {
     /// connections are streams, and this keeps every slab entry small).
     Waiting(Box<(Pending, Exchange)>),
     /// A limit refused a stream once; when the probes of the slots' holders
-    /// have all answered (or a timer fires) it gets a second look (see
-    /// `Resolution::Retry`).
+    /// have all answered and one freed a slot, or when a timer fires, it
+    /// gets a second look (see `Resolution::Retry`).
     Retrying(Box<Retry>),
     /// A response is queued; then `Reading` again or, if `close`, `Closing`.
     Responding { close: bool },

@@ -252,6 +252,7 @@ impl Reactor {
                     request: *request,
                     exchange,
                     probes: holders.len(),
+                    freed: false,
                 }));
                 let asker = Reply {
                     reactor: self.index,
@@ -272,22 +273,26 @@ impl Reactor {
 
     /// Looks at a stream whose slot another request wants: if its client has
     /// gone (the FIN is waiting in the socket), it closes now and frees the
-    /// slot. Then tells the asker.
+    /// slot. Then tells the asker whether it did.
     pub(super) fn probe(&mut self, conn: usize, asker: Reply) {
-        if self.conns.get(conn).is_some_and(|c| c.stream().is_some()) {
+        let streaming = |r: &Self| r.conns.get(conn).is_some_and(|c| c.stream().is_some());
+        let held = streaming(self);
+        if held {
             self.on_readable(conn);
         }
+        let freed = held && !streaming(self);
         if asker.reactor == self.index {
-            self.on_probed(asker.conn, asker.serial);
+            self.on_probed(asker.conn, asker.serial, freed);
         } else if let Some(mailbox) = self.gw.hub.mailboxes().get(asker.reactor) {
             mailbox.send(Inbox::Probed {
                 conn: asker.conn,
                 serial: asker.serial,
+                freed,
             });
         }
     }
 
-    pub(super) fn on_probed(&mut self, key: usize, serial: u32) {
+    pub(super) fn on_probed(&mut self, key: usize, serial: u32, freed: bool) {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
@@ -298,7 +303,10 @@ impl Reactor {
             return;
         }
         retry.probes = retry.probes.saturating_sub(1);
-        if retry.probes == 0 {
+        retry.freed |= freed;
+        // Nothing freed: the retry timer (armed with the probes) gives the
+        // second look, and a close still on its way the time to arrive.
+        if retry.probes == 0 && retry.freed {
             self.retry_now(key);
         }
     }

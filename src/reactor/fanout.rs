@@ -45,7 +45,11 @@ impl Reactor {
                     outcome,
                 } => self.on_outcome(conn, serial, outcome),
                 Inbox::Probe { conn, asker } => self.probe(conn, asker),
-                Inbox::Probed { conn, serial } => self.on_probed(conn, serial),
+                Inbox::Probed {
+                    conn,
+                    serial,
+                    freed,
+                } => self.on_probed(conn, serial, freed),
                 Inbox::Revoke { ticket } => self.revoke(ticket),
                 Inbox::Access { user, owned } => self.access_changed(&user, owned),
                 Inbox::Drain => self.drain(),

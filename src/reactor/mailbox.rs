@@ -38,8 +38,13 @@ pub enum Inbox {
     /// connection holds: look whether its client has gone, then answer with
     /// `Probed` to `asker`.
     Probe { conn: usize, asker: Reply },
-    /// A probe this connection asked for is done.
-    Probed { conn: usize, serial: u32 },
+    /// A probe this connection asked for is done; `freed`: the probed
+    /// stream's client had gone, and its slot is free.
+    Probed {
+        conn: usize,
+        serial: u32,
+        freed: bool,
+    },
     /// Ticket `id` was revoked: close every stream opened with it.
     Revoke { ticket: uuid::Uuid },
     /// `user` now owns exactly `owned`: close their data streams naming

@@ -49,6 +49,35 @@ fn a_page_reload_never_meets_429() {
     lab.check_empty();
 }
 
+/// The reload again, but the old page's close comes after the probe of its
+/// stream found it open (the close was still on its way: another CPU's
+/// backlog, a proxy that closes upstream late). Nothing was freed, so the
+/// second look waits for the retry timer, not refusing at once.
+#[test]
+fn a_reload_whose_close_comes_after_the_probe_still_opens() {
+    let mut lab = Lab::new(&[]);
+    lab.memory().grant("u1", "M1");
+    let ticket = lab.ticket("u1");
+    let mut first = Client::connect(&mut lab);
+    first.send(&stream_request(&ticket, "M1"));
+    assert!(lab.until(T, |_| first.pump().statuses() == [200]));
+    let mut second = Client::connect(&mut lab);
+    second.send(&stream_request(&ticket, "M1"));
+    let probed = |lab: &mut Lab| {
+        lab.reactor.conns.iter().any(
+            |(_, c)| matches!(&c.phase, crate::reactor::conn::Phase::Retrying(r) if r.probes == 0),
+        )
+    };
+    assert!(lab.until(T, probed), "the probe found the old stream open");
+    drop(first);
+    assert!(lab.until(T, |_| !second.pump().statuses().is_empty()));
+    assert_eq!(second.statuses(), [200], "{}", second.text());
+    lab.check_slots();
+    drop(second);
+    assert!(lab.until(T, |lab| lab.reactor.connections() == 0));
+    lab.check_empty();
+}
+
 #[test]
 fn pipelined_requests_are_answered_in_order() {
     let mut lab = Lab::new(&[]);
