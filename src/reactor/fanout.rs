@@ -10,7 +10,7 @@ use std::sync::Arc;
 use log::info;
 use rand::Rng;
 
-use super::conn::{since, stamped_at, tenths, Exchange, Flush, Input, Phase};
+use super::conn::{stamped_at, tenths, Exchange, Flush, Input, Phase};
 use super::mailbox::Inbox;
 use super::{ms, Cause, Listening, Reactor, TIMER_DRAIN};
 
@@ -265,10 +265,8 @@ impl Reactor {
         let Some(s) = self.conns.get(key).and_then(|c| c.stream()) else {
             return;
         };
-        let mut at = s.next_heartbeat;
-        if s.stalled_since != 0 {
-            at = at.min(stamped_at(s.stalled_since, self.now()) + stall);
-        }
+        let at = stall_deadline(s, self.now(), stall)
+            .map_or(s.next_heartbeat, |d| d.min(s.next_heartbeat));
         self.arm_at(key, at);
     }
 
@@ -279,7 +277,7 @@ impl Reactor {
         let Some(Phase::Streaming(s)) = self.conns.get_mut(key).map(|c| &mut c.phase) else {
             return;
         };
-        if s.stalled_since != 0 && u64::from(since(s.stalled_since, now)) >= stall {
+        if stall_deadline(s, now, stall).is_some_and(|d| now >= d) {
             self.gw.metrics.write_stalls.fetch_add(1, Relaxed);
             self.close(key, Cause::WriteStall);
             return;
@@ -441,4 +439,10 @@ impl Reactor {
             }
         }
     }
+}
+
+/// When a stalled stream is cut off: `stall` ms after its client last took
+/// a byte (reactor clock); None while it keeps up.
+fn stall_deadline(s: &Stream, now: u64, stall: u64) -> Option<u64> {
+    (s.stalled_since != 0).then(|| stamped_at(s.stalled_since, now) + stall)
 }
