@@ -8,7 +8,7 @@
 //!
 //! | layer | modules | owns |
 //! |---|---|---|
-//! | leaves | [`time`], [`config`], [`log`], [`metrics`], [`http`] | clocks, flags, logging, counters, request heads and responses |
+//! | leaves | [`time`], [`config`], [`log`], [`metrics`], [`http`], [`heap`] | clocks, flags, logging, counters, request heads and responses, the allocator |
 //! | model | [`stream::frame`], [`stream::subscriptions`], [`auth`] | events, purposes, filters, ids; who is asking |
 //! | state | [`stream::registry`], [`stream::replay`], [`stream`] | open streams and limits, the replay window, an open stream |
 //! | store | [`store`] | the lookup protocol, its memory and Redis backends, leases |
@@ -21,6 +21,7 @@
 pub mod auth;
 pub mod config;
 pub mod context;
+pub mod heap;
 pub mod http;
 pub mod ingress;
 pub mod log;

@@ -4,6 +4,8 @@
 use clap::error::ErrorKind;
 
 fn main() {
+    // Before any thread starts (see the module `heap`).
+    sse_gateway::heap::share_one_arena();
     // Only the thread that waits for SIGTERM/SIGINT takes them; every other
     // thread, the logger's first, is started with them blocked.
     if let Err(e) = sse_gateway::startup::block_drain_signals() {

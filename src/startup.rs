@@ -5,6 +5,7 @@
 //! in-process tests of the reactor use.
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::thread;
 use std::time::Instant;
@@ -236,6 +237,8 @@ pub fn run(config: Config) -> Result<(), Fatal> {
         demo::start(gw.hub.clone()).map_err(io)?;
     }
     watch_signals(gw.hub.clone())?;
+    let metrics = gw.metrics.clone();
+    crate::heap::start_trimming(move || metrics.connections_accepted.load(Relaxed)).map_err(io)?;
 
     let mode = if gw.config.demo {
         "demo"
