@@ -275,7 +275,7 @@ fn registry(c: &mut Criterion) {
                     }
                     for i in 0..10_000 {
                         let user = &users[(i / per_user) as usize];
-                        r.close(user, ip(i), uuid::Uuid::from_u128(u128::from(i) + 1));
+                        r.close(&user.key, ip(i), uuid::Uuid::from_u128(u128::from(i) + 1));
                     }
                     r.total()
                 },

@@ -8,7 +8,6 @@ use std::time::Instant;
 
 use crate::auth::ticket::TicketKey;
 use crate::auth::token::TokenKey;
-use crate::auth::UserId;
 use crate::config::Config;
 use crate::ingress::Hub;
 use crate::metrics::Metrics;
@@ -22,14 +21,14 @@ use crate::stream::registry::{Registry, StreamId};
 impl Gateway {
     /// A stream ended (or never started after taking its slot): free its
     /// limit slot here and its lease in Redis.
-    pub fn stream_closed(&self, user: &UserId, ip: IpAddr, purpose: Purpose, stream_id: StreamId) {
+    pub fn stream_closed(&self, user: &str, ip: IpAddr, purpose: Purpose, stream_id: StreamId) {
         self.registry.close(user, ip, stream_id);
         self.release_lease(user, ip, purpose);
     }
 
     /// Gives back a stream's cluster-wide leases, its user's and its
     /// address's (Redis mode).
-    pub fn release_lease(&self, user: &UserId, ip: IpAddr, purpose: Purpose) {
+    pub fn release_lease(&self, user: &str, ip: IpAddr, purpose: Purpose) {
         if let Some(leases) = &self.leases {
             let ip = crate::config::limit_key(ip);
             for ask in [leases.ask(user, purpose, 0), leases.ask_ip(ip, 0)] {

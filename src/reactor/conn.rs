@@ -31,7 +31,8 @@ use crate::stream::Stream;
 /// body, plus room for a pipelined request behind them.
 pub const READ_BUFFER_CAP: usize = 32 * 1024;
 /// `scanned` once the head's end was found (only the body may be missing).
-const HEAD_FOUND: u32 = u32::MAX;
+const HEAD_FOUND: u16 = u16::MAX;
+const _: () = assert!(READ_BUFFER_CAP < HEAD_FOUND as usize);
 /// Bytes a stream's client may send before it is cut off (it should send none).
 pub const STREAM_INPUT_CAP: usize = 16 * 1024;
 
@@ -115,13 +116,12 @@ pub enum Phase {
 }
 
 /// A slab row: every field is sized for a connection that is an idle
-/// stream most of its life (176 bytes; a test holds it there).
+/// stream most of its life (160 bytes; a test holds it there).
 pub struct Conn {
     pub socket: TcpStream,
-    /// The peer's address and port, kept apart: a `SocketAddr` would take
-    /// 32 bytes for the 19 used.
+    /// The peer's address (limits count it). Not its port: only a log line
+    /// of a refused request names that, and asks the socket (see [`Conn::peer`]).
     pub peer_ip: IpAddr,
-    pub peer_port: u16,
     pub phase: Phase,
     /// Request bytes not yet consumed.
     pub input: Input,
@@ -144,8 +144,8 @@ pub struct Conn {
     /// request's first byte arrived; [`Conn::started_at`] reads it.
     started: u32,
     /// How much of `input` was already searched for the end of the head
-    /// (`input` holds at most [`READ_BUFFER_CAP`] bytes).
-    pub scanned: u32,
+    /// (`input` holds at most [`READ_BUFFER_CAP`] bytes, below 2^16).
+    pub scanned: u16,
     /// Reactor clock (ms, wrapping at 32 bits: it only measures the time
     /// since) of the last write that sent bytes since the stream opened; 0
     /// for none (a request's response does not make a stream look busy).
@@ -224,7 +224,6 @@ impl Conn {
         Conn {
             socket,
             peer_ip: peer.ip(),
-            peer_port: peer.port(),
             phase: Phase::Reading,
             input: Input::default(),
             outbox: Outbox::default(),
@@ -255,7 +254,7 @@ impl Conn {
         self.scanned = if found {
             HEAD_FOUND
         } else {
-            u32::try_from(self.input.len()).unwrap_or(0)
+            u16::try_from(self.input.len()).unwrap_or(0)
         };
         found
     }
@@ -338,9 +337,12 @@ impl Conn {
         }
     }
 
-    /// The peer's address, for log lines.
+    /// The peer's address and port, for the log lines of refused requests
+    /// (a system call: rare lines only).
     pub fn peer(&self) -> SocketAddr {
-        SocketAddr::new(self.peer_ip, self.peer_port)
+        self.socket
+            .peer_addr()
+            .unwrap_or(SocketAddr::new(self.peer_ip, 0))
     }
 
     pub fn stream(&self) -> Option<&Stream> {
@@ -394,17 +396,20 @@ mod tests {
     }
 
     /// Every connection is a slab row of this size, most of them idle
-    /// streams: a field that grows it costs every stream. 176 bytes in a
-    /// release build (it was 288, then 232 before the outbox went behind a
-    /// pointer and three clocks to 32 bits). mio's socket is 4 bytes there
-    /// and 16 in a debug build (it carries a selector id), so a debug build
-    /// checks the row beside the socket, padding included: 172 or 176.
+    /// streams: a field that grows it costs every stream. 160 bytes in a
+    /// release build (it was 288; 232 before the outbox went behind a
+    /// pointer and three clocks to 32 bits; 176 before a stream kept its
+    /// user as the bare shared id, timer keys got a never-zero generation,
+    /// the head scan went to 16 bits and the peer's port to the socket).
+    /// mio's socket is 4 bytes there and 16 in a debug build (it carries a
+    /// selector id), so a debug build checks the row beside the socket,
+    /// padding included.
     #[test]
-    fn a_connection_row_is_176_bytes() {
+    fn a_connection_row_is_160_bytes() {
         use std::mem::size_of;
         let socket = size_of::<mio::net::TcpStream>();
-        assert!(size_of::<super::Conn>() - socket <= 176);
+        assert!(size_of::<super::Conn>() - socket <= 160);
         #[cfg(not(debug_assertions))]
-        assert_eq!(size_of::<super::Conn>(), 176);
+        assert_eq!(size_of::<super::Conn>(), 160);
     }
 }

@@ -49,7 +49,7 @@ impl Recent {
         for (_, r) in self.0.iter().filter(|(at, _)| *at >= since) {
             match r {
                 Revocation::Ticket(t) if *t == stream.ticket => return true,
-                Revocation::Access(user, owned) if user.key == stream.user.key && !stream.admin => {
+                Revocation::Access(user, owned) if user.key == stream.user && !stream.admin => {
                     match &stream.filter {
                         Filter::Devices(d) if stream.purpose == Purpose::Data => {
                             if d.iter().any(|d| !owned.contains(d)) {
@@ -105,10 +105,7 @@ impl Reactor {
         let keys: Vec<usize> = self
             .conns
             .iter()
-            .filter(|(_, c)| {
-                c.stream()
-                    .is_some_and(|s| s.user.key == user.key && !s.admin)
-            })
+            .filter(|(_, c)| c.stream().is_some_and(|s| s.user == user.key && !s.admin))
             .map(|(k, _)| k)
             .collect();
         for key in keys {

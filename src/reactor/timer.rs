@@ -25,6 +25,7 @@
 #![forbid(unsafe_code)]
 
 use std::fmt;
+use std::num::NonZeroU32;
 
 /// log2 of the number of slots per level.
 const SLOT_BITS: u32 = 6;
@@ -45,10 +46,11 @@ const NIL: u32 = u32::MAX;
 /// The generation makes keys single-use: once the timer fires or is
 /// cancelled, its slab slot is recycled with a new generation, so an old key
 /// held by a connection that forgot to clear it cannot touch the new timer.
+/// Generations are never 0, so an `Option<TimerKey>` is 8 bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct TimerKey {
     index: u32,
-    generation: u32,
+    generation: NonZeroU32,
 }
 
 /// Which list a slab node is currently on.
@@ -68,9 +70,9 @@ struct Node {
     prev: u32,
     next: u32,
     /// Bumped every time the node is released. A stale key would look
-    /// fresh again only after 2^32 reuses of its node; the reactor drops a
+    /// fresh again only after 2^32 - 1 reuses of its node; the reactor drops a
     /// key when its timer fires or is cancelled, so this is the second line.
-    generation: u32,
+    generation: NonZeroU32,
     home: Home,
 }
 
@@ -326,7 +328,7 @@ impl TimerWheel {
             value,
             prev: NIL,
             next: NIL,
-            generation: 0,
+            generation: NonZeroU32::MIN,
             home: Home::Free,
         });
         index
@@ -342,7 +344,7 @@ impl TimerWheel {
         self.len -= 1;
         let free_head = self.free_head;
         let node = self.node(index);
-        node.generation = node.generation.wrapping_add(1);
+        node.generation = node.generation.checked_add(1).unwrap_or(NonZeroU32::MIN);
         node.home = Home::Free;
         node.prev = NIL;
         node.next = free_head;
@@ -716,17 +718,18 @@ mod tests {
         // A key from another wheel, beyond this slab, is simply stale.
         let foreign = TimerKey {
             index: NIL - 1,
-            generation: 0,
+            generation: NonZeroU32::MIN,
         };
         assert_eq!(wheel.cancel(foreign), None);
     }
 
-    /// A reactor holds a node per connection and a key in each: 32 and 12
-    /// bytes (they were 48 and 24 with 64-bit links and generations).
+    /// A reactor holds a node per connection and a key in each: 32 and 8
+    /// bytes (they were 48 and 24 with 64-bit links and generations, and the
+    /// key 12 while a generation could be 0).
     #[test]
-    fn a_node_is_32_bytes_and_a_key_fits_in_12() {
+    fn a_node_is_32_bytes_and_a_key_fits_in_8() {
         assert_eq!(std::mem::size_of::<Node>(), 32);
-        assert_eq!(std::mem::size_of::<Option<TimerKey>>(), 12);
+        assert_eq!(std::mem::size_of::<Option<TimerKey>>(), 8);
     }
 
     #[test]

@@ -142,7 +142,7 @@ pub fn stream_job(gw: &Gateway, r: &StreamRequest) -> Job {
         lease: gw
             .leases
             .as_ref()
-            .map(|leases| leases.ask(&r.ticket.user, r.purpose, limit)),
+            .map(|leases| leases.ask(&r.ticket.user.key, r.purpose, limit)),
         ip_lease: gw
             .leases
             .as_ref()
@@ -212,7 +212,7 @@ pub(super) fn open(
             };
             let opened = gw.registry.open(&s.ticket.user, s.client, slot, elsewhere);
             if let (Err(_), LeaseAnswer::Granted { .. }) = (&opened, facts.lease) {
-                gw.release_lease(&s.ticket.user, s.client, s.purpose);
+                gw.release_lease(&s.ticket.user.key, s.client, s.purpose);
             }
             opened.err()
         }
@@ -251,7 +251,7 @@ pub(super) fn open(
         stream: Box::new(Stream {
             id,
             ticket,
-            user: s.ticket.user,
+            user: s.ticket.user.key,
             admin: s.ticket.admin,
             client: s.client,
             purpose: s.purpose,

@@ -38,7 +38,6 @@ use log::warn;
 use redis::Value;
 
 use super::connect::{Deployment, Link};
-use crate::auth::UserId;
 use crate::stream::frame::Purpose;
 use crate::stream::registry::Registry;
 
@@ -232,8 +231,8 @@ impl Leases {
         self.dead.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    pub fn ask(&self, user: &UserId, purpose: Purpose, limit: u32) -> LeaseAsk {
-        self.ask_on(key(&user.key, purpose), limit)
+    pub fn ask(&self, user: &str, purpose: Purpose, limit: u32) -> LeaseAsk {
+        self.ask_on(key(user, purpose), limit)
     }
 
     /// The lease a stream from `ip` (already reduced to its limit key) takes.
@@ -367,6 +366,7 @@ mod tests {
     //! costs one call per instance between the rare renewals of the keys.
 
     use super::*;
+    use crate::auth::UserId;
     use crate::stream::registry::{Elsewhere, Limits, Slot};
     use sse_testkit::redis_server::Redis;
 

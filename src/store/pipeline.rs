@@ -372,7 +372,7 @@ mod tests {
         let user = UserId::named(user);
         Job::StreamFacts {
             ticket_id: ticket.into(),
-            lease: Some(leases.ask(&user, Purpose::Data, 1)),
+            lease: Some(leases.ask(&user.key, Purpose::Data, 1)),
             ip_lease: Some(leases.ask_ip("10.1.2.3".parse().expect("ip"), 2)),
             user,
             check: Some(vec![device.into()]),

@@ -325,7 +325,6 @@ mod tests {
     //! The pool against a real redis-server.
 
     use super::*;
-    use crate::auth::UserId;
     use crate::store::lease::{self, Leases};
     use crate::stream::frame::Purpose;
     use sse_testkit::redis_server::Redis;
@@ -349,7 +348,7 @@ mod tests {
         lease::ACQUIRE_SCRIPT.load(&mut con).expect("load");
         lease::RELEASE_SCRIPT.load(&mut con).expect("load");
         let asks: Vec<_> = (0..1000)
-            .map(|n| leases.ask(&UserId::named(&format!("u{n}")), Purpose::Data, 5))
+            .map(|n| leases.ask(&format!("u{n}"), Purpose::Data, 5))
             .collect();
         let mut pipe = redis::pipe();
         for ask in &asks {

@@ -9,8 +9,8 @@ pub mod replay;
 pub mod subscriptions;
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
-use crate::auth::UserId;
 use frame::Purpose;
 use registry::StreamId;
 use subscriptions::Filter;
@@ -22,7 +22,10 @@ pub struct Stream {
     pub id: StreamId,
     /// The ticket it was opened with (a revocation names it).
     pub ticket: uuid::Uuid,
-    pub user: UserId,
+    /// The user's id as the registry and the leases key it, one allocation
+    /// shared with them (whether `sub` was a number only matters to JSON
+    /// answers, and a stream gives none).
+    pub user: Arc<str>,
     /// Opened with an admin ticket: access changes do not narrow it.
     pub admin: bool,
     pub client: IpAddr,

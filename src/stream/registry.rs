@@ -140,11 +140,31 @@ pub enum Refusal {
     Ip { current: Counts, ip_streams: u32 },
 }
 
-/// A user's open streams: their counts, and the newest of their slots in
-/// `Tables::slots` (older ones follow through [`Row::next`]).
+/// A user's open streams on this instance: their counts, and the newest
+/// of their slots in `Tables::slots` (older ones follow through
+/// [`Row::next`]). Counts of 16 bits make a table entry 24 bytes with its
+/// key, not 32: a user holds a handful of streams, and [`Registry::open`]
+/// refuses the 65,536th of one purpose whatever the limit says.
 struct User {
-    counts: Counts,
+    alerts: u16,
+    data: u16,
     newest: u32,
+}
+
+impl User {
+    fn counts(&self) -> Counts {
+        Counts {
+            alerts: self.alerts.into(),
+            data: self.data.into(),
+        }
+    }
+
+    fn count(&mut self, p: Purpose) -> &mut u16 {
+        match p {
+            Purpose::Alerts => &mut self.alerts,
+            Purpose::Data => &mut self.data,
+        }
+    }
 }
 
 /// "No row": the end of a user's chain.
@@ -292,21 +312,23 @@ impl Registry {
     ) -> Result<(), Refusal> {
         let ip = limit_key(ip);
         let mut t = self.lock();
+        let purpose = stream.purpose;
         let mut current = t
             .users
             .get(&*user.key)
-            .map(|u| u.counts)
+            .map(User::counts)
             .unwrap_or_default();
-        *current.slot(stream.purpose) += elsewhere.user;
-        let purpose = stream.purpose;
+        let here = current.get(purpose);
+        let slot = current.slot(purpose);
+        *slot = slot.saturating_add(elsewhere.user);
         let limit = match purpose {
             Purpose::Alerts => self.limits.alerts,
             Purpose::Data => self.limits.data,
         };
-        if current.get(purpose) >= limit {
+        if current.get(purpose) >= limit || here >= u32::from(u16::MAX) {
             return Err(Refusal::User { purpose, current });
         }
-        let ip_streams = t.ips.get(ip) + elsewhere.ip;
+        let ip_streams = t.ips.get(ip).saturating_add(elsewhere.ip);
         if ip_streams >= self.limits.per_ip {
             return Err(Refusal::Ip {
                 current,
@@ -316,10 +338,11 @@ impl Registry {
         t.ips.add(ip);
         let t = &mut *t;
         let u = t.users.entry(user.key.clone()).or_insert(User {
-            counts: Counts::default(),
+            alerts: 0,
+            data: 0,
             newest: NO_ROW,
         });
-        *u.counts.slot(purpose) += 1;
+        *u.count(purpose) += 1;
         // Rows are open streams, far fewer than 2^32 - 1.
         u.newest = t.slots.insert(Row {
             id: stream.id,
@@ -349,7 +372,7 @@ impl Registry {
     }
 
     /// Gives back the slot of stream `id`.
-    pub fn close(&self, user: &UserId, ip: IpAddr, id: StreamId) {
+    pub fn close(&self, user: &str, ip: IpAddr, id: StreamId) {
         let ip = limit_key(ip);
         let mut t = self.lock();
         t.closed_since_sweep += 1;
@@ -360,7 +383,7 @@ impl Registry {
             t.lists.retain(|l| l.holders() > 1);
         }
         let t = &mut *t;
-        let Some(u) = t.users.get_mut(&*user.key) else {
+        let Some(u) = t.users.get_mut(user) else {
             return;
         };
         // Find the row in the user's chain, and the row before it.
@@ -377,9 +400,9 @@ impl Registry {
             _ => t.slots[before as usize].next = row.next,
         }
         let purpose = row.purpose;
-        *u.counts.slot(purpose) -= 1;
+        *u.count(purpose) -= 1;
         if u.newest == NO_ROW {
-            t.users.remove(&*user.key);
+            t.users.remove(user);
         }
         t.ips.remove(ip);
         t.total -= 1;
@@ -394,7 +417,7 @@ impl Registry {
         };
         let mut slots: Vec<Slot> = t.rows(u).map(Row::slot).collect();
         slots.reverse();
-        (u.counts, slots)
+        (u.counts(), slots)
     }
 
     /// Where the user's streams of `purpose` live: (reactor, connection).
@@ -417,7 +440,7 @@ impl Registry {
         let mut users = Vec::with_capacity(t.users.len());
         for (user, u) in &t.users {
             for p in [Purpose::Alerts, Purpose::Data] {
-                if u.counts.get(p) > 0 {
+                if u.counts().get(p) > 0 {
                     users.push((user.clone(), p));
                 }
             }
@@ -449,6 +472,65 @@ mod tests {
         uuid::Uuid::from_u128(name.bytes().fold(1, |h, b| h * 131 + u128::from(b)))
     }
 
+    /// The user table holds an entry per user with open streams: its key
+    /// (the shared id) and 8 bytes of counts and chain.
+    #[test]
+    fn a_user_entry_is_24_bytes() {
+        assert_eq!(std::mem::size_of::<(Arc<str>, User)>(), 24);
+    }
+
+    /// Counts are 16 bits: past them a stream is refused as over the
+    /// user's limit, even where the limit is higher, and the counts stay
+    /// exact on the way down.
+    #[test]
+    fn a_user_holds_at_most_65535_streams_of_a_purpose_whatever_the_limit() {
+        let limits = Limits {
+            alerts: u32::MAX,
+            data: u32::MAX,
+            per_ip: u32::MAX,
+        };
+        let r = Registry::new(limits, Arc::default());
+        let (user, ip) = (UserId::named("service"), "10.0.0.1".parse().unwrap());
+        let slot = |n: u32| Slot {
+            id: uuid::Uuid::from_u128(u128::from(n) + 1),
+            ..stream("", Purpose::Data)
+        };
+        let max = u32::from(u16::MAX);
+        for n in 0..max {
+            assert_eq!(r.open(&user, ip, slot(n), Elsewhere::default()), Ok(()));
+        }
+        let refused = r.open(&user, ip, slot(max), Elsewhere::default());
+        let current = Counts {
+            alerts: 0,
+            data: max,
+        };
+        assert_eq!(
+            refused,
+            Err(Refusal::User {
+                purpose: Purpose::Data,
+                current
+            })
+        );
+        assert_eq!(
+            r.open(
+                &user,
+                ip,
+                stream("a", Purpose::Alerts),
+                Elsewhere::default()
+            ),
+            Ok(())
+        );
+        r.close(&user.key, ip, slot(7).id);
+        assert_eq!(
+            r.of(&user).0,
+            Counts {
+                alerts: 1,
+                data: max - 1
+            }
+        );
+        assert_eq!(r.open(&user, ip, slot(max), Elsewhere::default()), Ok(()));
+    }
+
     #[test]
     fn streams_of_the_same_devices_share_one_list_until_none_holds_it() {
         let r = Registry::new(
@@ -475,7 +557,7 @@ mod tests {
         drop(c);
         let (user, ip) = (UserId::named("u"), "127.0.0.1".parse().unwrap());
         for _ in 0..=64 {
-            r.close(&user, ip, sid("none"));
+            r.close(&user.key, ip, sid("none"));
         }
         let t = r.lock();
         assert_eq!(t.lists.len(), 1);
@@ -521,7 +603,7 @@ mod tests {
                 }
             } else if !held.is_empty() {
                 let (id, _, _) = held.remove((next() % held.len() as u64) as usize);
-                r.close(&users[who], ip, id);
+                r.close(&users[who].key, ip, id);
             }
             for (i, user) in users.iter().enumerate() {
                 let want = model.get(&i).cloned().unwrap_or_default();
@@ -659,8 +741,8 @@ mod tests {
             })
         );
         assert_eq!(r.total(), 3);
-        r.close(&alice, ip, sid("a1"));
-        r.close(&alice, ip, sid("a1")); // twice: harmless
+        r.close(&alice.key, ip, sid("a1"));
+        r.close(&alice.key, ip, sid("a1")); // twice: harmless
         assert_eq!(
             r.open(
                 &alice,
@@ -674,7 +756,7 @@ mod tests {
         assert_eq!(counts, Counts { alerts: 1, data: 1 });
         assert_eq!(streams.len(), 2);
         for (u, id) in [(&alice, "a3"), (&alice, "a4"), (&bob, "b1")] {
-            r.close(u, ip, sid(id));
+            r.close(&u.key, ip, sid(id));
         }
         assert_eq!(r.total(), 0);
         assert_eq!(r.of(&alice).0, Counts::default());
@@ -729,7 +811,7 @@ mod tests {
             r.open(&u, other, stream("5", Purpose::Data), Elsewhere::default()),
             Ok(())
         );
-        r.close(&u, b, sid("1"));
+        r.close(&u.key, b, sid("1"));
         assert_eq!(
             r.open(&u, a, stream("6", Purpose::Data), Elsewhere::default()),
             Ok(())
