@@ -189,21 +189,58 @@ impl Link {
     /// `cmds` in one round trip per node (one pipeline on a single server;
     /// in a Cluster, one per node owning the keys): their replies in order.
     pub fn batch(&mut self, cmds: Vec<redis::Cmd>) -> RedisResult<Vec<Value>> {
+        let pipe = self.pipe(cmds);
+        self.run(&pipe)
+    }
+
+    /// [`Link::batch`], and when Redis answers `NOSCRIPT` (it lost its
+    /// script cache: a restart, a failover), `reload` loads the scripts and
+    /// the same pipeline runs once more: it is built once, and nothing is
+    /// copied in case a retry is needed.
+    pub fn batch_reloading(
+        &mut self,
+        cmds: Vec<redis::Cmd>,
+        reload: impl FnOnce(&mut Link) -> RedisResult<()>,
+    ) -> RedisResult<Vec<Value>> {
+        let pipe = self.pipe(cmds);
+        match self.run(&pipe) {
+            Err(e) if e.code() == Some("NOSCRIPT") => {
+                reload(self)?;
+                self.run(&pipe)
+            }
+            other => other,
+        }
+    }
+
+    fn pipe(&self, cmds: Vec<redis::Cmd>) -> Pipe {
         match self {
-            Link::Node(c) => {
+            Link::Node(_) => {
                 let mut pipe = redis::pipe();
                 cmds.into_iter().for_each(|cmd| {
                     pipe.add_command(cmd);
                 });
-                pipe.query(c)
+                Pipe::Node(pipe)
             }
-            Link::Cluster(c) => {
+            Link::Cluster(_) => {
                 let mut pipe = redis::cluster::cluster_pipe();
                 cmds.into_iter().for_each(|cmd| {
                     pipe.add_command(cmd);
                 });
-                pipe.query(c)
+                Pipe::Cluster(pipe)
             }
+        }
+    }
+
+    fn run(&mut self, pipe: &Pipe) -> RedisResult<Vec<Value>> {
+        match (self, pipe) {
+            (Link::Node(c), Pipe::Node(p)) => p.query(c),
+            (Link::Cluster(c), Pipe::Cluster(p)) => p.query(c),
+            // `pipe` made them alike; a mismatch is a bug, answered as an error.
+            _ => Err((
+                redis::ErrorKind::Client,
+                "a pipeline for another kind of link",
+            )
+                .into()),
         }
     }
 
@@ -222,6 +259,12 @@ impl Link {
             Link::Cluster(c) => cmds.iter().map(|cmd| cmd.query(c)).collect(),
         }
     }
+}
+
+/// A pipeline built for one kind of link.
+enum Pipe {
+    Node(redis::Pipeline),
+    Cluster(redis::cluster::ClusterPipeline),
 }
 
 /// Whether a command that failed this way may succeed on a fresh link: the

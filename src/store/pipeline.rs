@@ -56,15 +56,12 @@ fn stage(link: &mut Link, cmds: Vec<redis::Cmd>) -> RedisResult<Vec<Value>> {
     if cmds.is_empty() {
         return Ok(Vec::new());
     }
-    match link.batch(cmds.clone()) {
-        Err(e) if e.code() == Some("NOSCRIPT") => {
-            for script in [&*MINTS, &*lease::ACQUIRE_SCRIPT, &*lease::RELEASE_SCRIPT] {
-                script.load(link.con())?;
-            }
-            link.batch(cmds)
+    link.batch_reloading(cmds, |link| {
+        for script in [&*MINTS, &*lease::ACQUIRE_SCRIPT, &*lease::RELEASE_SCRIPT] {
+            script.load(link.con())?;
         }
-        other => other,
-    }
+        Ok(())
+    })
 }
 
 /// A job between its stages.
