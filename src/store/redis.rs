@@ -26,9 +26,10 @@ use super::Completions;
 const QUEUE_BOUND: usize = 16_384;
 /// Worker threads, each with its own Redis link. A worker runs what is
 /// queued behind the job it took in shared round trips, so two keep up with
-/// an open storm as four did (~5,000 opens/s here either way), and each
-/// worker's arena holds its own share of a storm's transient memory
-/// afterwards (four: ~70 bytes per stream at 10,000 streams; two: ~35).
+/// an open storm as four did (~5,000 opens/s here either way). When each
+/// thread had a malloc arena of its own (before `crate::heap` made it one),
+/// each worker's kept its share of a storm's transient memory afterwards:
+/// ~35 bytes per stream at 10,000 streams for each.
 const WORKERS: usize = 2;
 /// Lease releases sent in one round trip at most.
 const RELEASE_BATCH: usize = 256;

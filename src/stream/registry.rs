@@ -75,29 +75,33 @@ pub struct Slot {
     pub owner: (u32, u32),
 }
 
+/// Open streams per purpose: 32-bit in answers and checks, 16-bit where a
+/// user's entry keeps them (see [`User`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Counts {
-    pub alerts: u32,
-    pub data: u32,
+pub struct Counts<N = u32> {
+    pub alerts: N,
+    pub data: N,
 }
 
-impl Counts {
-    pub fn get(&self, p: Purpose) -> u32 {
+impl<N: Copy> Counts<N> {
+    pub fn get(&self, p: Purpose) -> N {
         match p {
             Purpose::Alerts => self.alerts,
             Purpose::Data => self.data,
         }
     }
 
-    pub fn add(&mut self, p: Purpose, n: u32) {
-        *self.slot(p) += n;
-    }
-
-    fn slot(&mut self, p: Purpose) -> &mut u32 {
+    fn slot(&mut self, p: Purpose) -> &mut N {
         match p {
             Purpose::Alerts => &mut self.alerts,
             Purpose::Data => &mut self.data,
         }
+    }
+}
+
+impl Counts {
+    pub fn add(&mut self, p: Purpose, n: u32) {
+        *self.slot(p) += n;
     }
 
     pub fn to_json(self) -> Value {
@@ -146,23 +150,15 @@ pub enum Refusal {
 /// key, not 32: a user holds a handful of streams, and [`Registry::open`]
 /// refuses the 65,536th of one purpose whatever the limit says.
 struct User {
-    alerts: u16,
-    data: u16,
+    counts: Counts<u16>,
     newest: u32,
 }
 
 impl User {
     fn counts(&self) -> Counts {
         Counts {
-            alerts: self.alerts.into(),
-            data: self.data.into(),
-        }
-    }
-
-    fn count(&mut self, p: Purpose) -> &mut u16 {
-        match p {
-            Purpose::Alerts => &mut self.alerts,
-            Purpose::Data => &mut self.data,
+            alerts: self.counts.alerts.into(),
+            data: self.counts.data.into(),
         }
     }
 }
@@ -338,11 +334,10 @@ impl Registry {
         t.ips.add(ip);
         let t = &mut *t;
         let u = t.users.entry(user.key.clone()).or_insert(User {
-            alerts: 0,
-            data: 0,
+            counts: Counts::default(),
             newest: NO_ROW,
         });
-        *u.count(purpose) += 1;
+        *u.counts.slot(purpose) += 1;
         // Rows are open streams, far fewer than 2^32 - 1.
         u.newest = t.slots.insert(Row {
             id: stream.id,
@@ -400,7 +395,7 @@ impl Registry {
             _ => t.slots[before as usize].next = row.next,
         }
         let purpose = row.purpose;
-        *u.count(purpose) -= 1;
+        *u.counts.slot(purpose) -= 1;
         if u.newest == NO_ROW {
             t.users.remove(user);
         }
@@ -440,7 +435,7 @@ impl Registry {
         let mut users = Vec::with_capacity(t.users.len());
         for (user, u) in &t.users {
             for p in [Purpose::Alerts, Purpose::Data] {
-                if u.counts().get(p) > 0 {
+                if u.counts.get(p) > 0 {
                     users.push((user.clone(), p));
                 }
             }
