@@ -1,8 +1,14 @@
-//! Logging that never blocks a reactor: one line per event, formatted on the
-//! calling thread, handed to a bounded channel, and written to stderr by a
-//! logger thread. When stderr is slow (a full pipe, a stalled journald) lines
-//! are dropped and counted instead of stalling the event loop; the count is
-//! reported as a log line once the writer catches up.
+//! Logging that never blocks a reactor and costs no wake-up per line: one
+//! line per event, formatted on the calling thread into a scratch string of
+//! its own, appended to one shared buffer under a lock held for a copy, and
+//! written to stderr by a writer thread that takes the whole buffer at once.
+//! After each write the writer lets lines gather for [`GATHER`] before it
+//! looks again, so a burst of opens (two lines each) costs the reactors no
+//! futex call and no allocation per line; only the first line after a quiet
+//! spell wakes the writer. When stderr is slow (a full pipe, a stalled
+//! journald) the buffer stops at [`QUEUE_BYTES`]: further lines are dropped
+//! and counted instead of stalling the event loop, and the count is reported
+//! as a log line once the writer catches up.
 //!
 //! Call sites put what they are about in structured fields (the `log` crate's
 //! key-values): `info!(user = u.as_str(), purpose = "data"; "stream open")`.
@@ -16,19 +22,26 @@
 //! Level from `RUST_LOG`: a bare level (`debug`) or `sse_gateway=<level>`;
 //! default `info`.
 
+use std::cell::RefCell;
 use std::fmt::Write as _;
 use std::io::Write;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Condvar, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use log::kv::{self, Key, Source, Value, VisitSource};
 use log::{Level, LevelFilter, Log, Metadata, Record};
 
-/// Lines that may wait for the writer before new ones are dropped.
-const QUEUE: usize = 16 * 1024;
+/// Bytes of lines that may wait for the writer before new ones are dropped.
+const QUEUE_BYTES: usize = 4 << 20;
+/// How long the writer lets lines gather after writing some. Measured in a
+/// storm of 10,000 opens: the writer had been woken for almost every line
+/// (0.9 wake-ups per open), each a futex call on the reactor and a context
+/// switch.
+pub const GATHER: Duration = Duration::from_millis(10);
+/// A scratch string kept by a thread between lines, at most.
+const SCRATCH_KEEP: usize = 4 << 10;
 
 /// How each line is written (`--log-format`, `SSE_LOG_FORMAT`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -56,14 +69,26 @@ fn format() -> LogFormat {
     }
 }
 
-struct ChannelLogger {
+/// Lines written by the loggers and not yet taken by the writer.
+#[derive(Default)]
+struct Pending {
+    text: String,
+    /// The writer is between taking a batch and having written it.
+    writing: bool,
+    /// The writer waits on `wake` for the first line.
+    idle: bool,
+}
+
+struct BufferLogger {
     level: LevelFilter,
-    tx: SyncSender<String>,
-    queued: AtomicUsize,
+    pending: Mutex<Pending>,
+    wake: Condvar,
+    /// Times a line woke the writer (once per quiet spell, not per line).
+    wakes: AtomicU64,
     dropped: AtomicU64,
 }
 
-static LOGGER: OnceLock<ChannelLogger> = OnceLock::new();
+static LOGGER: OnceLock<BufferLogger> = OnceLock::new();
 
 /// The level `RUST_LOG` asks for.
 pub fn level_from(spec: Option<&str>) -> LevelFilter {
@@ -86,11 +111,11 @@ pub fn level_from(spec: Option<&str>) -> LevelFilter {
 
 /// Installs the logger and starts its writer thread.
 pub fn init() {
-    let (tx, rx) = mpsc::sync_channel(QUEUE);
-    let logger = ChannelLogger {
+    let logger = BufferLogger {
         level: level_from(std::env::var("RUST_LOG").ok().as_deref()),
-        tx,
-        queued: AtomicUsize::new(0),
+        pending: Mutex::new(Pending::default()),
+        wake: Condvar::new(),
+        wakes: AtomicU64::new(0),
         dropped: AtomicU64::new(0),
     };
     let level = logger.level;
@@ -103,32 +128,45 @@ pub fn init() {
         }
         let _ = thread::Builder::new()
             .name("stderr-writer".into())
-            .spawn(move || write_lines(logger, rx));
+            .spawn(move || write_lines(logger, &mut std::io::stderr()));
     }
 }
 
-fn write_lines(logger: &ChannelLogger, rx: Receiver<String>) {
-    let mut stderr = std::io::stderr();
+/// The writer thread: takes every pending line at once, writes them with
+/// one call, then lets more gather.
+fn write_lines(logger: &BufferLogger, out: &mut dyn Write) {
     let mut batch = String::new();
-    while let Ok(first) = rx.recv() {
-        batch.clear();
-        batch.push_str(&first);
-        let mut n = 1;
-        while let Ok(more) = rx.try_recv() {
-            batch.push_str(&more);
-            n += 1;
-            if batch.len() > 64 * 1024 {
-                break;
+    loop {
+        {
+            let Ok(mut pending) = logger.pending.lock() else {
+                return;
+            };
+            while pending.text.is_empty() {
+                pending.idle = true;
+                pending = match logger.wake.wait(pending) {
+                    Ok(p) => p,
+                    Err(_) => return,
+                };
             }
+            pending.idle = false;
+            pending.writing = true;
+            std::mem::swap(&mut pending.text, &mut batch);
         }
         let dropped = logger.dropped.swap(0, Relaxed);
         if dropped > 0 {
             let fields = [("dropped", dropped)];
             let msg = format_args!("log lines dropped: stderr too slow");
-            batch.push_str(&line(format(), Level::Warn, msg, &fields));
+            write_line(&mut batch, format(), Level::Warn, msg, &fields);
         }
-        let _ = stderr.write_all(batch.as_bytes());
-        logger.queued.fetch_sub(n, Relaxed);
+        let _ = out.write_all(batch.as_bytes());
+        batch.clear();
+        if batch.capacity() > QUEUE_BYTES / 4 {
+            batch.shrink_to(QUEUE_BYTES / 4);
+        }
+        if let Ok(mut pending) = logger.pending.lock() {
+            pending.writing = false;
+        }
+        thread::sleep(GATHER);
     }
 }
 
@@ -140,20 +178,29 @@ pub fn line(
     fields: &dyn Source,
 ) -> String {
     let mut out = String::with_capacity(128);
+    write_line(&mut out, format, level, msg, fields);
+    out
+}
+
+/// Appends one complete line, newline included, in `format`, to `out`.
+fn write_line(
+    out: &mut String,
+    format: LogFormat,
+    level: Level,
+    msg: std::fmt::Arguments,
+    fields: &dyn Source,
+) {
     match format {
         LogFormat::Text => {
-            crate::time::write_iso8601(&mut out, crate::time::epoch_ms());
+            crate::time::write_iso8601(out, crate::time::epoch_ms());
             let _ = write!(out, " {level:<5} ");
-            let mut text = Escaped {
-                out: &mut out,
-                quote: false,
-            };
+            let mut text = Escaped { out, quote: false };
             let _ = text.write_fmt(msg);
-            let _ = fields.visit(&mut TextFields(&mut out));
+            let _ = fields.visit(&mut TextFields(out));
         }
         LogFormat::Json => {
             out.push_str(r#"{"ts":""#);
-            crate::time::write_iso8601(&mut out, crate::time::epoch_ms());
+            crate::time::write_iso8601(out, crate::time::epoch_ms());
             let level = match level {
                 Level::Error => "error",
                 Level::Warn => "warn",
@@ -162,13 +209,12 @@ pub fn line(
                 Level::Trace => "trace",
             };
             let _ = write!(out, r#"","level":"{level}","msg":"#);
-            json_string(&mut out, &msg.to_string());
-            let _ = fields.visit(&mut JsonFields(&mut out));
+            json_string(out, &msg.to_string());
+            let _ = fields.visit(&mut JsonFields(out));
             out.push('}');
         }
     }
     out.push('\n');
-    out
 }
 
 /// Appends `key=value` pairs to a text line.
@@ -264,7 +310,33 @@ impl std::fmt::Write for Escaped<'_> {
     }
 }
 
-impl Log for ChannelLogger {
+thread_local! {
+    /// Where this thread formats a line before copying it into the buffer.
+    static SCRATCH: RefCell<String> = const { RefCell::new(String::new()) };
+}
+
+impl BufferLogger {
+    /// Appends one formatted line (or counts it dropped when the buffer is
+    /// full), waking the writer only if it waits for a first line.
+    fn append(&self, line: &str) {
+        let Ok(mut pending) = self.pending.lock() else {
+            return;
+        };
+        if pending.text.len() + line.len() > QUEUE_BYTES {
+            drop(pending);
+            self.dropped.fetch_add(1, Relaxed);
+            return;
+        }
+        pending.text.push_str(line);
+        if pending.idle {
+            pending.idle = false;
+            self.wakes.fetch_add(1, Relaxed);
+            self.wake.notify_one();
+        }
+    }
+}
+
+impl Log for BufferLogger {
     fn enabled(&self, metadata: &Metadata) -> bool {
         metadata.level() <= self.level
     }
@@ -273,26 +345,34 @@ impl Log for ChannelLogger {
         if !self.enabled(record.metadata()) {
             return;
         }
-        let text = line(
-            format(),
-            record.level(),
-            *record.args(),
-            record.key_values(),
-        );
-        self.queued.fetch_add(1, Relaxed);
-        match self.tx.try_send(text) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                self.queued.fetch_sub(1, Relaxed);
-                self.dropped.fetch_add(1, Relaxed);
+        let (level, args, fields) = (record.level(), *record.args(), record.key_values());
+        // A line logged while this thread formats one (a field's Display
+        // that logs) gets a string of its own.
+        let formatted = SCRATCH.try_with(|scratch| {
+            let Ok(mut out) = scratch.try_borrow_mut() else {
+                return false;
+            };
+            out.clear();
+            write_line(&mut out, format(), level, args, fields);
+            self.append(&out);
+            if out.capacity() > SCRATCH_KEEP {
+                *out = String::new();
             }
+            true
+        });
+        if formatted != Ok(true) {
+            self.append(&line(format(), level, args, fields));
         }
     }
 
-    /// Waits (at most a second) until every queued line is written.
+    /// Waits (at most a second) until every pending line is written.
     fn flush(&self) {
         let deadline = Instant::now() + Duration::from_secs(1);
-        while self.queued.load(Relaxed) > 0 && Instant::now() < deadline {
+        while Instant::now() < deadline {
+            match self.pending.lock() {
+                Ok(p) if !p.text.is_empty() || p.writing => {}
+                _ => return,
+            }
             thread::sleep(Duration::from_millis(2));
         }
     }
@@ -316,6 +396,85 @@ mod tests {
         for (spec, want) in table {
             assert_eq!(level_from(spec), want, "{spec:?}");
         }
+    }
+
+    fn logger() -> BufferLogger {
+        BufferLogger {
+            level: LevelFilter::Info,
+            pending: Mutex::new(Pending::default()),
+            wake: Condvar::new(),
+            wakes: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+        }
+    }
+
+    #[test]
+    fn a_burst_of_lines_wakes_a_waiting_writer_once() {
+        let logger = logger();
+        if let Ok(mut p) = logger.pending.lock() {
+            p.idle = true;
+        }
+        for n in 0..1000 {
+            logger.append(&format!("line {n}\n"));
+        }
+        assert_eq!(logger.wakes.load(Relaxed), 1);
+        let text = logger
+            .pending
+            .lock()
+            .map(|p| p.text.clone())
+            .unwrap_or_default();
+        assert_eq!(text.lines().count(), 1000);
+        assert!(text.ends_with("line 999\n"));
+    }
+
+    /// A writer that keeps what it is given.
+    #[derive(Clone, Default)]
+    struct Kept(std::sync::Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Kept {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if let Ok(mut v) = self.0.lock() {
+                v.extend_from_slice(buf);
+            }
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_writer_writes_every_line_and_counts_what_a_full_buffer_dropped() {
+        let logger: &'static BufferLogger = Box::leak(Box::new(logger()));
+        let first = "x".repeat(1000) + "\n";
+        let mut appended = 0;
+        while logger.dropped.load(Relaxed) == 0 {
+            logger.append(&first);
+            appended += 1;
+        }
+        assert_eq!(appended, QUEUE_BYTES / first.len() + 1);
+        // Room for one short line is left: it goes into the same batch.
+        logger.append("after\n");
+        let kept = Kept::default();
+        let mut out = kept.clone();
+        thread::spawn(move || write_lines(logger, &mut out));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let text = loop {
+            let text = kept.0.lock().map(|v| v.clone()).unwrap_or_default();
+            let text = String::from_utf8_lossy(&text).into_owned();
+            if text.contains("after\n") || Instant::now() > deadline {
+                break text;
+            }
+            thread::sleep(Duration::from_millis(5));
+        };
+        assert_eq!(text.matches(first.as_str()).count(), appended - 1);
+        // The count follows the lines the writer took with it.
+        let tail = text.rsplit_once(&first).map(|(_, t)| t).unwrap_or_default();
+        assert!(tail.starts_with("after\n"), "{tail}");
+        assert!(
+            tail.ends_with(" WARN  log lines dropped: stderr too slow dropped=1\n"),
+            "{tail}"
+        );
     }
 
     const FORGED: &str = "eve\n2026-01-01T00:00:00.000Z INFO  stream open user=\"admin\"";
