@@ -279,7 +279,6 @@ impl Reactor {
                         self.gw.metrics.peer_refusals.fetch_add(1, Relaxed);
                         continue;
                     }
-                    let _ = socket.set_nodelay(true);
                     let entry = self.conns.vacant_entry();
                     let key = entry.key();
                     if let Err(e) = self.poll.registry().register(
