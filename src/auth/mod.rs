@@ -14,6 +14,14 @@ pub mod token;
 
 use std::fmt;
 
+/// A fresh version-4 UUID (ticket ids, stream ids) from the thread's CSPRNG
+/// (rand's ChaCha, reseeded from the OS): unguessable as `Uuid::new_v4`'s,
+/// without its `getrandom` system call per id, two per open.
+pub fn random_uuid() -> uuid::Uuid {
+    let random: [u8; 16] = rand::Rng::random(&mut rand::rng());
+    uuid::Builder::from_random_bytes(random).into_uuid()
+}
+
 /// A user id as the token's `sub` carried it: a string, or a number that
 /// `/sse/status` gives back as a number. Shared, not copied: a stream, its
 /// registry row and its store lookups hold one allocation of it.

@@ -53,9 +53,26 @@ pub fn names_ticket_audience(aud: Option<&serde_json::Value>) -> bool {
 struct Secret {
     decoding: DecodingKey,
     encoding: EncodingKey,
+    /// HS256's, built once (one per token took five allocations).
+    validation: jsonwebtoken::Validation,
 }
 
 /// What an access token must satisfy besides its signature.
+/// An access token's validation: `alg` = the key's, `exp` required, `nbf`
+/// honoured. `aud` is checked by [`TokenKey::verify`]: the main app may set
+/// audiences of its own, ours (the ticket's) is refused.
+fn access_validation(alg: Algorithm) -> jsonwebtoken::Validation {
+    let mut validation = super::validation(alg, LEEWAY_SECS);
+    validation.validate_aud = false;
+    validation
+}
+
+fn decode(token: &str, key: &DecodingKey, validation: &jsonwebtoken::Validation) -> Option<Claims> {
+    jsonwebtoken::decode::<Claims>(token, key, validation)
+        .ok()
+        .map(|d| d.claims)
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct Claimed {
     /// `--jwt-issuer`: `iss` must equal it.
@@ -90,6 +107,7 @@ impl TokenKey {
             secret: secret.map(|s| Secret {
                 decoding: DecodingKey::from_secret(s),
                 encoding: EncodingKey::from_secret(s),
+                validation: access_validation(Algorithm::HS256),
             }),
             public,
             feeds,
@@ -112,10 +130,10 @@ impl TokenKey {
         let header = jsonwebtoken::decode_header(token).ok()?;
         let claims = if header.alg.family() == AlgorithmFamily::Hmac {
             let secret = self.secret.as_ref()?;
-            self.decode(token, &secret.decoding, Algorithm::HS256)?
+            decode(token, &secret.decoding, &secret.validation)?
         } else {
             let key = self.public_key(header.kid.as_deref())?;
-            self.decode(token, &key.decoding, key.alg)?
+            decode(token, &key.decoding, &access_validation(key.alg))?
         };
         if names_ticket_audience(claims.aud.as_ref()) {
             return None;
@@ -134,17 +152,6 @@ impl TokenKey {
             user: user_from_sub(&claims.sub)?,
             admin: claims.role.as_ref().and_then(|r| r.as_str()) == Some("admin"),
         })
-    }
-
-    /// Signature, `alg` = the key's, `exp` required, `nbf` honoured.
-    fn decode(&self, token: &str, key: &DecodingKey, alg: Algorithm) -> Option<Claims> {
-        let mut validation = super::validation(alg, LEEWAY_SECS);
-        // `aud` is checked by [`TokenKey::verify`]: the main app may set
-        // audiences of its own, ours (the ticket's) is refused.
-        validation.validate_aud = false;
-        jsonwebtoken::decode::<Claims>(token, key, &validation)
-            .ok()
-            .map(|d| d.claims)
     }
 
     /// The public key a token's `kid` names: a JWKS key with that kid, else

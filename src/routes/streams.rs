@@ -108,7 +108,7 @@ pub(super) fn stream_request(gw: &Gateway, req: &Request, purpose: Purpose) -> A
         .or_else(|| query::param(&head.query, "lastEventId").map(|c| c.into_owned()))
         .filter(|s| !s.is_empty());
     let request = StreamRequest {
-        id: StreamId::new_v4(),
+        id: crate::auth::random_uuid(),
         ticket,
         purpose,
         devices,
@@ -223,7 +223,7 @@ pub(super) fn open(
         }
         // A fresh id: the retry is a new stream.
         s.retried = true;
-        s.id = StreamId::new_v4();
+        s.id = crate::auth::random_uuid();
         let holders = gw.registry.holders(&s.ticket.user, s.purpose);
         return Resolution::Retry(Box::new(s), holders);
     }
