@@ -215,7 +215,7 @@ impl Link {
     fn pipe(&self, cmds: Vec<redis::Cmd>) -> Pipe {
         match self {
             Link::Node(_) => {
-                let mut pipe = redis::pipe();
+                let mut pipe = redis::Pipeline::with_capacity(cmds.len());
                 cmds.into_iter().for_each(|cmd| {
                     pipe.add_command(cmd);
                 });
@@ -259,6 +259,17 @@ impl Link {
             Link::Cluster(c) => cmds.iter().map(|cmd| cmd.query(c)).collect(),
         }
     }
+}
+
+/// A command with room for `args` arguments (its name included) and
+/// `bytes` of their text, reserved once. `redis::cmd` grows both by
+/// doubling: five or six reallocations for a lease script call, each under
+/// the malloc arena lock that the reactors and workers share
+/// (`crate::heap`), where an open storm met it contended.
+pub fn command(name: &str, args: usize, bytes: usize) -> redis::Cmd {
+    let mut cmd = redis::Cmd::with_capacity(args, name.len() + bytes);
+    cmd.arg(name);
+    cmd
 }
 
 /// A pipeline built for one kind of link.

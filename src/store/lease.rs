@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 use log::warn;
 use redis::Value;
 
-use super::connect::{Deployment, Link};
+use super::connect::{command, Deployment, Link};
 use crate::stream::frame::Purpose;
 use crate::stream::registry::Registry;
 
@@ -118,7 +118,7 @@ pub static RELEASE_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Scr
 
 /// `EVALSHA` of [`ACQUIRE`] on `ask`'s key.
 pub fn acquire(ask: &LeaseAsk) -> redis::Cmd {
-    let mut evalsha = evalsha(&ACQUIRE_SCRIPT, ask);
+    let mut evalsha = evalsha(&ACQUIRE_SCRIPT, ask, 2 + ask.dead.len());
     evalsha.arg(ask.limit).arg(KEY_LIFE.as_millis() as u64);
     for inst in ask.dead.iter() {
         evalsha.arg(&**inst);
@@ -128,11 +128,14 @@ pub fn acquire(ask: &LeaseAsk) -> redis::Cmd {
 
 /// `EVALSHA` of [`RELEASE`] on `ask`'s key.
 pub fn release(ask: &LeaseAsk) -> redis::Cmd {
-    evalsha(&RELEASE_SCRIPT, ask)
+    evalsha(&RELEASE_SCRIPT, ask, 0)
 }
 
-fn evalsha(script: &redis::Script, ask: &LeaseAsk) -> redis::Cmd {
-    let mut evalsha = redis::cmd("EVALSHA");
+/// `EVALSHA` with `ask`'s key and instance, and room for `more` arguments
+/// (numbers, or dead instances' ids).
+fn evalsha(script: &redis::Script, ask: &LeaseAsk, more: usize) -> redis::Cmd {
+    let sized = 40 + 1 + ask.key.len() + ask.instance.len() + more * 32;
+    let mut evalsha = command("EVALSHA", 5 + more, sized);
     evalsha
         .arg(script.get_hash())
         .arg(1)

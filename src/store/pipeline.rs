@@ -14,7 +14,7 @@ use std::sync::LazyLock;
 use log::warn;
 use redis::{RedisResult, Value};
 
-use super::connect::Link;
+use super::connect::{command, Link};
 use super::lease::{self, LeaseAnswer, LeaseAsk};
 use super::protocol::{
     device_id, devices_key, mints_key, status_key, ticket_key, Job, Outcome, StreamFacts,
@@ -80,11 +80,12 @@ fn first(job: &Job) -> Vec<redis::Cmd> {
             per_minute,
             ..
         } => {
-            let mut evalsha = redis::cmd("EVALSHA");
+            let key = mints_key(user);
+            let mut evalsha = command("EVALSHA", 8, 40 + 1 + key.len() + 13 + id.len() + 20 + 5);
             evalsha
                 .arg(MINTS.get_hash())
                 .arg(1)
-                .arg(mints_key(user))
+                .arg(key)
                 .arg(crate::time::epoch_ms())
                 .arg(id)
                 .arg(per_minute)
@@ -101,25 +102,31 @@ fn first(job: &Job) -> Vec<redis::Cmd> {
             // Single-key commands only (GET per status, not one MGET), so a
             // Cluster sends each to the node of its slot.
             let mut cmds = Vec::with_capacity(2 + status_of.len());
-            let mut exists = redis::cmd("EXISTS");
-            exists.arg(ticket_key(ticket_id));
+            let key = ticket_key(ticket_id);
+            let mut exists = command("EXISTS", 2, key.len());
+            exists.arg(key);
             cmds.push(exists);
             match check {
                 Some(devices) if !devices.is_empty() => {
-                    let mut smismember = redis::cmd("SMISMEMBER");
-                    smismember.arg(devices_key(user)).arg(devices);
+                    let key = devices_key(user);
+                    let listed: usize = devices.iter().map(|d| d.len()).sum();
+                    let mut smismember =
+                        command("SMISMEMBER", 2 + devices.len(), key.len() + listed);
+                    smismember.arg(key).arg(devices);
                     cmds.push(smismember);
                 }
                 Some(_) => {}
                 None => {
-                    let mut smembers = redis::cmd("SMEMBERS");
-                    smembers.arg(devices_key(user));
+                    let key = devices_key(user);
+                    let mut smembers = command("SMEMBERS", 2, key.len());
+                    smembers.arg(key);
                     cmds.push(smembers);
                 }
             }
             for device in status_of {
-                let mut get = redis::cmd("GET");
-                get.arg(status_key(device));
+                let key = status_key(device);
+                let mut get = command("GET", 2, key.len());
+                get.arg(key);
                 cmds.push(get);
             }
             cmds
@@ -195,11 +202,9 @@ fn second(job: &Job, midway: &Midway) -> Vec<redis::Cmd> {
             },
             Midway::Ticket { count },
         ) if *count >= 0 => {
-            let mut set = redis::cmd("SET");
-            set.arg(ticket_key(id))
-                .arg(&*user.key)
-                .arg("EX")
-                .arg(ttl_secs);
+            let key = ticket_key(id);
+            let mut set = command("SET", 5, key.len() + user.key.len() + 2 + 20);
+            set.arg(key).arg(&*user.key).arg("EX").arg(ttl_secs);
             vec![set]
         }
         _ => match leases_due(job, midway) {
