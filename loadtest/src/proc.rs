@@ -256,6 +256,9 @@ pub fn loadavg() -> f64 {
 pub struct Foreign {
     before: HashMap<u32, f64>,
     at: Instant,
+    /// Processes measured in their own columns (a server started by hand
+    /// and named with `--pid`): not counted again as foreign.
+    measured: Vec<u32>,
 }
 
 /// pid -> (parent pid, CPU seconds) of every process.
@@ -277,13 +280,15 @@ fn process_table() -> HashMap<u32, (u32, f64)> {
 }
 
 impl Foreign {
-    pub fn start() -> Foreign {
+    /// Starts counting every process but this run's and `measured`.
+    pub fn start(measured: &[u32]) -> Foreign {
         Foreign {
             before: process_table()
                 .into_iter()
                 .map(|(p, (_, c))| (p, c))
                 .collect(),
             at: Instant::now(),
+            measured: measured.to_vec(),
         }
     }
 
@@ -306,7 +311,7 @@ impl Foreign {
         };
         let used: f64 = table
             .iter()
-            .filter(|(pid, _)| !ours(**pid))
+            .filter(|(pid, _)| !ours(**pid) && !self.measured.contains(pid))
             .map(|(pid, (_, cpu))| (cpu - self.before.get(pid).copied().unwrap_or(*cpu)).max(0.0))
             .sum();
         used / self.at.elapsed().as_secs_f64().max(1e-9) * 100.0
@@ -341,5 +346,31 @@ mod tests {
         let m = machine();
         assert!(m.nproc >= 1 && !m.kernel.is_empty());
         assert!(free_port().unwrap() > 0);
+    }
+
+    /// A busy process that is not this run's descendant (its parent exits,
+    /// so it is reparented), as a server started by hand is: foreign CPU
+    /// unless it is named as measured.
+    #[test]
+    fn a_measured_process_is_not_counted_as_foreign() {
+        let out = std::process::Command::new("sh")
+            .args([
+                "-c",
+                // Bounded: a few seconds of counting if the kill below never came.
+                "sh -c 'i=0; while [ $i -lt 20000000 ]; do i=$((i+1)); done' >/dev/null 2>&1 & echo $!",
+            ])
+            .output()
+            .unwrap();
+        let pid: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+        let all = Foreign::start(&[]);
+        let measured = Foreign::start(&[pid]);
+        std::thread::sleep(Duration::from_millis(500));
+        let (all, measured) = (all.pct(), measured.pct());
+        // SAFETY: kill only signals the process this test started.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        assert!(
+            all - measured > 20.0,
+            "all {all:.1} %, measured left out {measured:.1} %"
+        );
     }
 }

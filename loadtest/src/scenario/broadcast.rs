@@ -47,7 +47,7 @@ pub fn run(
     let all = clients(run_id, streams, 1, DEVICE, StreamKind::Alerts);
     seed(redis, &all)?;
     let mut fleet = Fleet::spawn(workers_for(streams, ramp.per_worker))?;
-    let foreign = Foreign::start();
+    let foreign = Foreign::start(&target.measured_pids());
     let t0 = open(&mut fleet, target, &all, ramp)?;
     let label = format!("{} broadcast {streams}", target.label());
     let opened = wait_open(&mut fleet, &label, streams, t0, open_limit(streams))?;

@@ -203,7 +203,7 @@ impl<'a, 'f> Bench<'a, 'f> {
         let redis = self.target.redis_pid.map(Sampler::start);
         let errors_before = self.publisher.errors();
         let clients: Vec<Sampler> = self.fleet.pids().into_iter().map(Sampler::start).collect();
-        let foreign = Foreign::start();
+        let foreign = Foreign::start(&self.target.measured_pids());
         let published = self.publish(rate, secs, live.as_deref_mut())?;
         // Deliveries while the events were being published: what the server
         // kept pace with (nchan answers its POSTs late when it falls behind).

@@ -74,7 +74,7 @@ pub fn run(
     fleet.reset()?;
     let sampler = Sampler::start_all(&target.pids);
     let redis = target.redis_pid.map(Sampler::start);
-    let foreign = Foreign::start();
+    let foreign = Foreign::start(&target.measured_pids());
     std::thread::sleep(Duration::from_secs_f64(idle_secs));
     let (cpu, wall) = sampler.read();
     let redis_cpu_pct = redis.map(|r| {

@@ -46,6 +46,13 @@ impl Target<'_> {
     pub fn label(&self) -> String {
         label(self.kind.name(), self.instances)
     }
+
+    /// The processes with columns of their own (the server's, Redis's):
+    /// a server started by hand is not a descendant of this run, and
+    /// would otherwise be counted again as foreign CPU.
+    pub fn measured_pids(&self) -> Vec<u32> {
+        self.pids.iter().copied().chain(self.redis_pid).collect()
+    }
 }
 
 pub fn label(target: &str, instances: usize) -> String {

@@ -37,7 +37,7 @@ pub fn run(target: &Target, run_id: &str, n: u64, ramp: Ramp) -> Result<StormRes
         concurrency: n as usize,
         ..ramp
     };
-    let foreign = Foreign::start();
+    let foreign = Foreign::start(&target.measured_pids());
     let t0 = open(&mut fleet, target, &all, at_once)?;
     let label = format!("{} storm {n}", target.label());
     let connect = wait_open(
