@@ -126,13 +126,17 @@ impl TicketKey {
 mod tests {
     use super::*;
 
-    #[test]
-    fn tickets_round_trip_and_refuse_tampering() {
-        let key = TicketKey::new(b"t");
+    fn key_and_user() -> (TicketKey, Identity) {
         let who = Identity {
             user: UserId::named("u1"),
             admin: false,
         };
+        (TicketKey::new(b"t"), who)
+    }
+
+    #[test]
+    fn tickets_round_trip_and_refuse_tampering() {
+        let (key, who) = key_and_user();
         let now = crate::time::epoch_ms() / 1000;
         let m = key.mint(&who, Some(Purpose::Data), 60, now);
         let t = key.verify(&m.token).unwrap();
@@ -164,11 +168,7 @@ mod tests {
 
     #[test]
     fn ticket_ids_are_random_version_4_uuids_never_repeated() {
-        let key = TicketKey::new(b"t");
-        let who = Identity {
-            user: UserId::named("u1"),
-            admin: false,
-        };
+        let (key, who) = key_and_user();
         let ids: std::collections::HashSet<String> = (0..10_000)
             .map(|_| key.mint(&who, None, 60, 0).id)
             .collect();
