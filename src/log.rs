@@ -2,11 +2,11 @@
 //! line per event, formatted on the calling thread into a scratch string of
 //! its own, appended to one shared buffer under a lock held for a copy, and
 //! written to stderr by a writer thread that takes the whole buffer at once.
-//! After each write the writer lets lines gather for [`GATHER`] before it
+//! After each write the writer lets lines gather for `GATHER` (10 ms) before it
 //! looks again, so a burst of opens (two lines each) costs the reactors no
 //! futex call and no allocation per line; only the first line after a quiet
 //! spell wakes the writer. When stderr is slow (a full pipe, a stalled
-//! journald) the buffer stops at [`QUEUE_BYTES`]: further lines are dropped
+//! journald) the buffer stops at `QUEUE_BYTES` (4 MiB): further lines are dropped
 //! and counted instead of stalling the event loop, and the count is reported
 //! as a log line once the writer catches up.
 //!
@@ -39,7 +39,7 @@ const QUEUE_BYTES: usize = 4 << 20;
 /// storm of 10,000 opens: the writer had been woken for almost every line
 /// (0.9 wake-ups per open), each a futex call on the reactor and a context
 /// switch.
-pub const GATHER: Duration = Duration::from_millis(10);
+const GATHER: Duration = Duration::from_millis(10);
 /// A scratch string kept by a thread between lines, at most.
 const SCRATCH_KEEP: usize = 4 << 10;
 

@@ -57,7 +57,6 @@ struct Secret {
     validation: jsonwebtoken::Validation,
 }
 
-/// What an access token must satisfy besides its signature.
 /// An access token's validation: `alg` = the key's, `exp` required, `nbf`
 /// honoured. `aud` is checked by [`TokenKey::verify`]: the main app may set
 /// audiences of its own, ours (the ticket's) is refused.
@@ -67,12 +66,14 @@ fn access_validation(alg: Algorithm) -> jsonwebtoken::Validation {
     validation
 }
 
+/// The claims of a token whose signature and times `validation` accepts.
 fn decode(token: &str, key: &DecodingKey, validation: &jsonwebtoken::Validation) -> Option<Claims> {
     jsonwebtoken::decode::<Claims>(token, key, validation)
         .ok()
         .map(|d| d.claims)
 }
 
+/// What an access token must satisfy besides its signature.
 #[derive(Clone, Debug, Default)]
 pub struct Claimed {
     /// `--jwt-issuer`: `iss` must equal it.

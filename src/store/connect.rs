@@ -261,11 +261,16 @@ impl Link {
     }
 }
 
+/// Room for a script's SHA-1 in hex, or for a number written as text.
+pub const SHA_LEN: usize = 40;
+pub const NUMBER_LEN: usize = 20;
+
 /// A command with room for `args` arguments (its name included) and
 /// `bytes` of their text, reserved once. `redis::cmd` grows both by
 /// doubling: five or six reallocations for a lease script call, each under
 /// the malloc arena lock that the reactors and workers share
-/// (`crate::heap`), where an open storm met it contended.
+/// (`crate::heap`), where an open storm met it contended. Too little room
+/// only means the doubling comes back.
 pub fn command(name: &str, args: usize, bytes: usize) -> redis::Cmd {
     let mut cmd = redis::Cmd::with_capacity(args, name.len() + bytes);
     cmd.arg(name);

@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 use log::warn;
 use redis::Value;
 
-use super::connect::{command, Deployment, Link};
+use super::connect::{command, Deployment, Link, NUMBER_LEN, SHA_LEN};
 use crate::stream::frame::Purpose;
 use crate::stream::registry::Registry;
 
@@ -132,10 +132,12 @@ pub fn release(ask: &LeaseAsk) -> redis::Cmd {
 }
 
 /// `EVALSHA` with `ask`'s key and instance, and room for `more` arguments
-/// (numbers, or dead instances' ids).
+/// (numbers, or dead instances' ids, each about as long as `instance`).
 fn evalsha(script: &redis::Script, ask: &LeaseAsk, more: usize) -> redis::Cmd {
-    let sized = 40 + 1 + ask.key.len() + ask.instance.len() + more * 32;
-    let mut evalsha = command("EVALSHA", 5 + more, sized);
+    // The SHA, the key count, the key, the instance, then the rest.
+    let each = NUMBER_LEN.max(ask.instance.len());
+    let text = SHA_LEN + 1 + ask.key.len() + ask.instance.len() + more * each;
+    let mut evalsha = command("EVALSHA", 5 + more, text);
     evalsha
         .arg(script.get_hash())
         .arg(1)

@@ -14,7 +14,7 @@ use std::sync::LazyLock;
 use log::warn;
 use redis::{RedisResult, Value};
 
-use super::connect::{command, Link};
+use super::connect::{command, Link, NUMBER_LEN, SHA_LEN};
 use super::lease::{self, LeaseAnswer, LeaseAsk};
 use super::protocol::{
     device_id, devices_key, mints_key, status_key, ticket_key, Job, Outcome, StreamFacts,
@@ -81,7 +81,9 @@ fn first(job: &Job) -> Vec<redis::Cmd> {
             ..
         } => {
             let key = mints_key(user);
-            let mut evalsha = command("EVALSHA", 8, 40 + 1 + key.len() + 13 + id.len() + 20 + 5);
+            // The SHA, the key count, the key, now, the id, the limit, the window.
+            let text = SHA_LEN + 1 + key.len() + id.len() + 3 * NUMBER_LEN;
+            let mut evalsha = command("EVALSHA", 8, text);
             evalsha
                 .arg(MINTS.get_hash())
                 .arg(1)
@@ -203,7 +205,8 @@ fn second(job: &Job, midway: &Midway) -> Vec<redis::Cmd> {
             Midway::Ticket { count },
         ) if *count >= 0 => {
             let key = ticket_key(id);
-            let mut set = command("SET", 5, key.len() + user.key.len() + 2 + 20);
+            let text = key.len() + user.key.len() + "EX".len() + NUMBER_LEN;
+            let mut set = command("SET", 5, text);
             set.arg(key).arg(&*user.key).arg("EX").arg(ttl_secs);
             vec![set]
         }
