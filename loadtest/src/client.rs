@@ -1,7 +1,8 @@
 //! The many-stream client that runs inside each worker process: one mio
 //! `Poll`, one non-blocking socket per stream, each bound to its own source
-//! address in 127.0.0.0/8 before connecting (so neither the ephemeral port
-//! range nor any per-IP limit binds), driven through the real flow:
+//! address in 127.0.0.0/8 before connecting to a loopback server (so
+//! neither the ephemeral port range nor any per-IP limit binds; a server
+//! elsewhere sees the machine's own address), driven through the real flow:
 //!
 //! ```text
 //! connect ─▶ POST /sse/stream-ticket (Bearer) ─▶ GET /sse/stream?deviceId&ticket ─▶ streaming
@@ -28,8 +29,8 @@ use crate::hist::Histogram;
 use crate::protocol::{Check, Clients, Stats};
 pub use crate::tab::now_ns;
 use crate::tab::{
-    body, connect_from, errno_name, first_request, flush, source_addr, stream_request, Conn, Phase,
-    Slot, Target,
+    body, connect_from, errno_name, first_request, flush, source_addr, spreads_sources,
+    stream_request, Conn, Phase, Slot, Target,
 };
 use crate::wire::Dechunker;
 
@@ -243,10 +244,14 @@ impl Client {
         }
     }
 
-    /// Next source address (see [`source_addr`]).
-    fn source(&mut self) -> SocketAddr {
+    /// Next source address for `dst` (see [`source_addr`]); None: the
+    /// kernel's choice.
+    fn source(&mut self, dst: &SocketAddr) -> Option<SocketAddr> {
+        if !spreads_sources(dst) {
+            return None;
+        }
         self.sources += 1;
-        source_addr(self.index, self.sources - 1)
+        Some(source_addr(self.index, self.sources - 1))
     }
 
     fn start(&mut self, poll: &Poll, slot_idx: usize) {
@@ -262,7 +267,7 @@ impl Client {
                 return;
             }
         };
-        let src = self.source();
+        let src = self.source(&addr);
         let sock = match connect_from(src, addr) {
             Ok(s) => s,
             Err(e) => {

@@ -146,6 +146,7 @@ impl Lab {
         if r.kind == TargetKind::Nchan {
             return Ok(Box::new(PostPublisher::connect(
                 r.services[0].addr,
+                None,
                 PostRoute::nchan(),
                 devices,
                 self.nchan_publishers,

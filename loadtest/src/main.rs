@@ -12,8 +12,10 @@
 //! - `loadtest worker <i>` and `loadtest floor-server <port> <devices>`: the
 //!   processes the harness starts itself.
 //!
-//! Only loopback addresses are ever contacted, every loop is bounded, and the
-//! processes it starts are ended by PID.
+//! The servers and Redis it starts itself are on loopback addresses; `run`
+//! contacts the server and Redis its URLs name (the repository's tests name
+//! loopback ones). Every loop is bounded, and the processes it starts are
+//! ended by PID.
 
 mod charts;
 mod client;

@@ -58,14 +58,16 @@ pub struct PostPublisher {
 }
 
 impl PostPublisher {
+    /// `host`: the `Host` header (None: `addr`).
     pub fn connect(
         addr: SocketAddr,
+        host: Option<&str>,
         route: PostRoute,
         devices: Vec<String>,
         connections: usize,
     ) -> Result<PostPublisher, String> {
-        if !addr.ip().is_loopback() || devices.is_empty() {
-            return Err("the HTTP publisher needs a loopback address and a device".into());
+        if devices.is_empty() {
+            return Err("the HTTP publisher needs a device".into());
         }
         let replies = Arc::new(AtomicU64::new(0));
         let refused = Arc::new(Mutex::new(BTreeMap::new()));
@@ -87,7 +89,7 @@ impl PostPublisher {
             conns,
             replies,
             refused,
-            host: addr.to_string(),
+            host: host.map_or_else(|| addr.to_string(), str::to_owned),
             devices: Rotation::new(devices),
             sent: 0,
         })

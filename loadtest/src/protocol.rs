@@ -60,6 +60,10 @@ pub struct Route {
     pub bearer: Option<String>,
     /// The `role` claim of minted access tokens.
     pub role: Option<String>,
+    /// The `Host` header: the URL's `HOST:PORT` as given (a name, for a
+    /// server behind a proxy that routes by it); None: the address.
+    #[serde(default)]
+    pub host: Option<String>,
 }
 
 /// Which stream a client opens.

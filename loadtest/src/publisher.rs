@@ -7,13 +7,13 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufReader, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::client::now_ns;
-use crate::resp::{self, Value};
+use crate::resp::{self, RedisAt, Value};
 
 /// What one publishing step did.
 #[derive(Debug, Clone, Copy, Default)]
@@ -57,17 +57,15 @@ pub struct RedisPublisher {
 
 impl RedisPublisher {
     pub fn connect(
-        addr: SocketAddr,
+        redis: impl Into<RedisAt>,
         channel: &str,
         field: &'static str,
         devices: Vec<String>,
     ) -> Result<RedisPublisher, String> {
-        if !addr.ip().is_loopback() || devices.is_empty() {
-            return Err("publisher needs a loopback Redis and at least one device".into());
+        if devices.is_empty() {
+            return Err("the publisher needs at least one device".into());
         }
-        let writer = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-            .map_err(|e| format!("redis {addr}: {e}"))?;
-        let _ = writer.set_nodelay(true);
+        let writer = redis.into().connect()?;
         let reader = writer.try_clone().map_err(|e| e.to_string())?;
         let replies = Arc::new(AtomicU64::new(0));
         let errors = Arc::new(AtomicU64::new(0));

@@ -1,10 +1,146 @@
 //! A minimal blocking Redis client (RESP2): enough to seed ownership sets in
 //! pipelined batches and to check that a server answers. The publisher
 //! writes its own pipelined PUBLISH stream on top of [`encode`].
+//!
+//! A Redis is named by a [`RedisAt`]: an address, and for a deployment's
+//! own Redis (`loadtest run --grant-redis`/`--publish-redis`) the password,
+//! user and database of its `redis://` URL, sent as `AUTH` and `SELECT`
+//! before anything else. No TLS.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::Duration;
+
+/// How long connecting to a Redis may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Where a Redis is and how to log in to it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RedisAt {
+    pub addr: SocketAddr,
+    /// `AUTH [user] password`, when the URL has a password.
+    pub user: Option<String>,
+    pub password: Option<String>,
+    /// `SELECT db` when not 0.
+    pub db: u32,
+}
+
+impl From<SocketAddr> for RedisAt {
+    /// A Redis the harness started itself: no password, database 0.
+    fn from(addr: SocketAddr) -> RedisAt {
+        RedisAt {
+            addr,
+            user: None,
+            password: None,
+            db: 0,
+        }
+    }
+}
+
+impl RedisAt {
+    /// `redis://[[user]:password@]HOST:PORT[/db]`, user and password
+    /// percent-decoded. `rediss://` (TLS) is refused by name.
+    pub fn parse(url: &str) -> Result<RedisAt, String> {
+        if url.starts_with("rediss://") {
+            return Err(format!(
+                "{url}: TLS (rediss://) is not supported by the harness"
+            ));
+        }
+        let rest = url
+            .strip_prefix("redis://")
+            .ok_or_else(|| format!("{url}: expected redis://[[user]:password@]HOST:PORT[/db]"))?;
+        let (rest, db) = match rest.split_once('/') {
+            Some((r, "")) => (r, 0),
+            Some((r, db)) => (
+                r,
+                db.parse()
+                    .map_err(|_| format!("{url}: the database must be a number"))?,
+            ),
+            None => (rest, 0),
+        };
+        let (login, authority) = match rest.rsplit_once('@') {
+            Some((login, authority)) => (Some(login), authority),
+            None => (None, rest),
+        };
+        let (user, password) = match login.map(|l| l.split_once(':')) {
+            None => (None, None),
+            Some(None) => return Err(format!("{url}: a login needs `:password`")),
+            Some(Some((user, password))) => (
+                Some(percent_decode(user, url)?).filter(|u| !u.is_empty()),
+                Some(percent_decode(password, url)?),
+            ),
+        };
+        let addr = authority
+            .to_socket_addrs()
+            .map_err(|e| format!("{url}: {e}"))?
+            .next()
+            .ok_or_else(|| format!("{url}: no address"))?;
+        Ok(RedisAt {
+            addr,
+            user,
+            password,
+            db,
+        })
+    }
+
+    /// Connects and logs in: `AUTH` and `SELECT` as the URL asks, each
+    /// answered before this returns.
+    pub fn connect(&self) -> Result<TcpStream, String> {
+        let addr = self.addr;
+        let mut s = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)
+            .map_err(|e| format!("redis {addr}: {e}"))?;
+        let _ = s.set_nodelay(true);
+        let mut hello = Vec::new();
+        let mut asked = 0;
+        if let Some(password) = &self.password {
+            let mut args: Vec<&[u8]> = vec![b"AUTH"];
+            args.extend(self.user.as_deref().map(str::as_bytes));
+            args.push(password.as_bytes());
+            encode(&mut hello, &args);
+            asked += 1;
+        }
+        if self.db != 0 {
+            encode(&mut hello, &[b"SELECT", self.db.to_string().as_bytes()]);
+            asked += 1;
+        }
+        if asked == 0 {
+            return Ok(s);
+        }
+        s.set_read_timeout(Some(CONNECT_TIMEOUT))
+            .map_err(|e| e.to_string())?;
+        s.write_all(&hello)
+            .map_err(|e| format!("redis {addr}: {e}"))?;
+        // Byte by byte (no buffer that could swallow what follows): the
+        // replies are a few bytes each.
+        let mut reader = BufReader::with_capacity(1, &s);
+        for _ in 0..asked {
+            if let Value::Error(e) = read_value(&mut reader)? {
+                return Err(format!("redis {addr}: {e}"));
+            }
+        }
+        s.set_read_timeout(None).map_err(|e| e.to_string())?;
+        Ok(s)
+    }
+}
+
+/// `%XX` escapes of a URL's user or password.
+fn percent_decode(text: &str, url: &str) -> Result<String, String> {
+    let bad = || format!("{url}: a bad %-escape in the login");
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = text.get(i + 1..i + 3).ok_or_else(bad)?;
+            out.push(u8::from_str_radix(hex, 16).map_err(|_| bad())?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| bad())
+}
 
 /// A reply, reduced to what the harness looks at.
 #[derive(Debug, PartialEq, Eq)]
@@ -32,15 +168,10 @@ pub struct Redis {
 }
 
 impl Redis {
-    pub fn connect(addr: SocketAddr) -> Result<Redis, String> {
-        if !addr.ip().is_loopback() {
-            return Err(format!("{addr} is not loopback"));
-        }
-        let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-            .map_err(|e| format!("redis {addr}: {e}"))?;
+    pub fn connect(at: impl Into<RedisAt>) -> Result<Redis, String> {
+        let s = at.into().connect()?;
         s.set_read_timeout(Some(Duration::from_secs(30)))
             .map_err(|e| e.to_string())?;
-        let _ = s.set_nodelay(true);
         let r = s.try_clone().map_err(|e| e.to_string())?;
         Ok(Redis {
             writer: s,
@@ -144,5 +275,42 @@ mod tests {
             Value::Array(vec![Value::Int(1), Value::Error("ERR x".into())])
         );
         assert!(read_value(&mut r).is_err());
+    }
+
+    #[test]
+    fn redis_urls_name_the_login_and_database() {
+        let at = RedisAt::parse("redis://127.0.0.1:6379").unwrap();
+        assert_eq!(
+            at,
+            RedisAt::from("127.0.0.1:6379".parse::<SocketAddr>().unwrap())
+        );
+        assert_eq!(RedisAt::parse("redis://127.0.0.1:6379/").unwrap().db, 0);
+        let at = RedisAt::parse("redis://:p%40ss@127.0.0.1:1/3").unwrap();
+        assert_eq!(
+            (at.user, at.password, at.db),
+            (None, Some("p@ss".into()), 3)
+        );
+        let at = RedisAt::parse("redis://app:pw@localhost:7000").unwrap();
+        assert_eq!(
+            (at.user.as_deref(), at.password.as_deref()),
+            (Some("app"), Some("pw"))
+        );
+        // Any host, not only loopback: the address is resolved, not contacted.
+        assert_eq!(
+            RedisAt::parse("redis://192.0.2.7:6380")
+                .unwrap()
+                .addr
+                .port(),
+            6380
+        );
+        for bad in [
+            "rediss://127.0.0.1:1",
+            "http://127.0.0.1:1",
+            "redis://pw@127.0.0.1:1",
+            "redis://:%zz@127.0.0.1:1",
+            "redis://127.0.0.1:1/x",
+        ] {
+            assert!(RedisAt::parse(bad).is_err(), "{bad}");
+        }
     }
 }

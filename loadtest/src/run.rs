@@ -19,12 +19,14 @@ use crate::progress::Progress;
 use crate::protocol::{Clients, Route, StreamKind, TargetKind};
 use crate::publisher::{Publish, RedisPublisher};
 use crate::report::Results;
+use crate::resp::RedisAt;
 use crate::scenario::fanout::{Bench, FanoutResult};
 use crate::scenario::{open_all, seed, Ramp, Target};
 
 #[derive(Args, Debug, Clone)]
 pub struct RunOpts {
-    /// The running server, `http://HOST:PORT` (a loopback address).
+    /// The running server, `http://HOST:PORT`: any host (`HOST:PORT` is the
+    /// `Host` header); no https.
     #[arg(long)]
     pub url: String,
     /// The stream's path and query; `{ticket}`, `{device}` and `{user}` are
@@ -50,8 +52,8 @@ pub struct RunOpts {
     #[arg(long)]
     pub role: Option<String>,
     /// Before opening, `SADD user:<user>:devices <device>` for every stream in
-    /// this Redis (`redis://HOST:PORT`), so the gateway lets each user stream
-    /// its device.
+    /// this Redis (`redis://[[user]:password@]HOST:PORT[/db]`), so the
+    /// gateway lets each user stream its device.
     #[arg(long)]
     pub grant_redis: Option<String>,
     #[arg(long, default_value_t = 100)]
@@ -65,7 +67,8 @@ pub struct RunOpts {
     /// of earlier runs never bind.
     #[arg(long)]
     pub user_prefix: Option<String>,
-    /// Publish with `PUBLISH <channel>` on this Redis (`redis://HOST:PORT`).
+    /// Publish with `PUBLISH <channel>` on this Redis
+    /// (`redis://[[user]:password@]HOST:PORT[/db]`).
     #[arg(long, conflicts_with = "publish_url")]
     pub publish_redis: Option<String>,
     /// Publish with HTTP POSTs to this path or URL on the server; `{device}`
@@ -137,8 +140,9 @@ pub fn main(opts: &RunOpts, command: String) -> i32 {
 
 /// `Ok(false)`: it ran, but `--strict` was not satisfied.
 fn run(opts: &RunOpts, command: String) -> Result<bool, String> {
-    let (addr, _) = http_addr(&opts.url)?;
-    let name = opts.name.clone().unwrap_or_else(|| addr.to_string());
+    let server = http_at(&opts.url)?;
+    let addr = server.addr;
+    let name = opts.name.clone().unwrap_or_else(|| server.host.clone());
     let started = Instant::now();
     let route = Route {
         stream_path: opts.stream_path.clone(),
@@ -150,6 +154,7 @@ fn run(opts: &RunOpts, command: String) -> Result<bool, String> {
         ticket_body: opts.ticket_body.clone(),
         bearer: opts.bearer.clone(),
         role: opts.role.clone(),
+        host: Some(server.host.clone()),
     };
     if route.stream_path.contains("{ticket}") && route.ticket_path.is_none() {
         return Err("--stream-path names {ticket}: give --ticket-url".into());
@@ -167,9 +172,9 @@ fn run(opts: &RunOpts, command: String) -> Result<bool, String> {
         resume: false,
     };
     let devices: Vec<String> = (0..all.devices).map(|i| all.device(i)).collect();
-    let mut publisher = publisher(opts, addr, devices)?;
+    let mut publisher = publisher(opts, &server, devices)?;
     if let Some(url) = &opts.grant_redis {
-        seed(redis_addr(url)?, &all)?;
+        seed(RedisAt::parse(url)?, &all)?;
     }
     let secret = opts.jwt_secret.clone().unwrap_or_default();
     let target = Target {
@@ -245,13 +250,12 @@ fn run(opts: &RunOpts, command: String) -> Result<bool, String> {
 /// The event source: PUBLISH on a Redis, or POSTs to the server.
 fn publisher(
     opts: &RunOpts,
-    server: SocketAddr,
+    server: &HttpAt,
     devices: Vec<String>,
 ) -> Result<Box<dyn Publish>, String> {
     if let Some(url) = &opts.publish_redis {
-        let redis = redis_addr(url)?;
         return Ok(Box::new(RedisPublisher::connect(
-            redis,
+            RedisAt::parse(url)?,
             &opts.channel,
             "data",
             devices,
@@ -260,7 +264,7 @@ fn publisher(
     let Some(url) = &opts.publish_url else {
         return Err("give --publish-redis or --publish-url".into());
     };
-    let path = same_server(url, server)?;
+    let path = same_server(url, server.addr)?;
     let bearer = opts
         .publish_bearer
         .clone()
@@ -279,7 +283,8 @@ fn publisher(
         bearer,
     };
     Ok(Box::new(PostPublisher::connect(
-        server,
+        server.addr,
+        Some(&server.host),
         route,
         devices,
         opts.publishers,
@@ -303,8 +308,24 @@ fn describe(opts: &RunOpts, name: &str) -> String {
     )
 }
 
-/// `http://HOST:PORT[/path]`: the (loopback) address and the path.
-pub fn http_addr(url: &str) -> Result<(SocketAddr, String), String> {
+/// A server named by an `http://` URL.
+#[derive(Debug)]
+pub struct HttpAt {
+    /// The first address `HOST` resolves to.
+    pub addr: SocketAddr,
+    /// `HOST:PORT` as written: the `Host` header.
+    pub host: String,
+    pub path: String,
+}
+
+/// `http://HOST:PORT[/path]`, any host (the tests keep to loopback). No
+/// TLS: a server behind an HTTPS terminator is driven on its plain port.
+pub fn http_at(url: &str) -> Result<HttpAt, String> {
+    if url.starts_with("https://") {
+        return Err(format!(
+            "{url}: https is not supported by the harness; give the server's plain http:// address"
+        ));
+    }
     let rest = url
         .strip_prefix("http://")
         .ok_or_else(|| format!("{url}: only http:// URLs"))?;
@@ -312,33 +333,19 @@ pub fn http_addr(url: &str) -> Result<(SocketAddr, String), String> {
         Some(i) => (&rest[..i], rest[i..].to_owned()),
         None => (rest, "/".to_owned()),
     };
-    Ok((loopback(authority, url)?, path))
-}
-
-/// `redis://HOST:PORT[/0]`: the (loopback) address. No password or database.
-fn redis_addr(url: &str) -> Result<SocketAddr, String> {
-    let rest = url
-        .strip_prefix("redis://")
-        .ok_or_else(|| format!("{url}: expected redis://HOST:PORT"))?;
-    let authority = rest.trim_end_matches('/').trim_end_matches("/0");
-    if authority.contains('@') || authority.contains('/') {
-        return Err(format!(
-            "{url}: no password or database here, only redis://HOST:PORT"
-        ));
+    if authority.contains('@') {
+        return Err(format!("{url}: no login in the URL; give --bearer"));
     }
-    loopback(authority, url)
-}
-
-/// `HOST:PORT` resolved; only a loopback address is ever contacted.
-fn loopback(authority: &str, url: &str) -> Result<SocketAddr, String> {
-    let addrs = authority
+    let addr = authority
         .to_socket_addrs()
-        .map_err(|e| format!("{url}: {e}"))?;
-    let all: Vec<SocketAddr> = addrs.collect();
-    all.iter()
-        .find(|a| a.ip().is_loopback())
-        .copied()
-        .ok_or_else(|| format!("{url}: not a loopback address ({all:?}); this harness drives loopback servers only"))
+        .map_err(|e| format!("{url}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{url}: no address"))?;
+    Ok(HttpAt {
+        addr,
+        host: authority.to_owned(),
+        path,
+    })
 }
 
 /// A path, or a URL of the same server as the streams: its path.
@@ -346,11 +353,11 @@ fn same_server(url: &str, server: SocketAddr) -> Result<String, String> {
     if url.starts_with('/') {
         return Ok(url.to_owned());
     }
-    let (addr, path) = http_addr(url)?;
-    if addr != server {
+    let at = http_at(url)?;
+    if at.addr != server {
         return Err(format!("{url}: not on the server of --url ({server})"));
     }
-    Ok(path)
+    Ok(at.path)
 }
 
 #[cfg(test)]
@@ -358,19 +365,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn urls_are_loopback_addresses_and_paths() {
-        let (a, p) = http_addr("http://127.0.0.1:8080/sse/publish").unwrap();
+    fn urls_name_an_address_a_host_header_and_a_path() {
+        let at = http_at("http://127.0.0.1:8080/sse/publish").unwrap();
         assert_eq!(
-            (a.to_string().as_str(), p.as_str()),
-            ("127.0.0.1:8080", "/sse/publish")
+            (
+                at.addr.to_string().as_str(),
+                at.host.as_str(),
+                at.path.as_str()
+            ),
+            ("127.0.0.1:8080", "127.0.0.1:8080", "/sse/publish")
         );
-        assert_eq!(http_addr("http://localhost:9").unwrap().1, "/");
-        assert!(http_addr("https://127.0.0.1:1").is_err());
-        assert!(http_addr("http://192.0.2.1:80")
+        // A name stays the Host header; the address is what it resolves to.
+        let at = http_at("http://localhost:9").unwrap();
+        assert_eq!((at.host.as_str(), at.path.as_str()), ("localhost:9", "/"));
+        assert!(at.addr.ip().is_loopback());
+        // Any server, not only loopback ones (resolved here, not contacted).
+        assert_eq!(http_at("http://192.0.2.1:80/x").unwrap().addr.port(), 80);
+        assert_eq!(http_at("http://[::1]:81").unwrap().host, "[::1]:81");
+        assert!(http_at("https://127.0.0.1:1")
             .unwrap_err()
-            .contains("loopback"));
-        assert_eq!(redis_addr("redis://127.0.0.1:6379/").unwrap().port(), 6379);
-        assert!(redis_addr("redis://:pw@127.0.0.1:6379").is_err());
+            .contains("https"));
+        assert!(http_at("http://u:p@127.0.0.1:1").is_err());
+        let a = http_at("http://127.0.0.1:8080").unwrap().addr;
         assert_eq!(same_server("/t", a).unwrap(), "/t");
         assert!(same_server("http://127.0.0.1:8081/t", a).is_err());
     }

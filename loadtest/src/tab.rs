@@ -115,8 +115,9 @@ pub struct Target {
 }
 
 impl Target {
-    /// The server at `addr` (a loopback address); a [`TargetKind::Url`]
-    /// server needs its `route`.
+    /// The server at `addr`; a [`TargetKind::Url`] server needs its
+    /// `route`. The servers the harness starts are on loopback; a server
+    /// given by URL may be anywhere.
     pub fn new(
         kind: TargetKind,
         addr: &str,
@@ -124,16 +125,16 @@ impl Target {
         route: Option<Route>,
     ) -> Result<Target, String> {
         let addr: SocketAddr = addr.parse().map_err(|e| format!("addr {addr}: {e}"))?;
-        if !is_loopback(&addr) {
-            return Err(format!("{addr} is not a loopback address"));
-        }
         if kind == TargetKind::Url && route.is_none() {
             return Err("a url target needs a route".into());
         }
         Ok(Target {
             kind,
             addr,
-            host: addr.to_string(),
+            host: route
+                .as_ref()
+                .and_then(|r| r.host.clone())
+                .unwrap_or_else(|| addr.to_string()),
             secret: secret.to_owned(),
             route,
         })
@@ -339,16 +340,23 @@ pub fn flush(conn: &mut Conn) -> io::Result<()> {
     Ok(())
 }
 
-pub fn is_loopback(addr: &SocketAddr) -> bool {
-    addr.ip().is_loopback()
+/// Whether connections to `dst` get source addresses of their own (see
+/// [`source_addr`]): only in 127.0.0.0/8, where every address is this
+/// machine's. Elsewhere the kernel picks the source, and one source
+/// address reaches one server port about 28,000 times at once (the
+/// ephemeral port range).
+pub fn spreads_sources(dst: &SocketAddr) -> bool {
+    matches!(dst, SocketAddr::V4(a) if a.ip().is_loopback())
 }
 
-/// A non-blocking socket bound to `src`, connecting to `dst`.
-pub fn connect_from(src: SocketAddr, dst: SocketAddr) -> io::Result<TcpStream> {
-    let sock = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+/// A non-blocking socket (bound to `src` if given) connecting to `dst`.
+pub fn connect_from(src: Option<SocketAddr>, dst: SocketAddr) -> io::Result<TcpStream> {
+    let sock = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
     sock.set_nonblocking(true)?;
     sock.set_tcp_nodelay(true)?;
-    sock.bind(&src.into())?;
+    if let Some(src) = src {
+        sock.bind(&src.into())?;
+    }
     match sock.connect(&dst.into()) {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
@@ -455,12 +463,35 @@ mod tests {
     }
 
     #[test]
+    fn a_server_named_by_url_gets_its_host_header_and_sources_only_on_127() {
+        let route = Route {
+            stream_path: "/s?d={device}".into(),
+            ticket_path: None,
+            ticket_body: String::new(),
+            bearer: None,
+            role: None,
+            host: Some("gw.example:8080".into()),
+        };
+        let t = Target::new(TargetKind::Url, "192.0.2.1:8080", "", Some(route)).unwrap();
+        let req = String::from_utf8(first_request(&t, None, &mut slot()).unwrap()).unwrap();
+        assert!(
+            req.starts_with("GET /s?d=d3 HTTP/1.1\r\nHost: gw.example:8080\r\n"),
+            "{req}"
+        );
+        let at = |a: &str| a.parse::<SocketAddr>().unwrap();
+        assert!(spreads_sources(&at("127.0.0.1:80")));
+        for elsewhere in ["[::1]:80", "192.0.2.1:80", "10.1.2.3:80"] {
+            assert!(!spreads_sources(&at(elsewhere)), "{elsewhere}");
+        }
+    }
+
+    #[test]
     fn source_addresses_are_distinct_loopback_hosts_per_worker() {
         let mut seen = std::collections::HashSet::new();
         for index in [0, 1] {
             for k in 0..1000 {
                 let a = source_addr(index, k);
-                assert!(is_loopback(&a) && a.port() == 0, "{a}");
+                assert!(a.ip().is_loopback() && a.port() == 0, "{a}");
                 assert!(seen.insert(a.ip()), "{a} twice");
             }
         }

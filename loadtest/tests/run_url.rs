@@ -218,3 +218,91 @@ fn run_url_against_nchan_delivers_every_event_once() {
     assert_exactly_once(&step, &open, 200);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Sends one command to the Redis on `port` in RESP form; its reply line.
+fn redis_command(port: u16, args: &[&str]) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect redis");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut out = format!("*{}\r\n", args.len());
+    for a in args {
+        out.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+    }
+    s.write_all(out.as_bytes()).expect("write redis");
+    let mut reply = [0u8; 256];
+    let n = s.read(&mut reply).expect("read redis");
+    String::from_utf8_lossy(&reply[..n]).into_owned()
+}
+
+#[test]
+#[ignore = "needs target/release/sse-gateway and redis-server"]
+fn run_url_logs_in_to_a_redis_database_and_reaches_a_server_over_ipv6() {
+    // A Redis with a password, the gateway on its database 2, and the
+    // gateway on [::1] (not 127.0.0.0/8: no source address of the
+    // harness's own can be bound for it).
+    let redis = Redis::start();
+    let reply = redis_command(redis.port(), &["CONFIG", "SET", "requirepass", "lt-pw"]);
+    assert!(reply.starts_with("+OK"), "requirepass: {reply}");
+    let redis_url = format!("redis://:lt-pw@127.0.0.1:{}/2", redis.port());
+    // A machine without IPv6 loopback still checks the login, on 127.0.0.1.
+    let host = match std::net::TcpListener::bind("[::1]:0") {
+        Ok(_) => "[::1]",
+        Err(e) => {
+            eprintln!("no IPv6 loopback ({e}): the server stays on 127.0.0.1");
+            "127.0.0.1"
+        }
+    };
+    let listen = format!("{host}:{}", sse_testkit::free_port());
+    let gateway = Gateway::builder()
+        .args(&["--redis-url", &redis_url, "--listen", &listen])
+        .args(&["--max-conns-per-ip", "1000000", "--heartbeat-secs", "1"])
+        .start();
+    let url = format!("http://{listen}");
+    let dir = scratch("login");
+    let json = dir.join("results.json");
+    let common = [
+        "--url",
+        &url,
+        "--ticket-url",
+        "/sse/stream-ticket",
+        "--jwt-secret",
+        SECRET,
+        "--strict",
+    ];
+    let small = [
+        "--streams",
+        "100",
+        "--devices",
+        "10",
+        "--rate",
+        "100",
+        "--secs",
+        "1",
+    ];
+    // Ownership granted in database 2 (the gateway's), events published
+    // after AUTH: every stream opens and gets every event.
+    let mut args = [&common[..], &small[..]].concat();
+    args.extend(["--grant-redis", &redis_url, "--publish-redis", &redis_url]);
+    let (step, open) = run(&args, &json, "login");
+    assert_exactly_once(&step, &open, 100);
+    // Without the password the harness stops before opening, naming Redis's refusal.
+    let no_login = format!("redis://127.0.0.1:{}/2", redis.port());
+    let mut args = [&common[..], &small[..]].concat();
+    args.extend(["--grant-redis", &no_login, "--publish-redis", &no_login]);
+    let out = loadtest()
+        .arg("run")
+        .args(&args)
+        .arg("--json")
+        .arg(&json)
+        .arg("--out")
+        .arg(dir.join("RESULTS.md"))
+        .output()
+        .expect("loadtest run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("NOAUTH"),
+        "{stderr}"
+    );
+    drop(gateway);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -22,7 +22,7 @@ use crate::client::now_ns;
 use crate::fleet::Fleet;
 use crate::progress::Progress;
 use crate::protocol::{Clients, Command, Route, StreamKind, TargetKind};
-use crate::resp::{Redis, Value};
+use crate::resp::{Redis, RedisAt, Value};
 
 /// The server under test.
 pub struct Target<'a> {
@@ -95,7 +95,7 @@ pub fn workers_for(n: u64, per_worker: usize) -> usize {
 }
 
 /// `SADD user:<u>:devices <device>` for every client, pipelined.
-pub fn seed(redis: SocketAddr, clients: &Clients) -> Result<(), String> {
+pub fn seed(redis: impl Into<RedisAt>, clients: &Clients) -> Result<(), String> {
     let mut r = Redis::connect(redis)?;
     let ids: Vec<u64> = (clients.first..clients.first + clients.count).collect();
     for batch in ids.chunks(2000) {
