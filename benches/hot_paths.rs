@@ -3,7 +3,8 @@
 //! 10,000 outboxes, the timer wheel at 100,000 timers, verifying a ticket, and
 //! the cluster log's structures: finding a resume id in a 100,000-event replay
 //! window, and a new leader finding the log's tail in 100,000 heard messages;
-//! the registry taking and giving back 10,000 streams' slots.
+//! the registry taking and giving back 10,000 streams' slots; formatting a
+//! stream's log line (two per open), as text and as JSON.
 //!
 //! `cargo bench --bench hot_paths`; results go to `target/criterion/`.
 
@@ -286,6 +287,32 @@ fn registry(c: &mut Criterion) {
     g.finish();
 }
 
+/// The line a closing stream logs, with its fields, in both formats.
+fn log_line(c: &mut Criterion) {
+    use sse_gateway::log::{line, LogFormat};
+    let fields: [(&str, &str); 4] = [
+        ("id", "0b9f4c2e-7c1d-4f6e-9a51-3d2b8e6f0a17"),
+        ("user", "operator-17"),
+        ("purpose", "data"),
+        ("cause", "ClientClosed"),
+    ];
+    let mut g = c.benchmark_group("log");
+    for (name, format) in [("text", LogFormat::Text), ("json", LogFormat::Json)] {
+        g.bench_function(format!("stream_closed_line_{name}"), |b| {
+            b.iter(|| {
+                line(
+                    format,
+                    log::Level::Info,
+                    format_args!("stream closed"),
+                    black_box(&fields),
+                )
+                .len()
+            })
+        });
+    }
+    g.finish();
+}
+
 criterion_group!(
     benches,
     head_parse,
@@ -296,6 +323,7 @@ criterion_group!(
     tickets,
     replay,
     heard,
-    registry
+    registry,
+    log_line
 );
 criterion_main!(benches);
