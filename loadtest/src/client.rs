@@ -17,7 +17,7 @@
 //! minted by the gateway's own minter, through the kit.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::io::{self, Read};
+use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -259,9 +259,14 @@ impl Client {
             return;
         };
         let addr = target.addr;
-        let request = match self.first_request(slot_idx) {
-            Ok(r) => r,
-            Err(e) => {
+        let tls = target
+            .tls
+            .as_ref()
+            .map(|config| crate::tls::connection(config, &target.host).map(Box::new))
+            .transpose();
+        let (request, tls) = match (self.first_request(slot_idx), tls) {
+            (Ok(r), Ok(tls)) => (r, tls),
+            (Err(e), _) | (_, Err(e)) => {
                 *self.stats.errors.entry(e).or_default() += 1;
                 self.stats.failed += 1;
                 return;
@@ -282,6 +287,7 @@ impl Client {
         });
         let mut conn = Conn {
             sock,
+            tls,
             slot: slot_idx,
             phase: Phase::Connecting,
             out: request,
@@ -396,7 +402,7 @@ impl Client {
                 }
             }
         }
-        if writable || conn.out_pos < conn.out.len() {
+        if writable || conn.wants_write() {
             if let Err(e) = flush(conn) {
                 let kind = format!("write_{}", errno_name(&e));
                 return self.fail(poll, key, &kind);
@@ -423,7 +429,7 @@ impl Client {
             let Some(Some(conn)) = self.conns.get_mut(key) else {
                 return;
             };
-            match conn.sock.read(buf) {
+            match conn.read(buf) {
                 Ok(0) => {
                     return self.fail(poll, key, "eof");
                 }

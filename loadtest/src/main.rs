@@ -3,7 +3,7 @@
 //! - `loadtest compare`: every scenario against the gateway, the NestJS
 //!   baseline and the floor; writes `loadtest/RESULTS.md` and `results.json`.
 //! - `loadtest smoke --gateway PATH`: the CI check (exactly-once delivery).
-//! - `loadtest run --url http://HOST:PORT`: drives a server that is already
+//! - `loadtest run --url http[s]://HOST[:PORT]`: drives a server that is already
 //!   running and writes the same report; `loadtest serve <server>` starts
 //!   one to point it at.
 //! - `loadtest rolling`: a rolling restart under load (CI runs a small one).
@@ -40,6 +40,7 @@ mod serve;
 mod services;
 mod smoke;
 mod tab;
+mod tls;
 mod wire;
 mod worker;
 

@@ -64,6 +64,9 @@ pub struct Route {
     /// server behind a proxy that routes by it); None: the address.
     #[serde(default)]
     pub host: Option<String>,
+    /// TLS to the server (an `https://` URL); None: plain TCP.
+    #[serde(default)]
+    pub tls: Option<crate::tls::TlsSetup>,
 }
 
 /// Which stream a client opens.

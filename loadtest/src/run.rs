@@ -1,5 +1,6 @@
-//! `loadtest run --url http://HOST:PORT`: drives a server that is already
-//! running (this gateway, or any SSE endpoint) instead of starting one. N
+//! `loadtest run --url http[s]://HOST[:PORT]`: drives a server that is
+//! already running (this gateway, or any SSE endpoint, here or on another
+//! machine, over TLS when the URL says https) instead of starting one. N
 //! streams over D devices opened from a path template, with or without
 //! tickets, spread over worker processes; events published through a Redis
 //! URL or an HTTP endpoint at a rate for a duration, with a live progress
@@ -22,11 +23,13 @@ use crate::report::Results;
 use crate::resp::RedisAt;
 use crate::scenario::fanout::{Bench, FanoutResult};
 use crate::scenario::{open_all, seed, Ramp, Target};
+use crate::tls::TlsSetup;
 
 #[derive(Args, Debug, Clone)]
 pub struct RunOpts {
-    /// The running server, `http://HOST:PORT`: any host (`HOST:PORT` is the
-    /// `Host` header); no https.
+    /// The running server, `http[s]://HOST[:PORT]`: any host (`HOST[:PORT]`
+    /// is the `Host` header and, over https, the name the certificate must
+    /// carry).
     #[arg(long)]
     pub url: String,
     /// The stream's path and query; `{ticket}`, `{device}` and `{user}` are
@@ -121,6 +124,13 @@ pub struct RunOpts {
     /// stream exactly once with no error.
     #[arg(long)]
     pub strict: bool,
+    /// https: trust the CA certificates of this PEM file too (besides
+    /// Mozilla's roots).
+    #[arg(long)]
+    pub ca_file: Option<PathBuf>,
+    /// https: take any certificate (a staging server's self-signed one).
+    #[arg(long, conflicts_with = "ca_file")]
+    pub insecure: bool,
 }
 
 /// Runs and reports; exit code 0, or 1 on failure (or a `--strict` miss).
@@ -155,6 +165,7 @@ fn run(opts: &RunOpts, command: String) -> Result<bool, String> {
         bearer: opts.bearer.clone(),
         role: opts.role.clone(),
         host: Some(server.host.clone()),
+        tls: tls_setup(opts, &server)?,
     };
     if route.stream_path.contains("{ticket}") && route.ticket_path.is_none() {
         return Err("--stream-path names {ticket}: give --ticket-url".into());
@@ -247,6 +258,30 @@ fn run(opts: &RunOpts, command: String) -> Result<bool, String> {
     Ok(exact || !opts.strict)
 }
 
+/// The TLS the streams speak: for an `https://` server only.
+fn tls_setup(opts: &RunOpts, server: &HttpAt) -> Result<Option<TlsSetup>, String> {
+    if !server.tls {
+        if opts.ca_file.is_some() || opts.insecure {
+            return Err("--ca-file and --insecure are for an https:// --url".into());
+        }
+        return Ok(None);
+    }
+    let ca_pem = match &opts.ca_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|e| format!("--ca-file {}: {e}", path.display()))?,
+        ),
+        None => None,
+    };
+    let setup = TlsSetup {
+        ca_pem,
+        insecure: opts.insecure,
+    };
+    // Refused here, once, rather than by every worker.
+    setup.client_config()?;
+    Ok(Some(setup))
+}
+
 /// The event source: PUBLISH on a Redis, or POSTs to the server.
 fn publisher(
     opts: &RunOpts,
@@ -264,6 +299,11 @@ fn publisher(
     let Some(url) = &opts.publish_url else {
         return Err("give --publish-redis or --publish-url".into());
     };
+    if server.tls {
+        return Err(
+            "--publish-url over https is not supported: publish with --publish-redis".into(),
+        );
+    }
     let path = same_server(url, server.addr)?;
     let bearer = opts
         .publish_bearer
@@ -308,27 +348,25 @@ fn describe(opts: &RunOpts, name: &str) -> String {
     )
 }
 
-/// A server named by an `http://` URL.
+/// A server named by an `http://` or `https://` URL.
 #[derive(Debug)]
 pub struct HttpAt {
     /// The first address `HOST` resolves to.
     pub addr: SocketAddr,
-    /// `HOST:PORT` as written: the `Host` header.
+    /// `HOST[:PORT]` as written: the `Host` header (and the TLS name).
     pub host: String,
     pub path: String,
+    pub tls: bool,
 }
 
-/// `http://HOST:PORT[/path]`, any host (the tests keep to loopback). No
-/// TLS: a server behind an HTTPS terminator is driven on its plain port.
+/// `http[s]://HOST[:PORT][/path]`, any host (the tests keep to loopback);
+/// the port is 80 or 443 when not given.
 pub fn http_at(url: &str) -> Result<HttpAt, String> {
-    if url.starts_with("https://") {
-        return Err(format!(
-            "{url}: https is not supported by the harness; give the server's plain http:// address"
-        ));
-    }
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| format!("{url}: only http:// URLs"))?;
+    let (rest, tls) = match (url.strip_prefix("http://"), url.strip_prefix("https://")) {
+        (Some(rest), _) => (rest, false),
+        (_, Some(rest)) => (rest, true),
+        _ => return Err(format!("{url}: only http:// and https:// URLs")),
+    };
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], rest[i..].to_owned()),
         None => (rest, "/".to_owned()),
@@ -336,7 +374,16 @@ pub fn http_at(url: &str) -> Result<HttpAt, String> {
     if authority.contains('@') {
         return Err(format!("{url}: no login in the URL; give --bearer"));
     }
-    let addr = authority
+    let has_port = match authority.rfind(']') {
+        Some(end) => authority[end..].contains(':'),
+        None => authority.contains(':'),
+    };
+    let with_port = match (has_port, tls) {
+        (true, _) => authority.to_owned(),
+        (false, false) => format!("{authority}:80"),
+        (false, true) => format!("{authority}:443"),
+    };
+    let addr = with_port
         .to_socket_addrs()
         .map_err(|e| format!("{url}: {e}"))?
         .next()
@@ -345,6 +392,7 @@ pub fn http_at(url: &str) -> Result<HttpAt, String> {
         addr,
         host: authority.to_owned(),
         path,
+        tls,
     })
 }
 
@@ -382,9 +430,11 @@ mod tests {
         // Any server, not only loopback ones (resolved here, not contacted).
         assert_eq!(http_at("http://192.0.2.1:80/x").unwrap().addr.port(), 80);
         assert_eq!(http_at("http://[::1]:81").unwrap().host, "[::1]:81");
-        assert!(http_at("https://127.0.0.1:1")
-            .unwrap_err()
-            .contains("https"));
+        let at = http_at("https://localhost/x").unwrap();
+        assert!(at.tls && at.addr.port() == 443 && at.host == "localhost");
+        assert_eq!(http_at("http://127.0.0.1").unwrap().addr.port(), 80);
+        assert_eq!(http_at("http://[::1]").unwrap().addr.port(), 80);
+        assert!(http_at("ftp://127.0.0.1:1").is_err());
         assert!(http_at("http://u:p@127.0.0.1:1").is_err());
         let a = http_at("http://127.0.0.1:8080").unwrap().addr;
         assert_eq!(same_server("/t", a).unwrap(), "/t");

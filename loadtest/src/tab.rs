@@ -3,8 +3,9 @@
 //! it sends, the sockets it dials, and what it counts from its stream's
 //! bytes. The loop that drives many of them is the client module.
 
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use mio::net::TcpStream;
@@ -94,6 +95,8 @@ pub enum Phase {
 
 pub struct Conn {
     pub sock: TcpStream,
+    /// The TLS session over `sock`, to an `https://` server.
+    pub tls: Option<Box<rustls::ClientConnection>>,
     pub slot: usize,
     pub phase: Phase,
     pub out: Vec<u8>,
@@ -112,6 +115,8 @@ pub struct Target {
     pub secret: String,
     /// The requests of a [`TargetKind::Url`] server.
     pub route: Option<Route>,
+    /// What every connection's TLS session starts from (an `https://` server).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Target {
@@ -128,9 +133,14 @@ impl Target {
         if kind == TargetKind::Url && route.is_none() {
             return Err("a url target needs a route".into());
         }
+        let tls = match route.as_ref().and_then(|r| r.tls.as_ref()) {
+            Some(setup) => Some(setup.client_config()?),
+            None => None,
+        };
         Ok(Target {
             kind,
             addr,
+            tls,
             host: route
                 .as_ref()
                 .and_then(|r| r.host.clone())
@@ -327,8 +337,35 @@ pub fn stream_request(target: &Target, slot: &Slot, kind: Option<StreamKind>) ->
     .into_bytes()
 }
 
+impl Conn {
+    /// Whether a write is due: request bytes not sent yet, or TLS records.
+    pub fn wants_write(&self) -> bool {
+        self.out_pos < self.out.len() || self.tls.as_ref().is_some_and(|t| t.wants_write())
+    }
+
+    /// Reads response bytes (decrypted, over TLS).
+    pub fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self.tls.as_deref_mut() {
+            Some(tls) => crate::tls::read(tls, &mut self.sock, buf),
+            None => self.sock.read(buf),
+        }
+    }
+}
+
 pub fn flush(conn: &mut Conn) -> io::Result<()> {
-    while conn.out_pos < conn.out.len() && conn.phase != Phase::Connecting {
+    if conn.phase == Phase::Connecting {
+        return Ok(());
+    }
+    if let Some(tls) = conn.tls.as_deref_mut() {
+        while conn.out_pos < conn.out.len() {
+            match crate::tls::write(tls, &mut conn.sock, &conn.out[conn.out_pos..])? {
+                0 => break, // rustls's buffer is full until the socket drains
+                n => conn.out_pos += n,
+            }
+        }
+        return crate::tls::send_pending(tls, &mut conn.sock);
+    }
+    while conn.out_pos < conn.out.len() {
         match conn.sock.write(&conn.out[conn.out_pos..]) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => conn.out_pos += n,
@@ -376,6 +413,8 @@ pub fn errno_name(e: &io::Error) -> String {
         Some(libc::ETIMEDOUT) => "timedout".into(),
         Some(libc::EPIPE) => "pipe".into(),
         Some(n) => format!("errno{n}"),
+        // A TLS failure (a certificate refused, an alert): rustls says what.
+        None if e.kind() == io::ErrorKind::InvalidData => format!("tls ({e})"),
         None => format!("{:?}", e.kind()).to_lowercase(),
     }
 }
@@ -396,6 +435,7 @@ mod tests {
             host: "127.0.0.1:8080".into(),
             secret: "load-secret".into(),
             route: None,
+            tls: None,
         }
     }
 
@@ -428,6 +468,7 @@ mod tests {
                     .and_then(|l| std::net::TcpStream::connect(l.local_addr()?))
                     .unwrap(),
             ),
+            tls: None,
             slot: 0,
             phase: Phase::Streaming,
             out: Vec::new(),
@@ -471,6 +512,7 @@ mod tests {
             bearer: None,
             role: None,
             host: Some("gw.example:8080".into()),
+            tls: None,
         };
         let t = Target::new(TargetKind::Url, "192.0.2.1:8080", "", Some(route)).unwrap();
         let req = String::from_utf8(first_request(&t, None, &mut slot()).unwrap()).unwrap();

@@ -306,3 +306,202 @@ fn run_url_logs_in_to_a_redis_database_and_reaches_a_server_over_ipv6() {
     drop(gateway);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Runs `openssl` with `args` in `dir` (bounded to 30 s); it must succeed.
+fn openssl(dir: &Path, args: &[&str]) {
+    let mut child = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn openssl");
+    let status = wait(&mut child, Duration::from_secs(30)).expect("openssl within 30 s");
+    assert!(status.success(), "openssl {args:?}: {status}");
+}
+
+/// nginx terminating TLS in front of `upstream` on a free loopback port,
+/// with a certificate for `localhost` from a fresh CA of its own (both made
+/// by openssl, in `dir`); one process, SIGKILLed by its PID on drop.
+struct TlsProxy {
+    child: Child,
+    port: u16,
+    /// The CA that signed the server's certificate.
+    ca: PathBuf,
+}
+
+impl TlsProxy {
+    fn start(upstream: std::net::SocketAddr, dir: &Path) -> TlsProxy {
+        let p256 = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ];
+        let ca = [
+            &["req", "-x509", "-days", "1", "-subj", "/CN=loadtest CA"][..],
+            &p256,
+        ]
+        .concat();
+        openssl(
+            dir,
+            &[&ca[..], &["-keyout", "ca.key", "-out", "ca.pem"]].concat(),
+        );
+        let csr = [&["req", "-subj", "/CN=localhost"][..], &p256].concat();
+        openssl(
+            dir,
+            &[&csr[..], &["-keyout", "key.pem", "-out", "cert.csr"]].concat(),
+        );
+        std::fs::write(
+            dir.join("san.ext"),
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+        )
+        .expect("san.ext");
+        let sign = [
+            "x509", "-req", "-in", "cert.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+        ];
+        let rest = [
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            "san.ext",
+            "-out",
+            "cert.pem",
+        ];
+        openssl(dir, &[&sign[..], &rest[..]].concat());
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        let port = sse_testkit::free_port();
+        let d = dir.display();
+        let conf = format!(
+            "daemon off; master_process off; worker_processes 1;
+pid {d}/nginx.pid; error_log {d}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;
+  fastcgi_temp_path {d}/fastcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
+  server {{
+    listen 127.0.0.1:{port} ssl;
+    ssl_certificate {cert}; ssl_certificate_key {key};
+    location / {{
+      proxy_pass http://{upstream};
+      proxy_http_version 1.1;
+      proxy_set_header Connection \"\";
+      proxy_buffering off;
+      proxy_read_timeout 1h;
+    }}
+  }}
+}}
+",
+            cert = cert.display(),
+            key = key.display(),
+        );
+        let conf_path = dir.join("nginx.conf");
+        std::fs::write(&conf_path, conf).expect("nginx.conf");
+        let nginx = ["/usr/sbin/nginx", "nginx"]
+            .into_iter()
+            .find(|n| Path::new(n).exists())
+            .unwrap_or("nginx");
+        let child = Command::new(nginx)
+            .arg("-p")
+            .arg(dir)
+            .arg("-e")
+            .arg(dir.join("error.log"))
+            .arg("-c")
+            .arg(&conf_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn nginx (apt-get install nginx)");
+        let up = sse_testkit::wait_until(Duration::from_secs(10), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        let proxy = TlsProxy {
+            child,
+            port,
+            ca: dir.join("ca.pem"),
+        };
+        assert!(
+            up,
+            "nginx did not listen on {port}: {:?}",
+            std::fs::read_to_string(dir.join("error.log"))
+        );
+        proxy
+    }
+}
+
+impl Drop for TlsProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+#[ignore = "needs target/release/sse-gateway, redis-server, nginx and openssl"]
+fn run_url_over_https_checks_the_certificate_and_delivers_every_event_once() {
+    let redis = Redis::start();
+    let gateway = Gateway::builder()
+        .redis(&redis)
+        .args(&["--max-conns-per-ip", "1000000", "--heartbeat-secs", "1"])
+        .start();
+    let dir = scratch("https");
+    let proxy = TlsProxy::start(gateway.addr(), &dir);
+    let url = format!("https://localhost:{}", proxy.port);
+    let redis_url = redis.url();
+    let json = dir.join("results.json");
+    let common = [
+        "--url",
+        &url,
+        "--ticket-url",
+        "/sse/stream-ticket",
+        "--jwt-secret",
+        SECRET,
+        "--grant-redis",
+        &redis_url,
+        "--publish-redis",
+        &redis_url,
+        "--strict",
+    ];
+    let small = [
+        "--streams",
+        "100",
+        "--devices",
+        "10",
+        "--rate",
+        "100",
+        "--secs",
+        "1",
+    ];
+    // The server's CA given: every stream opens over TLS and gets every event.
+    let ca = proxy.ca.display().to_string();
+    let mut args = [&common[..], &small[..]].concat();
+    args.extend(["--ca-file", &ca]);
+    let (step, open) = run(&args, &json, "https");
+    assert_exactly_once(&step, &open, 100);
+    // Taken on trust with --insecure: the same.
+    let mut args = [&common[..], &small[..]].concat();
+    args.push("--insecure");
+    let (step, open) = run(&args, &json, "https-insecure");
+    assert_exactly_once(&step, &open, 100);
+    // Neither: the certificate is refused and no stream opens.
+    let out = loadtest()
+        .arg("run")
+        .args([&common[..], &small[..]].concat())
+        .arg("--json")
+        .arg(&json)
+        .arg("--out")
+        .arg(dir.join("RESULTS.md"))
+        .output()
+        .expect("loadtest run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("tls (invalid peer certificate"),
+        "{stderr}"
+    );
+    drop(proxy);
+    let _ = std::fs::remove_dir_all(&dir);
+}
