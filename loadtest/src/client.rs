@@ -244,14 +244,20 @@ impl Client {
         }
     }
 
-    /// Next source address for `dst` (see [`source_addr`]); None: the
-    /// kernel's choice.
-    fn source(&mut self, dst: &SocketAddr) -> Option<SocketAddr> {
-        if !spreads_sources(dst) {
-            return None;
-        }
+    /// The next stream's source address: the route's given ones in turn,
+    /// else one of its own in 127.0.0.0/8 for a loopback server (see
+    /// [`source_addr`]); None: the kernel's choice.
+    fn source(&mut self) -> Option<SocketAddr> {
+        let target = self.target.as_ref()?;
+        let k = self.sources;
+        let given = target.route.as_ref().map_or(&[][..], |r| &r.sources[..]);
+        let src = match given.len() {
+            0 if spreads_sources(&target.addr) => source_addr(self.index, k),
+            0 => return None,
+            n => SocketAddr::new(given[(k % n as u64) as usize], 0),
+        };
         self.sources += 1;
-        Some(source_addr(self.index, self.sources - 1))
+        Some(src)
     }
 
     fn start(&mut self, poll: &Poll, slot_idx: usize) {
@@ -272,7 +278,7 @@ impl Client {
                 return;
             }
         };
-        let src = self.source(&addr);
+        let src = self.source();
         let sock = match connect_from(src, addr) {
             Ok(s) => s,
             Err(e) => {

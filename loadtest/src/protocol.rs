@@ -67,6 +67,11 @@ pub struct Route {
     /// TLS to the server (an `https://` URL); None: plain TCP.
     #[serde(default)]
     pub tls: Option<crate::tls::TlsSetup>,
+    /// Local addresses the streams connect from, in turn (each reaches
+    /// one server port about 28,000 times at once); empty: see
+    /// `tab::spreads_sources`.
+    #[serde(default)]
+    pub sources: Vec<std::net::IpAddr>,
 }
 
 /// Which stream a client opens.

@@ -513,6 +513,7 @@ mod tests {
             role: None,
             host: Some("gw.example:8080".into()),
             tls: None,
+            sources: Vec::new(),
         };
         let t = Target::new(TargetKind::Url, "192.0.2.1:8080", "", Some(route)).unwrap();
         let req = String::from_utf8(first_request(&t, None, &mut slot()).unwrap()).unwrap();

@@ -505,3 +505,53 @@ fn run_url_over_https_checks_the_certificate_and_delivers_every_event_once() {
     drop(proxy);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+#[ignore = "needs target/release/sse-gateway and redis-server"]
+fn run_url_connects_from_the_given_source_addresses_in_turn() {
+    let redis = Redis::start();
+    // 60 streams per address: 100 streams fit on two addresses, not on one.
+    let gateway = Gateway::builder()
+        .redis(&redis)
+        .args(&["--max-conns-per-ip", "60", "--max-requests-per-ip", "1000"])
+        .start();
+    let url = format!("http://{}", gateway.addr());
+    let redis_url = redis.url();
+    let dir = scratch("sources");
+    let json = dir.join("results.json");
+    let common = [
+        "--url",
+        &url,
+        "--ticket-url",
+        "/sse/stream-ticket",
+        "--jwt-secret",
+        SECRET,
+        "--grant-redis",
+        &redis_url,
+        "--publish-redis",
+        &redis_url,
+        "--attempts",
+        "1",
+    ];
+    let small = [
+        "--streams",
+        "100",
+        "--devices",
+        "10",
+        "--rate",
+        "100",
+        "--secs",
+        "1",
+    ];
+    let mut args = [&common[..], &small[..]].concat();
+    args.extend(["--source", "127.0.0.2,127.0.0.3", "--strict"]);
+    let (step, open) = run(&args, &json, "two-sources");
+    assert_exactly_once(&step, &open, 100);
+    // One address: the gateway's per-address limit refuses the rest.
+    let mut args = [&common[..], &small[..]].concat();
+    args.extend(["--source", "127.0.0.4"]);
+    let (_, open) = run(&args, &json, "one-source");
+    assert_eq!(open["opened"], 60, "{open}");
+    assert!(open.to_string().contains("429"), "{open}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
