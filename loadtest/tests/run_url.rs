@@ -91,6 +91,53 @@ const LOAD: [&str; 8] = [
     "2",
 ];
 
+/// The smaller runs' size: 100 streams over 10 devices, 100 events/s for 1 s.
+const SMALL: [&str; 8] = [
+    "--streams",
+    "100",
+    "--devices",
+    "10",
+    "--rate",
+    "100",
+    "--secs",
+    "1",
+];
+
+/// The arguments of a run that gets tickets from the gateway at `url`.
+fn with_tickets(url: &str) -> Vec<&str> {
+    vec![
+        "--url",
+        url,
+        "--ticket-url",
+        "/sse/stream-ticket",
+        "--jwt-secret",
+        SECRET,
+    ]
+}
+
+/// Runs `loadtest run` with `args` (bounded), which must fail; its stderr.
+fn run_failing(args: &[&str], dir: &Path) -> String {
+    let err = dir.join("failing.err");
+    let mut child = loadtest()
+        .arg("run")
+        .args(args)
+        .arg("--json")
+        .arg(dir.join("failing.json"))
+        .arg("--out")
+        .arg(dir.join("FAILING.md"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&err).expect("stderr file"))
+        .spawn()
+        .expect("spawn loadtest run");
+    let status = wait(&mut child, Duration::from_secs(120)).expect("loadtest run within 120 s");
+    let stderr = std::fs::read_to_string(&err).unwrap_or_default();
+    assert!(
+        !status.success(),
+        "loadtest run {args:?} succeeded:\n{stderr}"
+    );
+    stderr
+}
+
 fn assert_exactly_once(step: &Value, open: &Value, streams: u64) {
     assert_eq!(open["opened"], streams, "opened: {open}");
     assert_eq!(step["lost"], 0, "lost: {step}");
@@ -115,17 +162,8 @@ fn run_url_against_a_running_gateway_delivers_every_event_once() {
     let pid = gateway.pid().to_string();
     let dir = scratch("gateway");
     let json = dir.join("results.json");
-    let common = [
-        "--url",
-        &url,
-        "--ticket-url",
-        "/sse/stream-ticket",
-        "--jwt-secret",
-        SECRET,
-        "--pid",
-        &pid,
-        "--strict",
-    ];
+    let mut common = with_tickets(&url);
+    common.extend(["--pid", &pid, "--strict"]);
     // Users who own their device (ownership sets seeded), events by PUBLISH.
     let redis_url = redis.url();
     let mut args = [&common[..], &LOAD[..]].concat();
@@ -260,49 +298,19 @@ fn run_url_logs_in_to_a_redis_database_and_reaches_a_server_over_ipv6() {
     let url = format!("http://{listen}");
     let dir = scratch("login");
     let json = dir.join("results.json");
-    let common = [
-        "--url",
-        &url,
-        "--ticket-url",
-        "/sse/stream-ticket",
-        "--jwt-secret",
-        SECRET,
-        "--strict",
-    ];
-    let small = [
-        "--streams",
-        "100",
-        "--devices",
-        "10",
-        "--rate",
-        "100",
-        "--secs",
-        "1",
-    ];
     // Ownership granted in database 2 (the gateway's), events published
     // after AUTH: every stream opens and gets every event.
-    let mut args = [&common[..], &small[..]].concat();
+    let mut args = [&with_tickets(&url)[..], &SMALL[..]].concat();
     args.extend(["--grant-redis", &redis_url, "--publish-redis", &redis_url]);
+    args.push("--strict");
     let (step, open) = run(&args, &json, "login");
     assert_exactly_once(&step, &open, 100);
     // Without the password the harness stops before opening, naming Redis's refusal.
     let no_login = format!("redis://127.0.0.1:{}/2", redis.port());
-    let mut args = [&common[..], &small[..]].concat();
+    let mut args = [&with_tickets(&url)[..], &SMALL[..]].concat();
     args.extend(["--grant-redis", &no_login, "--publish-redis", &no_login]);
-    let out = loadtest()
-        .arg("run")
-        .args(&args)
-        .arg("--json")
-        .arg(&json)
-        .arg("--out")
-        .arg(dir.join("RESULTS.md"))
-        .output()
-        .expect("loadtest run");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && stderr.contains("NOAUTH"),
-        "{stderr}"
-    );
+    let stderr = run_failing(&args, &dir);
+    assert!(stderr.contains("NOAUTH"), "{stderr}");
     drop(gateway);
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -453,55 +461,23 @@ fn run_url_over_https_checks_the_certificate_and_delivers_every_event_once() {
     let url = format!("https://localhost:{}", proxy.port);
     let redis_url = redis.url();
     let json = dir.join("results.json");
-    let common = [
-        "--url",
-        &url,
-        "--ticket-url",
-        "/sse/stream-ticket",
-        "--jwt-secret",
-        SECRET,
-        "--grant-redis",
-        &redis_url,
-        "--publish-redis",
-        &redis_url,
-        "--strict",
-    ];
-    let small = [
-        "--streams",
-        "100",
-        "--devices",
-        "10",
-        "--rate",
-        "100",
-        "--secs",
-        "1",
-    ];
+    let mut common = with_tickets(&url);
+    common.extend(["--grant-redis", &redis_url, "--publish-redis", &redis_url]);
+    common.push("--strict");
     // The server's CA given: every stream opens over TLS and gets every event.
     let ca = proxy.ca.display().to_string();
-    let mut args = [&common[..], &small[..]].concat();
+    let mut args = [&common[..], &SMALL[..]].concat();
     args.extend(["--ca-file", &ca]);
     let (step, open) = run(&args, &json, "https");
     assert_exactly_once(&step, &open, 100);
     // Taken on trust with --insecure: the same.
-    let mut args = [&common[..], &small[..]].concat();
+    let mut args = [&common[..], &SMALL[..]].concat();
     args.push("--insecure");
     let (step, open) = run(&args, &json, "https-insecure");
     assert_exactly_once(&step, &open, 100);
     // Neither: the certificate is refused and no stream opens.
-    let out = loadtest()
-        .arg("run")
-        .args([&common[..], &small[..]].concat())
-        .arg("--json")
-        .arg(&json)
-        .arg("--out")
-        .arg(dir.join("RESULTS.md"))
-        .output()
-        .expect("loadtest run");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && stderr.contains("tls (invalid peer certificate"),
-        "{stderr}"
-    );
+    let stderr = run_failing(&[&common[..], &SMALL[..]].concat(), &dir);
+    assert!(stderr.contains("tls (invalid peer certificate"), "{stderr}");
     drop(proxy);
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -519,36 +495,15 @@ fn run_url_connects_from_the_given_source_addresses_in_turn() {
     let redis_url = redis.url();
     let dir = scratch("sources");
     let json = dir.join("results.json");
-    let common = [
-        "--url",
-        &url,
-        "--ticket-url",
-        "/sse/stream-ticket",
-        "--jwt-secret",
-        SECRET,
-        "--grant-redis",
-        &redis_url,
-        "--publish-redis",
-        &redis_url,
-        "--attempts",
-        "1",
-    ];
-    let small = [
-        "--streams",
-        "100",
-        "--devices",
-        "10",
-        "--rate",
-        "100",
-        "--secs",
-        "1",
-    ];
-    let mut args = [&common[..], &small[..]].concat();
+    let mut common = with_tickets(&url);
+    common.extend(["--grant-redis", &redis_url, "--publish-redis", &redis_url]);
+    common.extend(["--attempts", "1"]);
+    let mut args = [&common[..], &SMALL[..]].concat();
     args.extend(["--source", "127.0.0.2,127.0.0.3", "--strict"]);
     let (step, open) = run(&args, &json, "two-sources");
     assert_exactly_once(&step, &open, 100);
     // One address: the gateway's per-address limit refuses the rest.
-    let mut args = [&common[..], &small[..]].concat();
+    let mut args = [&common[..], &SMALL[..]].concat();
     args.extend(["--source", "127.0.0.4"]);
     let (_, open) = run(&args, &json, "one-source");
     assert_eq!(open["opened"], 60, "{open}");
