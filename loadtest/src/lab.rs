@@ -147,6 +147,7 @@ impl Lab {
             return Ok(Box::new(PostPublisher::connect(
                 r.services[0].addr,
                 None,
+                None,
                 PostRoute::nchan(),
                 devices,
                 self.nchan_publishers,

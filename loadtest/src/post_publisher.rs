@@ -6,7 +6,8 @@
 //! `{"channel":..,"message":..}` with an admin bearer. A device always goes
 //! over the same connection, so its events arrive in order. A reader thread
 //! per connection counts the responses (2xx = taken; anything else is
-//! counted as a publish error by status).
+//! counted as a publish error by status). To an `https://` server each
+//! connection is a TLS session split between the two threads.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -46,9 +47,33 @@ impl PostRoute {
     }
 }
 
+/// One keep-alive connection's writing end.
+enum Conn {
+    Plain(TcpStream),
+    Tls(crate::tls::TlsWriter),
+}
+
+impl Conn {
+    fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        match self {
+            Conn::Plain(s) => s.write_all(bytes),
+            Conn::Tls(w) => w.write_all(bytes),
+        }
+    }
+
+    fn shutdown(&self) {
+        match self {
+            Conn::Plain(s) => {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+            Conn::Tls(w) => w.shutdown(),
+        }
+    }
+}
+
 pub struct PostPublisher {
     route: PostRoute,
-    conns: Vec<TcpStream>,
+    conns: Vec<Conn>,
     replies: Arc<AtomicU64>,
     /// Responses other than 201/202, by status (0: unreadable response).
     refused: Arc<Mutex<BTreeMap<u16, u64>>>,
@@ -58,10 +83,12 @@ pub struct PostPublisher {
 }
 
 impl PostPublisher {
-    /// `host`: the `Host` header (None: `addr`).
+    /// `host`: the `Host` header (None: `addr`), and the TLS name when
+    /// `tls` is given.
     pub fn connect(
         addr: SocketAddr,
         host: Option<&str>,
+        tls: Option<&Arc<rustls::ClientConfig>>,
         route: PostRoute,
         devices: Vec<String>,
         connections: usize,
@@ -76,13 +103,24 @@ impl PostPublisher {
             let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
                 .map_err(|e| format!("publish to {addr}: {e}"))?;
             let _ = s.set_nodelay(true);
-            let reader = s.try_clone().map_err(|e| e.to_string())?;
+            let (conn, reader): (Conn, Box<dyn Read + Send>) = match tls {
+                Some(config) => {
+                    let name = host.map_or_else(|| addr.to_string(), str::to_owned);
+                    let (w, r) = crate::tls::split_blocking(config, &name, s)
+                        .map_err(|e| format!("publish to {addr}: tls: {e}"))?;
+                    (Conn::Tls(w), Box::new(r))
+                }
+                None => {
+                    let r = s.try_clone().map_err(|e| e.to_string())?;
+                    (Conn::Plain(s), Box::new(r))
+                }
+            };
             let (r, f) = (replies.clone(), refused.clone());
             std::thread::Builder::new()
                 .name(format!("post-replies-{i}"))
                 .spawn(move || read_responses(reader, &r, &f))
                 .map_err(|e| e.to_string())?;
-            conns.push(s);
+            conns.push(conn);
         }
         Ok(PostPublisher {
             route,
@@ -130,7 +168,7 @@ impl PostPublisher {
     }
 }
 
-fn read_responses(s: TcpStream, replies: &AtomicU64, refused: &Mutex<BTreeMap<u16, u64>>) {
+fn read_responses(s: impl Read, replies: &AtomicU64, refused: &Mutex<BTreeMap<u16, u64>>) {
     let mut r = BufReader::with_capacity(256 * 1024, s);
     let mut line = String::new();
     let mut body = vec![0u8; MAX_BODY];
@@ -215,7 +253,7 @@ impl Publish for PostPublisher {
 impl Drop for PostPublisher {
     fn drop(&mut self) {
         for c in &self.conns {
-            let _ = c.shutdown(std::net::Shutdown::Both);
+            c.shutdown();
         }
     }
 }

@@ -193,7 +193,7 @@ fn run(opts: &RunOpts, command: String) -> Result<bool, String> {
         resume: false,
     };
     let devices: Vec<String> = (0..all.devices).map(|i| all.device(i)).collect();
-    let mut publisher = publisher(opts, &server, devices)?;
+    let mut publisher = publisher(opts, &server, route.tls.as_ref(), devices)?;
     if let Some(url) = &opts.grant_redis {
         seed(RedisAt::parse(url)?, &all)?;
     }
@@ -296,6 +296,7 @@ fn tls_setup(opts: &RunOpts, server: &HttpAt) -> Result<Option<TlsSetup>, String
 fn publisher(
     opts: &RunOpts,
     server: &HttpAt,
+    tls: Option<&TlsSetup>,
     devices: Vec<String>,
 ) -> Result<Box<dyn Publish>, String> {
     if let Some(url) = &opts.publish_redis {
@@ -309,11 +310,6 @@ fn publisher(
     let Some(url) = &opts.publish_url else {
         return Err("give --publish-redis or --publish-url".into());
     };
-    if server.tls {
-        return Err(
-            "--publish-url over https is not supported: publish with --publish-redis".into(),
-        );
-    }
     let path = same_server(url, server.addr)?;
     let bearer = opts
         .publish_bearer
@@ -332,9 +328,11 @@ fn publisher(
         path,
         bearer,
     };
+    let tls = tls.map(TlsSetup::client_config).transpose()?;
     Ok(Box::new(PostPublisher::connect(
         server.addr,
         Some(&server.host),
+        tls.as_ref(),
         route,
         devices,
         opts.publishers,

@@ -7,14 +7,15 @@
 //! certificate (a staging server's self-signed one) but still checks that
 //! the server holds its key. The server name is the URL's host.
 //!
-//! A connection's plaintext goes into rustls, which holds it until the
+//! A stream's plaintext goes into rustls, which holds it until the
 //! handshake is done; [`send_pending`] writes what rustls has ready until
 //! the socket would block, and a writable edge writes the rest. [`read`]
 //! hands out plaintext, reading and decrypting more from the socket when
-//! rustls has none.
+//! rustls has none. The HTTP publisher's blocking connections, written by
+//! one thread and read by another, are split with [`split_blocking`].
 
 use std::io::{self, Read, Write};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use mio::net::TcpStream;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -122,6 +123,102 @@ pub fn read(tls: &mut ClientConnection, sock: &mut TcpStream, buf: &mut [u8]) ->
         tls.process_new_packets()
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         send_pending(tls, sock)?;
+    }
+}
+
+/// A blocking TLS connection split for a writer thread and a reader
+/// thread (the HTTP publisher's): the session behind a mutex that neither
+/// holds while it waits on the socket, so a server that stops reading until
+/// its responses are read never deadlocks them. The handshake is done here.
+pub fn split_blocking(
+    config: &Arc<ClientConfig>,
+    host: &str,
+    mut sock: std::net::TcpStream,
+) -> io::Result<(TlsWriter, TlsReader)> {
+    let invalid = |e: String| io::Error::new(io::ErrorKind::InvalidData, e);
+    let mut tls = connection(config, host).map_err(invalid)?;
+    while tls.is_handshaking() {
+        tls.complete_io(&mut sock)?;
+    }
+    let tls = Arc::new(Mutex::new(tls));
+    let reader = TlsReader {
+        sock: sock.try_clone()?,
+        tls: tls.clone(),
+        raw: vec![0; 16 * 1024],
+    };
+    Ok((TlsWriter { sock, tls }, reader))
+}
+
+/// The writing half of [`split_blocking`]: encrypts under the lock, writes
+/// after it.
+pub struct TlsWriter {
+    sock: std::net::TcpStream,
+    tls: Arc<Mutex<ClientConnection>>,
+}
+
+impl Write for TlsWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut records = Vec::with_capacity(buf.len() + 256);
+        let mut written = 0;
+        {
+            let mut tls = self.tls.lock().map_err(|_| io::ErrorKind::Other)?;
+            while written < buf.len() {
+                match tls.writer().write(&buf[written..])? {
+                    0 => break,
+                    n => written += n,
+                }
+                while tls.wants_write() {
+                    tls.write_tls(&mut records)?;
+                }
+            }
+        }
+        self.sock.write_all(&records)?;
+        Ok(written)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.sock.flush()
+    }
+}
+
+impl TlsWriter {
+    /// Ends the connection (both halves).
+    pub fn shutdown(&self) {
+        let _ = self.sock.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// The reading half of [`split_blocking`]: reads the socket without the
+/// lock, decrypts under it.
+pub struct TlsReader {
+    sock: std::net::TcpStream,
+    tls: Arc<Mutex<ClientConnection>>,
+    raw: Vec<u8>,
+}
+
+impl Read for TlsReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            {
+                let mut tls = self.tls.lock().map_err(|_| io::ErrorKind::Other)?;
+                match tls.reader().read(buf) {
+                    Ok(n) => return Ok(n),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            let n = self.sock.read(&mut self.raw)?;
+            if n == 0 {
+                return Ok(0);
+            }
+            let mut tls = self.tls.lock().map_err(|_| io::ErrorKind::Other)?;
+            let mut rest = &self.raw[..n];
+            while !rest.is_empty() {
+                tls.read_tls(&mut rest)?;
+                tls.process_new_packets()
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            }
+        }
     }
 }
 

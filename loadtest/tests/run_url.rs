@@ -475,6 +475,12 @@ fn run_url_over_https_checks_the_certificate_and_delivers_every_event_once() {
     args.push("--insecure");
     let (step, open) = run(&args, &json, "https-insecure");
     assert_exactly_once(&step, &open, 100);
+    // Admin streams, events POSTed to /sse/publish over TLS as well.
+    let mut args = [&with_tickets(&url)[..], &SMALL[..]].concat();
+    args.extend(["--role", "admin", "--publish-url", "/sse/publish"]);
+    args.extend(["--ca-file", &ca, "--strict"]);
+    let (step, open) = run(&args, &json, "https-post");
+    assert_exactly_once(&step, &open, 100);
     // Neither: the certificate is refused and no stream opens.
     let stderr = run_failing(&[&common[..], &SMALL[..]].concat(), &dir);
     assert!(stderr.contains("tls (invalid peer certificate"), "{stderr}");
