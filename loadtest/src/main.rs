@@ -100,12 +100,35 @@ fn shell_quote(a: &str) -> String {
     }
 }
 
-/// This process's command line, quoted, for the report.
+/// This process's command line, quoted and with its secrets taken out,
+/// for the report.
 fn command_line() -> String {
-    std::env::args()
-        .map(|a| shell_quote(&a))
-        .collect::<Vec<_>>()
-        .join(" ")
+    recorded(std::env::args())
+}
+
+/// Options whose value is a secret: never written into a report.
+const SECRET_OPTIONS: [&str; 3] = ["--jwt-secret", "--bearer", "--publish-bearer"];
+
+/// `args` as the report records them: quoted, each secret option's value
+/// and each URL's password replaced by `<secret>`.
+fn recorded(args: impl Iterator<Item = String>) -> String {
+    let mut secret_next = false;
+    let mut out = Vec::new();
+    for a in args {
+        let shown = if secret_next {
+            "<secret>".to_owned()
+        } else if let Some((flag, _)) = a
+            .split_once('=')
+            .filter(|(f, _)| SECRET_OPTIONS.contains(f))
+        {
+            format!("{flag}=<secret>")
+        } else {
+            resp::without_password(&a)
+        };
+        secret_next = SECRET_OPTIONS.contains(&a.as_str());
+        out.push(shell_quote(&shown));
+    }
+    out.join(" ")
 }
 
 fn main() {
@@ -135,4 +158,41 @@ fn main() {
         },
     };
     std::process::exit(code);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_recorded_command_keeps_no_secret() {
+        let args = [
+            "loadtest",
+            "run",
+            "--jwt-secret",
+            "s3cr3t-1",
+            "--bearer=tok-2",
+            "--publish-bearer",
+            "tok-3",
+            "--grant-redis",
+            "redis://app:pw-4@127.0.0.1:6379/2",
+            "--publish-redis",
+            "redis://:pw-5@127.0.0.1:6379",
+            "--url",
+            "http://127.0.0.1:8080",
+        ];
+        let line = recorded(args.iter().map(|a| a.to_string()));
+        for secret in ["s3cr3t-1", "tok-2", "tok-3", "pw-4", "pw-5"] {
+            assert!(!line.contains(secret), "{secret} in {line}");
+        }
+        assert!(
+            line.contains("--grant-redis 'redis://app:<secret>@127.0.0.1:6379/2'"),
+            "{line}"
+        );
+        assert!(
+            line.contains("--jwt-secret '<secret>' '--bearer=<secret>'"),
+            "{line}"
+        );
+        assert!(line.ends_with("--url http://127.0.0.1:8080"), "{line}");
+    }
 }

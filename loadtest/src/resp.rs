@@ -123,6 +123,21 @@ impl RedisAt {
     }
 }
 
+/// `text` with the password of a `redis://user:password@…` URL in it
+/// replaced by `<secret>` (for reports); anything else as it is.
+pub fn without_password(text: &str) -> String {
+    let Some(rest) = text.strip_prefix("redis://") else {
+        return text.to_owned();
+    };
+    match rest.rsplit_once('@') {
+        Some((login, authority)) => {
+            let user = login.split_once(':').map_or(login, |(u, _)| u);
+            format!("redis://{user}:<secret>@{authority}")
+        }
+        None => text.to_owned(),
+    }
+}
+
 /// `%XX` escapes of a URL's user or password.
 fn percent_decode(text: &str, url: &str) -> Result<String, String> {
     let bad = || format!("{url}: a bad %-escape in the login");

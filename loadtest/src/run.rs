@@ -346,12 +346,32 @@ fn describe(opts: &RunOpts, name: &str) -> String {
         None => "no tickets".into(),
     };
     let publish = match (&opts.publish_redis, &opts.publish_url) {
-        (Some(r), _) => format!("`PUBLISH {}` on {r}", opts.channel),
+        (Some(r), _) => format!(
+            "`PUBLISH {}` on {}",
+            opts.channel,
+            crate::resp::without_password(r)
+        ),
         (_, Some(u)) => format!("`POST {u}` on {} keep-alive connection(s)", opts.publishers),
         _ => "nothing".into(),
     };
+    let tls = match (
+        opts.url.starts_with("https://"),
+        &opts.ca_file,
+        opts.insecure,
+    ) {
+        (false, _, _) => "",
+        (true, _, true) => " over TLS, the certificate not checked (`--insecure`)",
+        (true, Some(_), _) => {
+            " over TLS, the certificate checked against `--ca-file` and Mozilla's roots"
+        }
+        (true, None, _) => " over TLS, the certificate checked against Mozilla's roots",
+    };
+    let sources = match opts.source.len() {
+        0 => String::new(),
+        n => format!(", from {n} source address(es) in turn"),
+    };
     format!(
-        "Server `{name}` at {} was already running (not started by the harness): {} streams `GET {}` over {} devices, {tickets}; {} events/s for {} s published with {publish}.",
+        "Server `{name}` at {} was already running (not started by the harness): {} streams `GET {}` over {} devices{tls}{sources}, {tickets}; {} events/s for {} s published with {publish}.",
         opts.url, opts.streams, opts.stream_path, opts.devices, opts.rate, opts.secs
     )
 }

@@ -194,8 +194,9 @@ pub fn markdown(doc: &Document) -> String {
         let _ = writeln!(
             md,
             "Produced by `loadtest run` (loadtest/README.md) against servers that were already running; each \
-             section below is one run, with the exact command that produced it. Latency is publish (wall-clock \
-             ns in the payload) → parsed by the client, so publisher and client share one clock.\n"
+             section below is one run, with the command that produced it (secrets written `<secret>`). Latency \
+             is publish (wall-clock ns in the payload) → parsed by the client, so publisher and client share one \
+             clock.\n"
         );
         for r in &doc.runs {
             md.push_str(&section_markdown(r));
