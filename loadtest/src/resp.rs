@@ -41,20 +41,22 @@ impl RedisAt {
     /// `redis://[[user]:password@]HOST:PORT[/db]`, user and password
     /// percent-decoded. `rediss://` (TLS) is refused by name.
     pub fn parse(url: &str) -> Result<RedisAt, String> {
+        // Errors name the URL without its password.
+        let shown = without_password(url);
         if url.starts_with("rediss://") {
             return Err(format!(
-                "{url}: TLS (rediss://) is not supported by the harness"
+                "{shown}: TLS (rediss://) is not supported by the harness"
             ));
         }
         let rest = url
             .strip_prefix("redis://")
-            .ok_or_else(|| format!("{url}: expected redis://[[user]:password@]HOST:PORT[/db]"))?;
+            .ok_or_else(|| format!("{shown}: expected redis://[[user]:password@]HOST:PORT[/db]"))?;
         let (rest, db) = match rest.split_once('/') {
             Some((r, "")) => (r, 0),
             Some((r, db)) => (
                 r,
                 db.parse()
-                    .map_err(|_| format!("{url}: the database must be a number"))?,
+                    .map_err(|_| format!("{shown}: the database must be a number"))?,
             ),
             None => (rest, 0),
         };
@@ -64,17 +66,17 @@ impl RedisAt {
         };
         let (user, password) = match login.map(|l| l.split_once(':')) {
             None => (None, None),
-            Some(None) => return Err(format!("{url}: a login needs `:password`")),
+            Some(None) => return Err(format!("{shown}: a login needs `:password`")),
             Some(Some((user, password))) => (
-                Some(percent_decode(user, url)?).filter(|u| !u.is_empty()),
-                Some(percent_decode(password, url)?),
+                Some(percent_decode(user, &shown)?).filter(|u| !u.is_empty()),
+                Some(percent_decode(password, &shown)?),
             ),
         };
         let addr = authority
             .to_socket_addrs()
-            .map_err(|e| format!("{url}: {e}"))?
+            .map_err(|e| format!("{shown}: {e}"))?
             .next()
-            .ok_or_else(|| format!("{url}: no address"))?;
+            .ok_or_else(|| format!("{shown}: no address"))?;
         Ok(RedisAt {
             addr,
             user,
@@ -126,14 +128,19 @@ impl RedisAt {
 /// `text` with the password of a `redis://user:password@…` URL in it
 /// replaced by `<secret>` (for reports); anything else as it is.
 pub fn without_password(text: &str) -> String {
-    let Some(rest) = text.strip_prefix("redis://") else {
+    let Some((scheme, rest)) = ["redis://", "rediss://"]
+        .iter()
+        .find_map(|s| text.strip_prefix(s).map(|rest| (s, rest)))
+    else {
         return text.to_owned();
     };
     match rest.rsplit_once('@') {
-        Some((login, authority)) => {
-            let user = login.split_once(':').map_or(login, |(u, _)| u);
-            format!("redis://{user}:<secret>@{authority}")
-        }
+        // `user:password@`: the user stays; a login without a colon may
+        // be a password alone.
+        Some((login, authority)) => match login.split_once(':') {
+            Some((user, _)) => format!("{scheme}{user}:<secret>@{authority}"),
+            None => format!("{scheme}<secret>@{authority}"),
+        },
         None => text.to_owned(),
     }
 }
@@ -317,6 +324,19 @@ mod tests {
                 .addr
                 .port(),
             6380
+        );
+        for (url, shown) in [
+            ("redis://app:pw@h:1/2", "redis://app:<secret>@h:1/2"),
+            ("rediss://:pw@h:1", "rediss://:<secret>@h:1"),
+            ("redis://pw@h:1", "redis://<secret>@h:1"),
+            ("redis://h:1", "redis://h:1"),
+        ] {
+            assert_eq!(without_password(url), shown);
+        }
+        let refused = RedisAt::parse("redis://:pw@127.0.0.1:1/x").unwrap_err();
+        assert!(
+            refused.contains("database") && !refused.contains("pw"),
+            "{refused}"
         );
         for bad in [
             "rediss://127.0.0.1:1",
