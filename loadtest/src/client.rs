@@ -67,6 +67,24 @@ pub struct Client {
     /// Sockets whose read loop stopped at its bound with data possibly left:
     /// read again next turn (no new readiness edge will come for it).
     more: Vec<usize>,
+    /// The opening's rate, when paced.
+    pace: Option<Pace>,
+}
+
+/// Opens started at a rate: the first at once, the n-th (from 0) once
+/// n / rate seconds have passed.
+#[derive(Debug)]
+struct Pace {
+    per_sec: f64,
+    since: Instant,
+    started: u64,
+}
+
+impl Pace {
+    fn allows(&self, now: Instant) -> bool {
+        let due = (self.per_sec * now.duration_since(self.since).as_secs_f64()).floor();
+        (self.started as f64) <= due
+    }
 }
 
 #[derive(Deserialize)]
@@ -97,12 +115,15 @@ impl Client {
             read_buf: vec![0; 64 * 1024],
             rng: 0x9E37_79B9_7F4A_7C15 ^ u64::from(index),
             more: Vec::new(),
+            pace: None,
         }
     }
 
-    /// Something is waiting to start, or to be read.
+    /// Something is waiting to start (and may start now), or to be read.
     pub fn has_queued(&self) -> bool {
-        (!self.queue.is_empty() && self.inflight < self.concurrency) || !self.more.is_empty()
+        let may_start = self.pace.as_ref().is_none_or(|p| p.allows(Instant::now()));
+        (!self.queue.is_empty() && self.inflight < self.concurrency && may_start)
+            || !self.more.is_empty()
     }
 
     /// Continues the reads that stopped at their bound last turn.
@@ -118,6 +139,7 @@ impl Client {
         clients: Clients,
         concurrency: usize,
         attempts: u32,
+        open_rate: Option<f64>,
     ) -> Result<(), String> {
         if self.clients.is_some() {
             return Err("clients already opened in this worker".into());
@@ -133,10 +155,17 @@ impl Client {
         self.concurrency = concurrency.max(1);
         self.attempts = attempts.max(1);
         self.queue.extend(0..self.slots.len());
+        self.pace = open_rate.filter(|r| *r > 0.0).map(|per_sec| Pace {
+            per_sec,
+            since: Instant::now(),
+            started: 0,
+        });
         Ok(())
     }
 
+    /// Reopens every closed client, all at once (a storm: unpaced).
     pub fn reconnect(&mut self, concurrency: usize, attempts: u32) {
+        self.pace = None;
         self.concurrency = concurrency.max(1);
         self.attempts = attempts.max(1);
         self.queue.clear();
@@ -219,10 +248,16 @@ impl Client {
         }
         let mut started = 0;
         while self.inflight < self.concurrency && started < STARTS_PER_TURN {
+            if self.pace.as_ref().is_some_and(|p| !p.allows(now)) {
+                break;
+            }
             let Some(slot) = self.queue.pop_front() else {
                 break;
             };
             started += 1;
+            if let Some(p) = self.pace.as_mut() {
+                p.started += 1;
+            }
             self.start(poll, slot);
         }
     }
@@ -545,5 +580,28 @@ impl Client {
             }
             _ => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_paced_opening_starts_one_at_once_then_the_rate() {
+        let since = Instant::now();
+        let mut pace = Pace {
+            per_sec: 10.0,
+            since,
+            started: 0,
+        };
+        assert!(pace.allows(since));
+        pace.started = 1;
+        assert!(!pace.allows(since));
+        assert!(!pace.allows(since + Duration::from_millis(99)));
+        assert!(pace.allows(since + Duration::from_millis(100)));
+        pace.started = 10;
+        assert!(!pace.allows(since + Duration::from_millis(999)));
+        assert!(pace.allows(since + Duration::from_secs(1)));
     }
 }

@@ -157,6 +157,7 @@ pub fn run(opts: &CompareOpts, command: String) -> Result<(), String> {
         per_worker: opts.per_worker,
         concurrency: opts.concurrency,
         attempts: opts.attempts,
+        open_rate: None,
     };
     let mut r = Results {
         command,

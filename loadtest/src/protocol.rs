@@ -124,6 +124,9 @@ pub enum Command {
         /// The requests of a [`TargetKind::Url`] server.
         #[serde(default)]
         route: Option<Box<Route>>,
+        /// This worker's opens started per second (None: unpaced).
+        #[serde(default)]
+        open_rate: Option<f64>,
     },
     /// Close every stream (the client side drops).
     Drop,

@@ -122,6 +122,7 @@ fn rolling(opts: &RollingOpts) -> Result<Vec<String>, String> {
         per_worker: opts.per_worker,
         concurrency: opts.concurrency,
         attempts: 20,
+        open_rate: None,
     };
     let mut fleet = Fleet::spawn(workers_for(opts.streams, ramp.per_worker))?;
     let t0 = open(&mut fleet, &target, &all, ramp)?;

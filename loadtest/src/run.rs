@@ -112,6 +112,11 @@ pub struct RunOpts {
     /// Tries per stream before it gives up.
     #[arg(long, default_value_t = 3)]
     pub attempts: u32,
+    /// Stream opens started per second, over all workers (an arrival rate,
+    /// as dashboards coming online); default: as fast as `--concurrency`
+    /// allows.
+    #[arg(long, value_parser = positive_rate)]
+    pub open_rate: Option<f64>,
     #[arg(long, default_value = "run")]
     pub section: String,
     #[arg(long)]
@@ -212,6 +217,7 @@ fn run(opts: &RunOpts, command: String) -> Result<bool, String> {
         per_worker: opts.per_worker,
         concurrency: opts.concurrency,
         attempts: opts.attempts,
+        open_rate: opts.open_rate,
     };
     let started_utc = iso8601(crate::client::now_ns() / 1_000_000);
     let label = format!("{name} open {}", opts.streams);
@@ -266,6 +272,14 @@ fn run(opts: &RunOpts, command: String) -> Result<bool, String> {
     };
     crate::compare::save(r, &opts.out, &opts.json)?;
     Ok(exact || !opts.strict)
+}
+
+/// A rate of opens: a number above 0.
+fn positive_rate(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(r) if r > 0.0 && r.is_finite() => Ok(r),
+        _ => Err(format!("{text}: a number of opens per second above 0")),
+    }
 }
 
 /// The TLS the streams speak: for an `https://` server only.
@@ -366,12 +380,16 @@ fn describe(opts: &RunOpts, name: &str) -> String {
         }
         (true, None, _) => " over TLS, the certificate checked against Mozilla's roots",
     };
+    let paced = match opts.open_rate {
+        Some(r) => format!(", opened at {r} a second"),
+        None => String::new(),
+    };
     let sources = match opts.source.len() {
         0 => String::new(),
         n => format!(", from {n} source address(es) in turn"),
     };
     format!(
-        "Server `{name}` at {} was already running (not started by the harness): {} streams `GET {}` over {} devices{tls}{sources}, {tickets}; {} events/s for {} s published with {publish}.",
+        "Server `{name}` at {} was already running (not started by the harness): {} streams `GET {}` over {} devices{tls}{sources}{paced}, {tickets}; {} events/s for {} s published with {publish}.",
         opts.url, opts.streams, opts.stream_path, opts.devices, opts.rate, opts.secs
     )
 }

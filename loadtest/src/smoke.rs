@@ -64,6 +64,7 @@ fn run_checks(
         per_worker: 4000,
         concurrency: 128,
         attempts: 1,
+        open_rate: None,
     };
 
     let mut running = lab.start(TargetKind::Gateway, 1)?;

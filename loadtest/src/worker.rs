@@ -115,8 +115,9 @@ fn handle(client: &mut Client, poll: &mut Poll, cmd: Command) -> (Reply, bool) {
             concurrency,
             attempts,
             route,
+            open_rate,
         } => match Target::new(target, &addr, &jwt_secret, route.map(|r| *r))
-            .and_then(|t| client.open(t, clients, concurrency, attempts))
+            .and_then(|t| client.open(t, clients, concurrency, attempts, open_rate))
         {
             Ok(()) => Reply::Ok,
             Err(message) => Reply::Error { message },

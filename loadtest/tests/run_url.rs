@@ -516,3 +516,36 @@ fn run_url_connects_from_the_given_source_addresses_in_turn() {
     assert!(open.to_string().contains("429"), "{open}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+#[ignore = "needs target/release/sse-gateway and redis-server"]
+fn run_url_opens_at_the_rate_asked() {
+    let redis = Redis::start();
+    let gateway = Gateway::builder()
+        .redis(&redis)
+        .args(&["--max-conns-per-ip", "1000000"])
+        .start();
+    let url = format!("http://{}", gateway.addr());
+    let redis_url = redis.url();
+    let dir = scratch("rate");
+    let json = dir.join("results.json");
+    // 60 opens at 30 a second: the last may start 59 / 30 s after the first.
+    let mut args = with_tickets(&url);
+    args.extend(["--grant-redis", &redis_url, "--publish-redis", &redis_url]);
+    args.extend([
+        "--streams",
+        "60",
+        "--devices",
+        "6",
+        "--rate",
+        "60",
+        "--secs",
+        "1",
+    ]);
+    args.extend(["--open-rate", "30", "--strict"]);
+    let (step, open) = run(&args, &json, "paced");
+    assert_exactly_once(&step, &open, 60);
+    let secs = open["secs"].as_f64().unwrap_or(0.0);
+    assert!(secs >= 1.9, "60 opens at 30/s took {secs} s: {open}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -77,6 +77,9 @@ pub struct Ramp {
     pub concurrency: usize,
     /// Tries per client.
     pub attempts: u32,
+    /// Opens started per second over all workers (None: as fast as
+    /// `concurrency` allows).
+    pub open_rate: Option<f64>,
 }
 
 /// How an opening went.
@@ -159,6 +162,10 @@ pub fn open(fleet: &mut Fleet, target: &Target, all: &Clients, ramp: Ramp) -> Re
             concurrency,
             attempts: ramp.attempts,
             route: target.route.clone().map(Box::new),
+            // Each worker's share of the rate, as of the clients.
+            open_rate: ramp
+                .open_rate
+                .map(|r| r * count as f64 / all.count.max(1) as f64),
         }
     })?;
     Ok(t0)
