@@ -25,6 +25,9 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, ClientConnection, DigitallySignedStruct, RootCertStore};
 use serde::{Deserialize, Serialize};
 
+/// How long a blocking connection's handshake may take.
+const HANDSHAKE_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// What the workers need to speak TLS to the server (sent to them with
 /// the route).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -137,9 +140,20 @@ pub fn split_blocking(
 ) -> io::Result<(TlsWriter, TlsReader)> {
     let invalid = |e: String| io::Error::new(io::ErrorKind::InvalidData, e);
     let mut tls = connection(config, host).map_err(invalid)?;
+    // A server that never answers the handshake ends it, not the run.
+    sock.set_read_timeout(Some(HANDSHAKE_LIMIT))?;
+    sock.set_write_timeout(Some(HANDSHAKE_LIMIT))?;
     while tls.is_handshaking() {
-        tls.complete_io(&mut sock)?;
+        tls.complete_io(&mut sock).map_err(|e| match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no TLS handshake within {} s", HANDSHAKE_LIMIT.as_secs()),
+            ),
+            _ => e,
+        })?;
     }
+    sock.set_read_timeout(None)?;
+    sock.set_write_timeout(None)?;
     let tls = Arc::new(Mutex::new(tls));
     let reader = TlsReader {
         sock: sock.try_clone()?,
