@@ -1,8 +1,9 @@
 //! The many-stream client that runs inside each worker process: one mio
 //! `Poll`, one non-blocking socket per stream, each bound to its own source
 //! address in 127.0.0.0/8 before connecting to a loopback server (so
-//! neither the ephemeral port range nor any per-IP limit binds; a server
-//! elsewhere sees the machine's own address), driven through the real flow:
+//! neither the ephemeral port range nor any per-IP limit binds), or to the
+//! `--source` addresses in turn (a server elsewhere otherwise sees the
+//! machine's own address), driven through the real flow:
 //!
 //! ```text
 //! connect ─▶ POST /sse/stream-ticket (Bearer) ─▶ GET /sse/stream?deviceId&ticket ─▶ streaming
