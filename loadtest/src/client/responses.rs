@@ -101,16 +101,7 @@ impl Client {
             return Ok(());
         };
         if conn.phase == Phase::Streaming {
-            let slot = &mut self.slots[conn.slot];
-            return body(
-                conn,
-                slot,
-                &mut self.stats,
-                &mut self.hist,
-                &mut self.total_dups,
-                &mut self.scratch,
-                bytes,
-            );
+            return self.stream_bytes(key, bytes);
         }
         conn.input.extend_from_slice(bytes);
         if conn.input.len() > MAX_RESPONSE {
@@ -174,17 +165,28 @@ impl Client {
                     self.stats.resumed += 1;
                     self.resume_hist.record_ns(at.elapsed().as_nanos() as u64);
                 }
-                body(
-                    conn,
-                    slot,
-                    &mut self.stats,
-                    &mut self.hist,
-                    &mut self.total_dups,
-                    &mut self.scratch,
-                    &rest,
-                )
+                // What came with the head is the stream's first bytes.
+                self.stream_bytes(key, &rest)
             }
             _ => Ok(()),
         }
+    }
+
+    /// Hands a streaming connection's bytes to its tab: de-chunked, parsed
+    /// as SSE, counted.
+    fn stream_bytes(&mut self, key: usize, bytes: &[u8]) -> Result<(), String> {
+        let Some(Some(conn)) = self.conns.get_mut(key) else {
+            return Ok(());
+        };
+        let slot = &mut self.slots[conn.slot];
+        body(
+            conn,
+            slot,
+            &mut self.stats,
+            &mut self.hist,
+            &mut self.total_dups,
+            &mut self.scratch,
+            bytes,
+        )
     }
 }
