@@ -145,23 +145,12 @@ pub fn without_password(text: &str) -> String {
     }
 }
 
-/// `%XX` escapes of a URL's user or password.
+/// A URL's user or password with its `%XX` escapes decoded, by the
+/// gateway's own strict decoder (a malformed escape is an error).
 fn percent_decode(text: &str, url: &str) -> Result<String, String> {
-    let bad = || format!("{url}: a bad %-escape in the login");
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = text.get(i + 1..i + 3).ok_or_else(bad)?;
-            out.push(u8::from_str_radix(hex, 16).map_err(|_| bad())?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).map_err(|_| bad())
+    sse_gateway::http::query::decode(text)
+        .map(|d| d.into_owned())
+        .ok_or_else(|| format!("{url}: a bad %-escape in the login"))
 }
 
 /// A reply, reduced to what the harness looks at.
@@ -312,6 +301,9 @@ mod tests {
             (at.user, at.password, at.db),
             (None, Some("p@ss".into()), 3)
         );
+        // A '+' is a '+' in a password, not a space.
+        let at = RedisAt::parse("redis://:a+b@127.0.0.1:1").unwrap();
+        assert_eq!(at.password.as_deref(), Some("a+b"));
         let at = RedisAt::parse("redis://app:pw@localhost:7000").unwrap();
         assert_eq!(
             (at.user.as_deref(), at.password.as_deref()),
@@ -343,6 +335,7 @@ mod tests {
             "http://127.0.0.1:1",
             "redis://pw@127.0.0.1:1",
             "redis://:%zz@127.0.0.1:1",
+            "redis://:%+1@127.0.0.1:1",
             "redis://127.0.0.1:1/x",
         ] {
             assert!(RedisAt::parse(bad).is_err(), "{bad}");
