@@ -257,21 +257,6 @@ fn run_url_against_nchan_delivers_every_event_once() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Sends one command to the Redis on `port` in RESP form; its reply line.
-fn redis_command(port: u16, args: &[&str]) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect redis");
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut out = format!("*{}\r\n", args.len());
-    for a in args {
-        out.push_str(&format!("${}\r\n{a}\r\n", a.len()));
-    }
-    s.write_all(out.as_bytes()).expect("write redis");
-    let mut reply = [0u8; 256];
-    let n = s.read(&mut reply).expect("read redis");
-    String::from_utf8_lossy(&reply[..n]).into_owned()
-}
-
 #[test]
 #[ignore = "needs target/release/sse-gateway and redis-server"]
 fn run_url_logs_in_to_a_redis_database_and_reaches_a_server_over_ipv6() {
@@ -279,8 +264,10 @@ fn run_url_logs_in_to_a_redis_database_and_reaches_a_server_over_ipv6() {
     // gateway on [::1] (not 127.0.0.0/8: no source address of the
     // harness's own can be bound for it).
     let redis = Redis::start();
-    let reply = redis_command(redis.port(), &["CONFIG", "SET", "requirepass", "lt-pw"]);
-    assert!(reply.starts_with("+OK"), "requirepass: {reply}");
+    redis::cmd("CONFIG")
+        .arg(&["SET", "requirepass", "lt-pw"])
+        .query::<()>(&mut redis.con())
+        .expect("requirepass");
     let redis_url = format!("redis://:lt-pw@127.0.0.1:{}/2", redis.port());
     // A machine without IPv6 loopback still checks the login, on 127.0.0.1.
     let host = match std::net::TcpListener::bind("[::1]:0") {
