@@ -16,14 +16,16 @@ use crate::log::LogFormat;
     name = "sse-gateway",
     version,
     about = "Server-Sent Events gateway: Redis Pub/Sub in, EventSource streams out.",
-    after_help = "Every flag has an environment twin (shown in brackets); a flag beats its variable."
+    after_help = "Every flag has an environment twin (shown in brackets); a flag beats its variable.",
+    // `--heartbeat-secs -1` reaches the flag's parser, which names the flag.
+    allow_negative_numbers = true
 )]
 pub struct Config {
     /// Address to serve.
     #[arg(long, env = "SSE_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
-    /// Redis URL (redis[s]://[user:pass@]host:port/db; rediss: TLS). Unset: embedded mode, in-process bus and stores. With Sentinels or a Cluster: only its scheme, user, password and db are used.
+    /// Redis URL (redis[s]://[user:pass@]host:port/db; rediss: TLS). With Sentinels or a Cluster: only its scheme, user, password and db are used [default: unset: embedded mode, in-process bus and stores].
     #[arg(long, env = "REDIS_URL")]
     pub redis_url: Option<String>,
 
@@ -51,7 +53,7 @@ pub struct Config {
     #[arg(long, env = "REDIS_CLUSTER", value_delimiter = ',')]
     pub redis_cluster: Vec<String>,
 
-    /// HS256 key of the access tokens the main app issues. Required unless --demo (then random).
+    /// HS256 key of the access tokens the main app issues [default: none; required unless --demo (then random), --jwt-public-key or a JWKS].
     #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
 
@@ -116,11 +118,11 @@ pub struct Config {
     #[arg(long, env = "SSE_MAX_DEVICES", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub max_devices: u32,
 
-    /// CIDRs whose X-Forwarded-For names the client IP (comma-separated).
+    /// CIDRs whose X-Forwarded-For names the client IP (comma-separated) [default: empty: none].
     #[arg(long, env = "SSE_TRUSTED_PROXIES", value_delimiter = ',', value_parser = Cidr::from_str)]
     pub trusted_proxies: Vec<Cidr>,
 
-    /// Allowed browser origins, credentials allowed (comma-separated).
+    /// Allowed browser origins, credentials allowed (comma-separated) [default: empty: none].
     #[arg(long, env = "SSE_CORS_ORIGINS", value_delimiter = ',')]
     pub cors_origins: Vec<String>,
 
@@ -184,8 +186,8 @@ pub struct Config {
     #[arg(long, env = "SSE_MAX_TICKETS_PER_MINUTE", default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_tickets_per_minute: u32,
 
-    /// Embedded mode plus simulated machines `Machine 1`..`Machine 6` owned by user `demo`, and the demo page at `/`.
-    #[arg(long, env = "SSE_DEMO", value_parser = clap::builder::BoolishValueParser::new(), default_value = "false", num_args = 0, default_missing_value = "true")]
+    /// Embedded mode plus simulated machines `Machine 1`..`Machine 6` owned by user `demo`, and the demo page at `/` [default: off]. `--demo=false` turns off an `SSE_DEMO` set in the environment.
+    #[arg(long, env = "SSE_DEMO", value_parser = clap::builder::BoolishValueParser::new(), default_value = "false", num_args = 0..=1, require_equals = true, default_missing_value = "true", hide_default_value = true)]
     pub demo: bool,
 
     /// Log line format: `text` (fields as key=value, escaped) or `json` (one object per line).

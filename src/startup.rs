@@ -315,9 +315,11 @@ fn watch_signals(hub: Arc<Hub>) -> Result<(), Fatal> {
     Ok(())
 }
 
+/// The demo's how-to, for the person at the terminal: on stdout, so stderr
+/// stays one log line per event (contract §1, §7.6), in either log format.
 fn print_demo_help(addr: std::net::SocketAddr, token: &str) {
     let base = format!("http://{addr}");
-    eprintln!(
+    println!(
         "\n  Demo dashboard:  {base}/\n\n  Watch a live stream from a shell:\n\n    TOKEN={token}\n    T=$(curl -s -X POST -H \"Authorization: Bearer $TOKEN\" {base}/sse/stream-ticket | sed 's/.*\"ticket\":\"\\([^\"]*\\)\".*/\\1/'); curl -N \"{base}/sse/stream?deviceIds=Machine%201,Machine%202&ticket=$T\"\n"
     );
 }

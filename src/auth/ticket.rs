@@ -63,6 +63,8 @@ pub struct TicketKey {
 pub struct Minted {
     pub token: String,
     pub id: String,
+    /// Its `exp` (Unix seconds): its Redis key lives until then.
+    pub exp: u64,
 }
 
 impl TicketKey {
@@ -85,18 +87,19 @@ impl TicketKey {
         now_secs: u64,
     ) -> Minted {
         let id = super::random_uuid().to_string();
+        let exp = now_secs + ttl_secs;
         let claims = Claims {
             sub: who.user.to_json(),
             jti: id.clone(),
             purpose: purpose.map(|p| p.as_str().to_owned()),
             iat: now_secs,
-            exp: now_secs + ttl_secs,
+            exp,
             aud: super::TICKET_AUDIENCE.into(),
             role: who.admin.then(|| "admin".into()),
         };
         let token =
             jsonwebtoken::encode(&Header::default(), &claims, &self.encoding).unwrap_or_default();
-        Minted { token, id }
+        Minted { token, id, exp }
     }
 
     /// The ticket, or None when malformed, badly signed, expired, for another
@@ -110,6 +113,11 @@ impl TicketKey {
             Some(p) => Some(Purpose::parse(p)?),
         };
         if c.jti.is_empty() || c.jti.len() > 64 {
+            return None;
+        }
+        // Expired from its `exp` on (RFC 7519 §4.1.4), as its Redis key is;
+        // the decoder's own check still takes the `exp` second itself.
+        if c.exp.saturating_mul(1000) <= crate::time::epoch_ms() {
             return None;
         }
         Some(Ticket {
@@ -158,6 +166,9 @@ mod tests {
                 .is_none(),
             "expired"
         );
+        // From its `exp` second on, a ticket is expired (before, the decoder
+        // took `exp == now`).
+        assert!(key.verify(&key.mint(&who, None, 0, now).token).is_none());
         let mut tampered = m.token.clone();
         tampered.insert(tampered.len() / 2, 'x');
         assert!(key.verify(&tampered).is_none());

@@ -79,7 +79,7 @@ pub(super) fn issue_ticket(gw: &Gateway, req: &Request) -> Action {
     let job = Job::PutTicket {
         id: minted.id,
         user: who.user,
-        ttl_secs: ttl,
+        exp_secs: minted.exp,
         per_minute: gw.config.max_tickets_per_minute,
     };
     Action::Lookup(job, Pending::IssueTicket(response))

@@ -96,7 +96,7 @@ impl Memory {
             Job::PutTicket {
                 id,
                 user,
-                ttl_secs,
+                exp_secs,
                 per_minute,
             } => {
                 m.puts_since_sweep += 1;
@@ -118,7 +118,7 @@ impl Memory {
                 }
                 times.push_back(now);
                 m.tickets
-                    .insert(id, (Box::from(&*user.key), now + ttl_secs * 1000));
+                    .insert(id, (Box::from(&*user.key), exp_secs.saturating_mul(1000)));
                 Outcome::TicketStored
             }
             Job::Owned { user } => Outcome::Owned(
@@ -195,7 +195,7 @@ mod tests {
             m.run(Job::PutTicket {
                 id: id.into(),
                 user: user(who),
-                ttl_secs: 60,
+                exp_secs: epoch_ms() / 1000 + 60,
                 per_minute: 30,
             })
         };
@@ -236,7 +236,7 @@ mod tests {
         m.run(Job::PutTicket {
             id: "t0".into(),
             user: user("alice"),
-            ttl_secs: 0,
+            exp_secs: epoch_ms() / 1000,
             per_minute: 30,
         });
         assert!(
@@ -255,7 +255,7 @@ mod tests {
             m.run(Job::PutTicket {
                 id: format!("{who}{n}"),
                 user: user(who),
-                ttl_secs: 60,
+                exp_secs: epoch_ms() / 1000 + 60,
                 per_minute: 3,
             })
         };

@@ -200,14 +200,14 @@ fn second(job: &Job, midway: &Midway) -> Vec<redis::Cmd> {
     match (job, midway) {
         (
             Job::PutTicket {
-                id, user, ttl_secs, ..
+                id, user, exp_secs, ..
             },
             Midway::Ticket { count },
         ) if *count >= 0 => {
             let key = ticket_key(id);
-            let text = key.len() + user.key.len() + "EX".len() + NUMBER_LEN;
+            let text = key.len() + user.key.len() + "EXAT".len() + NUMBER_LEN;
             let mut set = command("SET", 5, text);
-            set.arg(key).arg(&*user.key).arg("EX").arg(ttl_secs);
+            set.arg(key).arg(&*user.key).arg("EXAT").arg(exp_secs);
             vec![set]
         }
         _ => match leases_due(job, midway) {
@@ -389,7 +389,7 @@ mod tests {
         Job::PutTicket {
             id: id.into(),
             user: UserId::named(user),
-            ttl_secs: 60,
+            exp_secs: crate::time::epoch_ms() / 1000 + 60,
             per_minute: 1,
         }
     }

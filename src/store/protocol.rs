@@ -19,12 +19,13 @@ pub struct Reply {
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Job {
-    /// `SET sse:ticket:<id> <user> EX <ttl>`, if `user` has minted fewer
-    /// than `per_minute` tickets in the last minute (cluster-wide).
+    /// `SET sse:ticket:<id> <user> EXAT <exp>`, if `user` has minted fewer
+    /// than `per_minute` tickets in the last minute (cluster-wide): the key
+    /// lives until the ticket's `exp` (Unix seconds), not a moment longer.
     PutTicket {
         id: String,
         user: UserId,
-        ttl_secs: u64,
+        exp_secs: u64,
         per_minute: u32,
     },
     /// The devices `user` owns now (`SMEMBERS user:<id>:devices`).
