@@ -265,10 +265,24 @@ impl<'kvs> VisitSource<'kvs> for JsonFields<'_> {
     }
 }
 
+/// `s` as a JSON string. serde_json escapes only what JSON requires (below
+/// U+0020); U+0085, U+2028 and U+2029 are escaped too, since line readers
+/// (Python's `splitlines`, JavaScript's older parsers) break lines there.
 fn json_string(out: &mut String, s: &str) {
-    match serde_json::to_string(s) {
-        Ok(quoted) => out.push_str(&quoted),
-        Err(_) => out.push_str("\"\""),
+    let Ok(quoted) = serde_json::to_string(s) else {
+        out.push_str("\"\"");
+        return;
+    };
+    if !quoted.chars().any(breaks_line) {
+        out.push_str(&quoted);
+        return;
+    }
+    for c in quoted.chars() {
+        if breaks_line(c) {
+            let _ = write!(out, "\\u{:04x}", c as u32);
+        } else {
+            out.push(c);
+        }
     }
 }
 
@@ -528,5 +542,13 @@ mod tests {
         assert_eq!(v["n"], 42);
         assert_eq!(v["empty"], "");
         assert!(v["ts"].as_str().is_some_and(|t| t.ends_with('Z')), "{l}");
+        // Characters that some line readers break at stay escaped.
+        let odd = "a\u{2028}b\u{2029}c\u{85}d\u{7f}";
+        let none: [(&str, Value); 0] = [];
+        let l = line(LogFormat::Json, Level::Info, format_args!("{odd}"), &none);
+        assert_eq!(l.trim_end().lines().count(), 1);
+        assert!(!l.trim_end().chars().any(breaks_line), "{l:?}");
+        let v: serde_json::Value = serde_json::from_str(&l).unwrap_or_default();
+        assert_eq!(v["msg"], odd);
     }
 }

@@ -66,13 +66,14 @@ pub fn assemble(config: Config) -> Result<Assembly, Fatal> {
     let redis_client = Deployment::from_config(&config)
         .map_err(Fatal::Config)?
         .map(Arc::new);
-    let credentials = crate::auth::credentials::load(&config).map_err(Fatal::Config)?;
     let io = |e: std::io::Error| Fatal::Io(e.to_string());
-
+    // Bound before anything is logged: an address that cannot be served
+    // (in use, not this machine's) is bad configuration, one line, exit 2.
     let workers = config.workers();
     let listeners = listener::bind_all(config.listen, workers)
-        .map_err(|e| Fatal::Io(format!("--listen {}: {e}", config.listen)))?;
+        .map_err(|e| Fatal::Config(format!("--listen {}: {e}", config.listen)))?;
     let local = listeners[0].local_addr().map_err(io)?;
+    let credentials = crate::auth::credentials::load(&config).map_err(Fatal::Config)?;
 
     let mut polls = Vec::with_capacity(workers);
     let mut mailboxes = Vec::with_capacity(workers);

@@ -584,13 +584,17 @@ fn include_status_false_sends_no_snapshot() {
     redis_set(&redis, "machine:A:status", r#"{"state":"running"}"#);
     redis.grant("alice", &["A"]);
     let (ticket, _) = gw.ticket_for("alice", "");
-    let path = format!("{}&includeStatus=false", data_path(&ticket, &["A"]));
-    let mut s = SseStream::must_open(gw.addr(), &path, &[]);
-    redis.publish(
-        "mqtt:realtime:processed",
-        r#"{"deviceId":"A","data":{"n":1}}"#,
-    );
-    s.expect_event("realtime-update", T);
+    // Any case of `false`, as a query string written by hand may have it.
+    for (n, value) in ["false", "False", "0"].into_iter().enumerate() {
+        let path = format!("{}&includeStatus={value}", data_path(&ticket, &["A"]));
+        let mut s = SseStream::must_open(gw.addr(), &path, &[]);
+        redis.publish(
+            "mqtt:realtime:processed",
+            &format!(r#"{{"deviceId":"A","data":{{"n":{n}}}}}"#),
+        );
+        let f = s.expect_event("realtime-update", T);
+        assert_eq!(f.json()["data"]["n"], n, "includeStatus={value}");
+    }
 }
 
 // ----- 4. events --------------------------------------------------------------------
@@ -1260,9 +1264,18 @@ fn publish_delivers_like_a_redis_publish() {
         r#"{"channel":"machine:other","message":{"deviceId":"D1"}}"#,
     );
     assert_error(&r, 400);
-    // A valid publish after the refused one comes next: nothing of the
-    // refused one reached the stream.
-    let sentinel = r#"{"channel":"mqtt:realtime:processed","message":{"deviceId":"D1","data":{"sentinel":true}}}"#;
+    // What the bus drops is refused here too: two deviceIds.
+    let r = post(
+        gw.addr(),
+        "/sse/publish",
+        &[("Authorization", &admin)],
+        r#"{"channel":"mqtt:realtime:processed","message":{"deviceId":"D1","deviceId":"D2"}}"#,
+    );
+    assert_error(&r, 400);
+    // A valid publish after the refused ones comes next: nothing of them
+    // reached the stream. The message arrives as written (key order kept),
+    // as the same bytes published on Redis would.
+    let sentinel = r#"{"channel":"mqtt:realtime:processed","message":{"data":{"sentinel":true},"deviceId":"D1"}}"#;
     let r = post(
         gw.addr(),
         "/sse/publish",
@@ -1270,9 +1283,15 @@ fn publish_delivers_like_a_redis_publish() {
         sentinel,
     );
     assert!(r.status == 200 || r.status == 202, "{}", r.text());
-    s.expect_sentinel("realtime-update", T, |f| {
+    let f = s.expect_sentinel("realtime-update", T, |f| {
         f.json()["data"]["sentinel"] == true
     });
+    assert!(
+        f.data
+            .starts_with(r#"{"data":{"sentinel":true},"deviceId":"D1","timestamp":""#),
+        "{}",
+        f.data
+    );
 }
 
 // ----- 4. Last-Event-ID ----------------------------------------------------------------
@@ -1705,6 +1724,12 @@ fn bad_values_exit_2_with_one_line_naming_the_flag() {
         ("--max-backlog-bytes", "1MB"),
         ("--replay-secs=-5", "-5"),
         ("--drain-secs", "soon"),
+        // Negative values written apart from their flag reach its parser.
+        ("--heartbeat-secs", "-1"),
+        ("--max-devices", "-3"),
+        ("--drain-secs", "-5"),
+        // An address that is not this machine's cannot be served.
+        ("--listen", "192.0.2.1:8080"),
     ] {
         // `--flag=value` for values that start with a dash.
         let (flag, joined) = match flag.split_once('=') {

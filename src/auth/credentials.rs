@@ -103,7 +103,7 @@ fn check_combination(config: &Config, jwt_secret: bool, ticket_secret: bool) -> 
         || config.jwks_file.is_some()
         || config.jwks_url.as_deref().is_some_and(|u| !u.is_empty());
     if !jwt_secret && !public {
-        return Err("--jwt-secret (JWT_SECRET) is required unless --demo, --jwt-public-key, --jwks-file or --jwks-url".into());
+        return Err("--jwt-secret (JWT_SECRET) is required, or --jwt-public-key, --jwks-file or --jwks-url with --ticket-secret (SSE_TICKET_SECRET), or --demo".into());
     }
     if !jwt_secret && !ticket_secret {
         return Err("--ticket-secret (SSE_TICKET_SECRET) is required when access tokens have no --jwt-secret".into());

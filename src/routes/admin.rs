@@ -77,10 +77,13 @@ pub(super) fn publish(gw: &Gateway, req: &Request) -> Action {
     if !who.admin {
         return Action::Respond(Response::error(403, "Publishing requires an admin token"));
     }
+    // The message is kept as written (key order, duplicate keys), so it is
+    // checked and framed exactly as the same bytes published on Redis are.
     #[derive(Deserialize)]
-    struct Body {
+    struct Body<'a> {
         channel: String,
-        message: Value,
+        #[serde(borrow)]
+        message: &'a serde_json::value::RawValue,
     }
     let Ok(body) = serde_json::from_slice::<Body>(req.body) else {
         return Action::Respond(Response::error(
@@ -94,9 +97,11 @@ pub(super) fn publish(gw: &Gateway, req: &Request) -> Action {
             &format!("Unknown channel: {}", frame::CHANNELS.join(", ")),
         ));
     };
-    let payload = match body.message {
-        Value::String(s) => s.into_bytes(),
-        v => v.to_string().into_bytes(),
+    // A message given as a JSON string is that string's text.
+    let raw = body.message.get();
+    let payload = match serde_json::from_str::<String>(raw) {
+        Ok(text) if raw.starts_with('"') => text.into_bytes(),
+        _ => raw.as_bytes().to_vec(),
     };
     // Refuse here what the bus would drop, so the caller learns why.
     if let Err(e) = frame::message_for(event, &payload, epoch_ms()) {

@@ -98,10 +98,8 @@ pub(super) fn stream_request(gw: &Gateway, req: &Request, purpose: Purpose) -> A
         },
     };
     let include_status = purpose == Purpose::Data
-        && !matches!(
-            query::param(&head.query, "includeStatus").as_deref(),
-            Some("false") | Some("0")
-        );
+        && !query::param(&head.query, "includeStatus")
+            .is_some_and(|v| v.eq_ignore_ascii_case("false") || &*v == "0");
     let last_event_id = head
         .last_event_id
         .clone()

@@ -232,7 +232,20 @@ struct Probe<'a> {
     #[serde(rename = "deviceId", borrow)]
     device_id: std::borrow::Cow<'a, str>,
     #[serde(default)]
-    timestamp: Option<serde::de::IgnoredAny>,
+    timestamp: Present,
+}
+
+/// Whether a key was in the object, whatever its value, `null` included
+/// (`Option` would read a `null` as absent, and a second `"timestamp"` key
+/// would be appended).
+#[derive(Default)]
+struct Present(bool);
+
+impl<'de> Deserialize<'de> for Present {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Present, D::Error> {
+        serde::de::IgnoredAny::deserialize(d)?;
+        Ok(Present(true))
+    }
 }
 
 /// Checks a message from `channel` and builds its `data:` line: the message
@@ -246,7 +259,9 @@ pub fn message(channel: &str, payload: &[u8], now_ms: u64) -> Result<Message, Re
 /// As [`message`], for an event already known.
 pub fn message_for(event: Event, payload: &[u8], now_ms: u64) -> Result<Message, Rejected> {
     let text = payload.trim_ascii();
-    if text.first() != Some(&b'{') {
+    // JSON text is UTF-8 (RFC 8259 §8.1); the parser skips the strings it
+    // does not keep without checking them.
+    if text.first() != Some(&b'{') || std::str::from_utf8(text).is_err() {
         return Err(Rejected::NotJsonObject);
     }
     // A JSON object whose `deviceId` is not a string fails here too; tell the
@@ -260,7 +275,7 @@ pub fn message_for(event: Event, payload: &[u8], now_ms: u64) -> Result<Message,
         .iter()
         .map(|&b| if b == b'\n' || b == b'\r' { b' ' } else { b })
         .collect();
-    if probe.timestamp.is_none() {
+    if !probe.timestamp.0 {
         // `text` ends with `}` (it parsed as an object) and has a deviceId, so
         // the object is not empty: a comma always belongs here.
         data.pop();
@@ -352,11 +367,14 @@ mod tests {
             String::from_utf8(m.data).unwrap(),
             r#"{"deviceId":"M1",  "alert":{},"timestamp":"2026-01-27T12:34:56.789Z"}"#
         );
+        // A `null` timestamp is a timestamp kept, never a second key.
+        let null = br#"{"deviceId":"M1","timestamp":null}"#;
+        assert_eq!(message("machine:alarms", null, NOW).unwrap().data, null);
     }
 
     #[test]
     fn bad_messages_are_rejected_not_panicked_on() {
-        let table: [(&[u8], Rejected); 9] = [
+        let table: [(&[u8], Rejected); 10] = [
             (b"", Rejected::NotJsonObject),
             (b"not json", Rejected::NotJsonObject),
             (b"[\"M1\"]", Rejected::NotJsonObject),
@@ -366,6 +384,11 @@ mod tests {
             (b"{\"deviceId\":7}", Rejected::NoDeviceId),
             (b"{\"deviceId\":null}", Rejected::NoDeviceId),
             (b"{\"device\":\"M1\"}", Rejected::NoDeviceId),
+            // Not UTF-8 inside a string the parser only skips.
+            (
+                b"{\"deviceId\":\"M1\",\"data\":\"\xff\xfe\"}",
+                Rejected::NotJsonObject,
+            ),
         ];
         for (payload, want) in table {
             let got = message("mqtt:spc:processed", payload, NOW).map(|_| ());
