@@ -1968,7 +1968,10 @@ fn embedded_last_event_id_replay() {
 #[test]
 fn demo_mode_owns_its_machines() {
     // --demo signs with its own random secret: no --jwt-secret (contract 7.1).
-    let gw = Gateway::builder().no_jwt_secret().args(&["--demo"]).start();
+    let gw = Gateway::builder()
+        .no_jwt_secret()
+        .args(&["--demo", "--log-format", "json"])
+        .start();
     let token = get(gw.addr(), "/demo/token", &[]).json()["token"]
         .as_str()
         .unwrap()
@@ -1978,4 +1981,13 @@ fn demo_mode_owns_its_machines() {
     let f = s.expect_event("machine-status", T);
     assert_eq!(f.json()["deviceId"], "Machine 1");
     assert_refused(&gw, &data_path(&t, &["Machine 7"]), &[], 403);
+    // Stderr is the log alone, one JSON object per line: the demo's how-to
+    // (printed before the first request was served) went to stdout.
+    assert!(wait_until(T, || gw.log().contains("stream refused")));
+    let log = gw.log();
+    assert!(log.contains("listening on"), "{log}");
+    for line in log.lines() {
+        let v: Value = serde_json::from_str(line).unwrap_or_default();
+        assert!(v["msg"].is_string(), "not a JSON log line: {line:?}");
+    }
 }
