@@ -16,7 +16,8 @@ use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow, Signal};
 
 use crate::config::Config;
 use crate::context::Gateway;
-use crate::ingress::clusterlog::{self, reader::Cursor, Inlet, Outlet};
+use crate::ingress::clusterlog::cursor::{Cursor, Delivered};
+use crate::ingress::clusterlog::{self, Inlet, Outlet};
 use crate::ingress::conflate::Conflator;
 use crate::ingress::{demo, Hub, RedisState};
 use crate::metrics::Metrics;
@@ -57,6 +58,9 @@ struct LogThreads {
     inputs: Outlet,
     /// Where reading goes on after the preload (None: Redis was not there).
     cursor: Option<Cursor>,
+    /// What the reader read last, which the writer goes by when the log
+    /// lost entries.
+    delivered: Arc<Delivered>,
 }
 
 /// Checks the configuration, binds the listeners and builds the shared
@@ -117,11 +121,15 @@ pub fn assemble(config: Config) -> Result<Assembly, Fatal> {
     // Before any reactor exists: the window holds the log's recent entries,
     // and the reactors start routing after them.
     let log_threads = match (channels, &redis_client) {
-        (Some((heard, inputs)), Some(redis)) => Some(LogThreads {
-            heard,
-            inputs,
-            cursor: clusterlog::reader::preload(redis, &hub, config.replay_events),
-        }),
+        (Some((heard, inputs)), Some(redis)) => {
+            let delivered = Arc::new(Delivered::default());
+            Some(LogThreads {
+                heard,
+                inputs,
+                cursor: clusterlog::reader::preload(redis, &hub, config.replay_events, &delivered),
+                delivered,
+            })
+        }
         _ => None,
     };
     if initial == RedisState::Embedded {
@@ -228,9 +236,17 @@ pub fn run(config: Config) -> Result<(), Fatal> {
     if let (Some(redis), Some(log_threads)) = (redis, log_threads) {
         let bounds =
             clusterlog::log_bounds(gw.config.replay_events, gw.config.replay_secs.as_secs());
-        clusterlog::writer::start(redis.clone(), gw.hub.clone(), log_threads.inputs, bounds)
+        let delivered = log_threads.delivered;
+        clusterlog::writer::start(
+            redis.clone(),
+            gw.hub.clone(),
+            log_threads.inputs,
+            bounds,
+            delivered.clone(),
+        )
+        .map_err(io)?;
+        clusterlog::reader::start(redis.clone(), gw.hub.clone(), log_threads.cursor, delivered)
             .map_err(io)?;
-        clusterlog::reader::start(redis.clone(), gw.hub.clone(), log_threads.cursor).map_err(io)?;
         crate::ingress::subscriber::subscribe(redis, gw.hub.clone(), log_threads.heard)
             .map_err(io)?;
     }

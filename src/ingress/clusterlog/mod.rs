@@ -17,6 +17,8 @@
 //!   exactly what the old one had not (nothing lost, nothing twice).
 //! - [`reader`]: reading the log, noticing holes, preloading the replay
 //!   window at start.
+//! - [`cursor`]: where a reader stands and what its streams had: ids only
+//!   rise, nothing is handed on twice, one hole is one `replay-gap`.
 //! - [`script`]: the lease commands and the append script.
 //!
 //! An entry's id is `<ms>-<n>`: Redis's clock and a count of every entry
@@ -25,6 +27,7 @@
 //! trimmed before it read them, a Redis that lost the log) as a jump in `n`
 //! and tells its streams `replay-gap`.
 
+pub mod cursor;
 pub mod heard;
 pub mod reader;
 pub mod script;

@@ -14,6 +14,13 @@
 //! Pub/Sub connection since), it writes a gap marker first: every stream gets
 //! `replay-gap` at the point where ingest may have been missed.
 //!
+//! A log that lost entries this instance's reader had read (a Redis
+//! restarted without persistence, a failover to a replica that lagged) does
+//! not tell what was written any more; what the reader read last does
+//! ([`Delivered`]): the leader writes only what was heard after it. Those
+//! events reached the streams from the old log; writing them again would
+//! hand them out twice under new ids.
+//!
 //! At shutdown the leader gives the lease up, so another instance takes over
 //! within a tick instead of a lease's lifetime.
 
@@ -25,13 +32,14 @@ use std::time::{Duration, Instant};
 use log::{info, warn};
 use redis::Value;
 
+use super::cursor::{Delivered, TAIL};
 use super::heard::{self, Alignment, Heard, Mark};
 use super::reader::{entries, field};
 use super::script::{self, Entry};
 use super::{Input, Outlet, EVENTS_KEY};
 use crate::ingress::Hub;
 use crate::store::connect::{Deployment, Link};
-use crate::stream::frame::{self, Event, Message, CHANNELS};
+use crate::stream::frame::{self, Event, EventId, Message, CHANNELS};
 use crate::time::epoch_ms;
 
 /// How long the leader lease lives without renewal.
@@ -55,8 +63,6 @@ const BATCH: usize = 512;
 /// window instead of one per event. A message heard after a quiet moment is
 /// appended at once.
 const APPEND_EVERY: Duration = Duration::from_millis(1);
-/// The log entries compared with what was heard when syncing.
-const TAIL: usize = 16;
 
 enum Role {
     Standby,
@@ -92,6 +98,8 @@ pub struct Writer {
     /// Gave the lease back for being too young at this time: wait [`COVER`]
     /// before trying again.
     hold_off: Option<Instant>,
+    /// What this instance's reader read last.
+    delivered: Arc<Delivered>,
 }
 
 /// Starts the writer thread.
@@ -100,6 +108,7 @@ pub fn start(
     hub: Arc<Hub>,
     inputs: Outlet,
     bounds: (usize, u64),
+    delivered: Arc<Delivered>,
 ) -> std::io::Result<thread::JoinHandle<()>> {
     let writer = Writer {
         redis,
@@ -116,6 +125,7 @@ pub fn start(
         trimmed: None,
         covered_since: None,
         hold_off: None,
+        delivered,
     };
     thread::Builder::new()
         .name("log-writer".into())
@@ -337,7 +347,12 @@ impl Writer {
             .arg("COUNT")
             .arg(TAIL)
             .query(self.link()?.con())?;
-        let tail: Vec<u64> = entries(reply)
+        let newest_first = entries(reply);
+        let log_newest = newest_first
+            .first()
+            .and_then(|(id, _)| EventId::parse(std::str::from_utf8(id).ok()?))
+            .unwrap_or_default();
+        let tail: Vec<u64> = newest_first
             .iter()
             .filter_map(|(_, fields)| field(fields, b"h"))
             .filter_map(|h| std::str::from_utf8(h).ok()?.parse().ok())
@@ -361,7 +376,23 @@ impl Writer {
             }
             Mark::Break => false,
         };
-        let (next, gap) = match self.heard.align(&tail, skipped) {
+        let (read_newest, read_tail) = self.delivered.snapshot();
+        let logged = self.heard.align(&tail, skipped);
+        let alignment = if read_newest > log_newest {
+            // The log lost entries the reader had read: those are the
+            // newest evidence of what was written.
+            match (self.heard.align(&read_tail, skipped), logged) {
+                (Alignment::After(read), Alignment::After(log)) => Alignment::After(read.max(log)),
+                (Alignment::After(read), _) => {
+                    info!("cluster log: the log lost entries read here (its newest id {log_newest} is below {read_newest}); writing what was heard after them");
+                    Alignment::After(read)
+                }
+                _ => logged,
+            }
+        } else {
+            logged
+        };
+        let (next, gap) = match alignment {
             Alignment::After(i) => (i + 1, false),
             Alignment::EmptyLog => match self.heard.after_last_break() {
                 Some(after) => (after, true),
