@@ -8,14 +8,18 @@
 //!      │          │          │   └─ Retrying (limit probes) ◀─┘  │                            │
 //!      │          │          └──opened──▶ Streaming ──drain / revoked / write stall──────────┘
 //!      │          └──answered at once────────────────────────────┘
-//!      └── head timeout, keep-alive idle, client gone, socket error: closed at once (no Closing)
+//!      └── head or request timeout, keep-alive idle, client gone, socket error: closed at once (no Closing)
+//!   Waiting, Responding ── request timeout: closed at once
 //! ```
-//! Every phase has a deadline, so every connection progresses or goes:
-//! Reading (10 s for a head, `--keepalive-idle-secs` idle), Waiting (2 s,
-//! then 503), Retrying (100 ms), Responding (`--request-timeout-secs` from the
-//! request's first byte), Streaming (heartbeats; `--write-stall-secs` without
-//! progress), Closing (2 s linger). The reactor owns the transitions; this
-//! file owns the per-connection data and the socket I/O.
+//! Every phase has a deadline, so every connection progresses or goes.
+//! A request's own deadline, `--request-timeout-secs` from its first byte,
+//! bounds it from that byte to its response's last: Reading (its head within
+//! `--head-timeout-secs` of the first byte, then its body; between requests,
+//! `--keepalive-idle-secs` idle), Waiting (2 s, then 503), Retrying (100 ms),
+//! Responding. Then Streaming (heartbeats; `--write-stall-secs` while the
+//! client takes none of the unsent bytes), Closing (2 s linger). The reactor
+//! owns the transitions; this file owns the per-connection data and the
+//! socket I/O.
 
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{IpAddr, SocketAddr};
@@ -257,6 +261,12 @@ impl Conn {
             u16::try_from(self.input.len()).unwrap_or(0)
         };
         found
+    }
+
+    /// Whether the current request's head is known complete: only its body
+    /// may still be arriving (the request deadline, not the head's, bounds it).
+    pub fn head_found(&self) -> bool {
+        self.scanned == HEAD_FOUND
     }
 
     /// Reads into `input` until the socket is drained or `input` holds `cap` bytes.

@@ -87,12 +87,11 @@ impl Reactor {
                 // (pipelined); otherwise the connection idles in keep-alive.
                 conn.idle = conn.input.is_empty();
                 conn.start_request(now);
-                let wait = if conn.idle {
-                    self.gw.config.keepalive_idle_secs
+                if conn.idle {
+                    self.arm(key, self.gw.config.keepalive_idle_secs);
                 } else {
-                    self.gw.config.head_timeout_secs
-                };
-                self.arm(key, wait);
+                    self.arm_reading(key);
+                }
                 self.process_requests(key);
                 let blocked = self
                     .conns
