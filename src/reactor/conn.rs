@@ -182,6 +182,33 @@ pub fn tenths(now: u64) -> u32 {
     (now / 100) as u32
 }
 
+/// KiB the kernel holds for `socket` that its peer has not acknowledged
+/// (sent or not yet sent; Linux's SIOCOUTQ), rounded down, at most
+/// `UNACKED_UNKNOWN - 1` (64 MiB). They go down only as the client's TCP
+/// takes them, so a stalled stream asks it to tell a slow reader from one
+/// that reads nothing (see `fanout`'s `took_bytes`): the socket is reported
+/// writable again only once much of its send buffer has drained, which a
+/// slow reader takes long to do. A system call, made only while a stream
+/// is stalled. None where the kernel does not say.
+pub fn unacked_kib(socket: &TcpStream) -> Option<u16> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let mut n: libc::c_int = 0;
+        // SAFETY: TIOCOUTQ (SIOCOUTQ on a TCP socket) writes one int through
+        // the pointer, which points at `n`, alive for the call; the
+        // descriptor is the socket's own, open while `socket` is borrowed.
+        let r = unsafe { libc::ioctl(socket.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
+        let kib = u16::try_from(n / 1024).unwrap_or(u16::MAX);
+        (r == 0 && n >= 0).then_some(kib.min(crate::stream::UNACKED_UNKNOWN - 1))
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = socket;
+        None
+    }
+}
+
 /// The socket written with `send`/`sendmsg`: the socket calls, which skip
 /// the file layer `write`/`writev` pass through (and never raise SIGPIPE).
 struct Sender<'a>(socket2::SockRef<'a>);

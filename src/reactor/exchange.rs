@@ -57,7 +57,7 @@ impl Reactor {
                     return;
                 }
                 if let Phase::Streaming(s) = &mut conn.phase {
-                    s.input = s.input.saturating_add(u32::try_from(n).unwrap_or(u32::MAX));
+                    s.input = s.input.saturating_add(u16::try_from(n).unwrap_or(u16::MAX));
                     if s.input as usize > STREAM_INPUT_CAP {
                         self.close(key, Cause::TooChatty);
                     }

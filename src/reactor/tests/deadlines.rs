@@ -1,11 +1,13 @@
 //! The deadlines a connection meets, with their flags turned down: the head's
-//! (it bounds the head only) and the request's (head, body, lookup and
-//! response, from the request's first byte).
+//! (it bounds the head only), the request's (head, body, lookup and response,
+//! from the request's first byte), and a stream's write stall (a client that
+//! reads, however slowly, is not stalled).
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
-use super::{Client, Lab, T};
+use super::scenarios::publish_n;
+use super::{stream_request, Client, Lab, T};
 
 /// A POST whose head is complete and whose 2-byte body has 1 byte.
 const HALF_A_BODY: &[u8] =
@@ -81,4 +83,51 @@ fn a_lookup_still_out_at_the_request_deadline_closes_the_connection() {
     lab.release(&[]);
     lab.turns_for(Duration::from_millis(20));
     lab.check_empty();
+}
+
+/// A client that reads its stream slowly (a small receive buffer, 1 KiB
+/// every 10 ms) takes bytes all along, although the kernel reports the
+/// gateway's socket writable again only once much of its send buffer has
+/// drained: it is not closed as write-stalled (it was, at the stall
+/// deadline, like a client that reads nothing). When it stops reading, it is.
+#[test]
+fn a_slow_reader_is_not_write_stalled_and_is_once_it_stops() {
+    let mut lab = Lab::new(&["--write-stall-secs", "1", "--max-backlog-bytes", "50000000"]);
+    lab.memory().grant("u1", "M1");
+    let ticket = lab.ticket("u1");
+    let mut slow = Client::connect_with(&mut lab, Some(4096));
+    slow.send(&stream_request(&ticket, "M1"));
+    assert!(lab.until(T, |lab| lab.gw.registry.total() == 1));
+    let stalls = |lab: &Lab| lab.gw.metrics.write_stalls.load(Relaxed);
+    let mut next_read = Instant::now();
+    let mut read_slowly = move |c: &mut Client| {
+        if Instant::now() >= next_read {
+            c.read_some(1024);
+            next_read += Duration::from_millis(10);
+        }
+    };
+    // 6 MB: more than every socket buffer between the client and us.
+    for n in 0..600 {
+        publish_n(&lab, n, 10_000);
+        lab.turn();
+        read_slowly(&mut slow);
+    }
+    let reading = Instant::now() + Duration::from_secs(3);
+    lab.until(Duration::from_secs(4), |lab| {
+        read_slowly(&mut slow);
+        Instant::now() >= reading || stalls(lab) > 0
+    });
+    assert_eq!(stalls(&lab), 0, "a reading client was cut off as stalled");
+    assert!(
+        !slow.closed && slow.got.len() > 100_000,
+        "{}",
+        slow.got.len()
+    );
+    assert_eq!(lab.gw.registry.total(), 1);
+    // It stops reading: within two stall periods (the first look may still
+    // see the bytes it took before it stopped), it is cut off.
+    let stopped = Instant::now();
+    assert!(lab.until(Duration::from_secs(4), |lab| stalls(lab) == 1));
+    assert!(stopped.elapsed() >= Duration::from_millis(800));
+    assert_eq!(lab.gw.registry.total(), 0);
 }
