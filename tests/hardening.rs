@@ -36,10 +36,6 @@ fn smuggling_shapes_and_bad_bytes_get_400_and_a_closed_socket() {
             b"POST /sse/stream-ticket HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n{}",
         ),
         (
-            "content-length with transfer-encoding",
-            b"POST /sse/stream-ticket HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
-        ),
-        (
             "obsolete line folding",
             b"GET /health HTTP/1.1\r\nHost: x\r\nX-A: a\r\n  folded\r\n\r\n",
         ),

@@ -236,18 +236,23 @@ fn a_request_that_waits_on_redis_over_two_seconds_gets_503_with_retry_after() {
     );
 }
 
+/// Also with a Content-Length beside it (the smuggling shape: the coding
+/// overrides the length), which got 400.
 #[test]
 fn a_chunked_body_is_refused_with_411_and_never_read() {
     let gw = Gateway::builder().start();
-    let raw = send_raw(
-        gw.addr(),
+    let cases: [&[u8]; 3] = [
         b"POST /sse/publish HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
-        T,
-    );
-    let r = raw.response().expect("a response");
-    assert_eq!(r.status, 411, "{}", r.text());
-    assert_eq!(r.json()["error"], "Length Required");
-    assert!(raw.closed, "the connection must close after 411");
+        b"POST /sse/stream-ticket HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"POST /sse/publish HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n",
+    ];
+    for bytes in cases {
+        let raw = send_raw(gw.addr(), bytes, T);
+        let r = raw.response().expect("a response");
+        assert_eq!(r.status, 411, "{}", r.text());
+        assert_eq!(r.json()["error"], "Length Required");
+        assert!(raw.closed, "the connection must close after 411");
+    }
 }
 
 // ----- 3. revocation reaches open streams ------------------------------------

@@ -8,14 +8,18 @@
 //!      │          │          │   └─ Retrying (limit probes) ◀─┘  │                            │
 //!      │          │          └──opened──▶ Streaming ──drain / revoked / write stall──────────┘
 //!      │          └──answered at once────────────────────────────┘
-//!      └── head timeout, keep-alive idle, client gone, socket error: closed at once (no Closing)
+//!      └── head or request timeout, keep-alive idle, client gone, socket error: closed at once (no Closing)
+//!   Waiting, Responding ── request timeout: closed at once
 //! ```
-//! Every phase has a deadline, so every connection progresses or goes:
-//! Reading (10 s for a head, `--keepalive-idle-secs` idle), Waiting (2 s,
-//! then 503), Retrying (100 ms), Responding (`--request-timeout-secs` from the
-//! request's first byte), Streaming (heartbeats; `--write-stall-secs` without
-//! progress), Closing (2 s linger). The reactor owns the transitions; this
-//! file owns the per-connection data and the socket I/O.
+//! Every phase has a deadline, so every connection progresses or goes.
+//! A request's own deadline, `--request-timeout-secs` from its first byte,
+//! bounds it from that byte to its response's last: Reading (its head within
+//! `--head-timeout-secs` of the first byte, then its body; between requests,
+//! `--keepalive-idle-secs` idle), Waiting (2 s, then 503), Retrying (100 ms),
+//! Responding. Then Streaming (heartbeats; `--write-stall-secs` while the
+//! client takes none of the unsent bytes), Closing (2 s linger). The reactor
+//! owns the transitions; this file owns the per-connection data and the
+//! socket I/O.
 
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{IpAddr, SocketAddr};
@@ -178,6 +182,33 @@ pub fn tenths(now: u64) -> u32 {
     (now / 100) as u32
 }
 
+/// KiB the kernel holds for `socket` that its peer has not acknowledged
+/// (sent or not yet sent; Linux's SIOCOUTQ), rounded down, at most
+/// `UNACKED_UNKNOWN - 1` (64 MiB). They go down only as the client's TCP
+/// takes them, so a stalled stream asks it to tell a slow reader from one
+/// that reads nothing (see `fanout`'s `took_bytes`): the socket is reported
+/// writable again only once much of its send buffer has drained, which a
+/// slow reader takes long to do. A system call, made only while a stream
+/// is stalled. None where the kernel does not say.
+pub fn unacked_kib(socket: &TcpStream) -> Option<u16> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let mut n: libc::c_int = 0;
+        // SAFETY: TIOCOUTQ (SIOCOUTQ on a TCP socket) writes one int through
+        // the pointer, which points at `n`, alive for the call; the
+        // descriptor is the socket's own, open while `socket` is borrowed.
+        let r = unsafe { libc::ioctl(socket.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
+        let kib = u16::try_from(n / 1024).unwrap_or(u16::MAX);
+        (r == 0 && n >= 0).then_some(kib.min(crate::stream::UNACKED_UNKNOWN - 1))
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = socket;
+        None
+    }
+}
+
 /// The socket written with `send`/`sendmsg`: the socket calls, which skip
 /// the file layer `write`/`writev` pass through (and never raise SIGPIPE).
 struct Sender<'a>(socket2::SockRef<'a>);
@@ -257,6 +288,12 @@ impl Conn {
             u16::try_from(self.input.len()).unwrap_or(0)
         };
         found
+    }
+
+    /// Whether the current request's head is known complete: only its body
+    /// may still be arriving (the request deadline, not the head's, bounds it).
+    pub fn head_found(&self) -> bool {
+        self.scanned == HEAD_FOUND
     }
 
     /// Reads into `input` until the socket is drained or `input` holds `cap` bytes.

@@ -46,7 +46,7 @@ impl Reactor {
                     // The first byte of the next request: its clocks start.
                     conn.idle = false;
                     conn.start_request(now);
-                    self.arm(key, self.gw.config.head_timeout_secs);
+                    self.arm_reading(key);
                 }
                 self.process_requests(key);
             }
@@ -57,7 +57,7 @@ impl Reactor {
                     return;
                 }
                 if let Phase::Streaming(s) = &mut conn.phase {
-                    s.input = s.input.saturating_add(u32::try_from(n).unwrap_or(u32::MAX));
+                    s.input = s.input.saturating_add(u16::try_from(n).unwrap_or(u16::MAX));
                     if s.input as usize > STREAM_INPUT_CAP {
                         self.close(key, Cause::TooChatty);
                     }
@@ -80,6 +80,7 @@ impl Reactor {
             if !matches!(conn.phase, Phase::Reading) || conn.input.is_empty() {
                 return;
             }
+            let head_known = conn.head_found();
             if !conn.head_complete() && conn.input.len() <= MAX_HEAD_BYTES {
                 return;
             }
@@ -103,6 +104,10 @@ impl Reactor {
             let total = head.head_len + head.content_length;
             if conn.input.len() < total {
                 // The body is still arriving (it fits: the parser capped it).
+                // The head's deadline is met; from here the request's bounds it.
+                if !head_known {
+                    self.arm_reading(key);
+                }
                 return;
             }
             let input = conn.input.take();
@@ -149,8 +154,38 @@ impl Reactor {
         }
     }
 
+    /// When the current request of `key` must be done, its response
+    /// included: `--request-timeout-secs` from its first byte (reactor
+    /// clock, ms).
+    pub(super) fn request_deadline(&self, key: usize) -> u64 {
+        let now = self.now();
+        let limit = ms(self.gw.config.request_timeout_secs);
+        self.conns
+            .get(key)
+            .map_or(now, |c| c.started_at(now) + limit)
+    }
+
+    /// Arms the deadline of a request being read: its head must be complete
+    /// `--head-timeout-secs` after its first byte (slowloris), and the whole
+    /// request, body included, by the request deadline, whichever is first.
+    pub(super) fn arm_reading(&mut self, key: usize) {
+        let now = self.now();
+        let Some(conn) = self.conns.get(key) else {
+            return;
+        };
+        let head = conn.started_at(now) + ms(self.gw.config.head_timeout_secs);
+        let request = self.request_deadline(key);
+        let at = if conn.head_found() {
+            request
+        } else {
+            head.min(request)
+        };
+        self.arm_at(key, at);
+    }
+
     /// Hands `job` to the store; the connection waits (at most
-    /// [`LOOKUP_TIMEOUT`]) for its outcome.
+    /// [`LOOKUP_TIMEOUT`], and never past the request deadline) for its
+    /// outcome.
     pub(super) fn lookup(&mut self, key: usize, job: Job, pending: Pending, exchange: Exchange) {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
@@ -163,7 +198,8 @@ impl Reactor {
             serial: conn.serial,
         };
         conn.phase = Phase::Waiting(Box::new((pending, exchange)));
-        self.arm(key, LOOKUP_TIMEOUT);
+        let at = (self.now() + ms(LOOKUP_TIMEOUT)).min(self.request_deadline(key));
+        self.arm_at(key, at);
         if let Some(outcome) = self.gw.store.submit(job, reply) {
             self.on_outcome(key, reply.serial, outcome);
         }
@@ -346,8 +382,7 @@ impl Reactor {
         if r.status >= 400 {
             self.gw.metrics.rejected(r.status);
         }
-        let deadline = ms(self.gw.config.request_timeout_secs);
-        let now = self.now();
+        let at = self.request_deadline(key);
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
@@ -355,7 +390,6 @@ impl Reactor {
         conn.outbox
             .push_bytes(r.encode(exchange.head_only, !close, exchange.cors.as_deref()));
         conn.phase = Phase::Responding { close };
-        let at = conn.started_at(now) + deadline;
         self.arm_at(key, at);
         self.mark_dirty(key);
     }

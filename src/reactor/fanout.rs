@@ -10,7 +10,7 @@ use std::sync::Arc;
 use log::info;
 use rand::Rng;
 
-use super::conn::{stamped_at, tenths, Exchange, Flush, Input, Phase};
+use super::conn::{stamp, stamped_at, tenths, unacked_kib, Exchange, Flush, Input, Phase};
 use super::mailbox::Inbox;
 use super::{ms, Cause, Listening, Reactor, TIMER_DRAIN};
 
@@ -18,7 +18,7 @@ use crate::http::response::{self, Response};
 use crate::stream::frame::{Event, EventId, Frame, REPLAY_GAP};
 use crate::stream::replay::Resume;
 use crate::stream::subscriptions::{wants, Filter};
-use crate::stream::Stream;
+use crate::stream::{Stream, UNACKED_UNKNOWN};
 
 /// Mailbox messages handled per turn before flushing, so a flood of frames
 /// never holds written output back for long.
@@ -274,9 +274,16 @@ impl Reactor {
         let now = self.now();
         let stall = ms(self.gw.config.write_stall_secs);
         let next = self.next_heartbeat(now);
-        let Some(Phase::Streaming(s)) = self.conns.get_mut(key).map(|c| &mut c.phase) else {
+        let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
+        let Phase::Streaming(s) = &mut conn.phase else {
+            return;
+        };
+        if s.stalled_since != 0 && took_bytes(s, &conn.socket) {
+            // Not stalled: the client is reading, only slowly.
+            s.stalled_since = stamp(now);
+        }
         if stall_deadline(s, now, stall).is_some_and(|d| now >= d) {
             self.gw.metrics.write_stalls.fetch_add(1, Relaxed);
             self.close(key, Cause::WriteStall);
@@ -439,6 +446,23 @@ impl Reactor {
             }
         }
     }
+}
+
+/// Whether the client of a stalled stream took bytes since the last look:
+/// the kernel's count of unacknowledged bytes went down (only the gateway's
+/// writes raise it, and a write that sends bytes starts the stall, and its
+/// count, afresh). Asked at
+/// the stream's timers while it is stalled (its heartbeats and its stall
+/// deadline), so a slow reader is never cut off, and one that stops reading
+/// is cut off `--write-stall-secs` after its last byte taken, late by at
+/// most the time between two looks (a heartbeat period, or the stall's if
+/// shorter).
+fn took_bytes(s: &mut Stream, socket: &mio::net::TcpStream) -> bool {
+    let Some(now) = unacked_kib(socket) else {
+        return false;
+    };
+    let before = std::mem::replace(&mut s.unacked_kib, now);
+    before != UNACKED_UNKNOWN && now < before
 }
 
 /// When a stalled stream is cut off: `stall` ms after its client last took

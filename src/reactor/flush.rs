@@ -7,9 +7,10 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use log::info;
 
-use super::conn::{stamp, tenths, Flush, Phase};
+use super::conn::{stamp, tenths, unacked_kib, Flush, Phase};
 use super::outbox::Flushed;
 use super::{Cause, Reactor, KEEP_RING_MS, LINGER};
+use crate::stream::UNACKED_UNKNOWN;
 
 impl Reactor {
     pub(super) fn mark_dirty(&mut self, key: usize) {
@@ -59,6 +60,10 @@ impl Reactor {
                         let first = s.stalled_since == 0;
                         if first || progressed {
                             s.stalled_since = stamp(now);
+                            // What the kernel holds now, to tell later whether
+                            // the client took any (a blocked write only: a
+                            // stream that keeps up never asks).
+                            s.unacked_kib = unacked_kib(&conn.socket).unwrap_or(UNACKED_UNKNOWN);
                         }
                         if first {
                             self.arm_stream(key);
@@ -87,12 +92,11 @@ impl Reactor {
                 // (pipelined); otherwise the connection idles in keep-alive.
                 conn.idle = conn.input.is_empty();
                 conn.start_request(now);
-                let wait = if conn.idle {
-                    self.gw.config.keepalive_idle_secs
+                if conn.idle {
+                    self.arm(key, self.gw.config.keepalive_idle_secs);
                 } else {
-                    self.gw.config.head_timeout_secs
-                };
-                self.arm(key, wait);
+                    self.arm_reading(key);
+                }
                 self.process_requests(key);
                 let blocked = self
                     .conns

@@ -295,7 +295,10 @@ impl Reactor {
                     let now = self.epoch.elapsed().as_millis() as u64;
                     let mut conn = Conn::new(socket, peer, now);
                     conn.counted = counted;
-                    let head = ms(self.gw.config.head_timeout_secs);
+                    // The head's deadline (`arm_reading`'s, without a
+                    // borrow of the whole reactor while the listener is held).
+                    let c = &self.gw.config;
+                    let head = ms(c.head_timeout_secs.min(c.request_timeout_secs));
                     conn.timer = Some(self.wheel.insert(now + head, timer_value(key)));
                     entry.insert(conn);
                     self.gw.metrics.connections_accepted.fetch_add(1, Relaxed);
@@ -383,20 +386,33 @@ impl Reactor {
             return;
         };
         conn.timer = None;
+        if let Phase::Streaming(_) = conn.phase {
+            return self.on_stream_timer(key);
+        }
+        // Whether the request's own deadline has passed (a stream has none).
+        // A millisecond's grace: a request begun in a millisecond whose low
+        // 32 bits are 0 reads its start back a millisecond late (`stamp`).
+        let late = self.now() + 1 >= self.request_deadline(key);
+        let Some(conn) = self.conns.get(key) else {
+            return;
+        };
         match &conn.phase {
             Phase::Streaming(_) => self.on_stream_timer(key),
             Phase::Reading => {
                 let cause = if conn.idle {
                     Cause::Idle
+                } else if conn.head_found() || late {
+                    Cause::RequestTimeout
                 } else {
                     Cause::HeadTimeout
                 };
                 self.gw.metrics.request_timeouts.fetch_add(1, Relaxed);
                 self.close(key, cause);
             }
-            Phase::Waiting(_) => self.lookup_timed_out(key),
+            // The lookup's 2 s, unless the request deadline came first.
+            Phase::Waiting(_) if !late => self.lookup_timed_out(key),
             Phase::Retrying(_) => self.retry_timer(key),
-            Phase::Responding { .. } => {
+            Phase::Waiting(_) | Phase::Responding { .. } => {
                 self.gw.metrics.request_timeouts.fetch_add(1, Relaxed);
                 self.close(key, Cause::RequestTimeout);
             }

@@ -258,6 +258,7 @@ pub(super) fn open(
             input: 0,
             next_heartbeat: 0,
             stalled_since: 0,
+            unacked_kib: crate::stream::UNACKED_UNKNOWN,
         }),
         snapshot,
         last_event_id: s.last_event_id,

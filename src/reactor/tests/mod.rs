@@ -25,6 +25,7 @@ use crate::config::Config;
 use crate::context::Gateway;
 use crate::store::memory::Memory;
 
+mod deadlines;
 mod interleavings;
 mod scenarios;
 

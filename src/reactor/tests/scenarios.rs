@@ -8,7 +8,7 @@ use std::time::Duration;
 use super::{stream_request, Client, Lab, T};
 
 /// Opens one data stream of `u1` on device M1.
-fn busy_stream(lab: &mut Lab) -> Client {
+pub(super) fn busy_stream(lab: &mut Lab) -> Client {
     lab.memory().grant("u1", "M1");
     let ticket = lab.ticket("u1");
     let mut s = Client::connect(lab);
@@ -18,7 +18,7 @@ fn busy_stream(lab: &mut Lab) -> Client {
 }
 
 /// Publishes event `n` of M1, its data padded with `pad` bytes.
-fn publish_n(lab: &Lab, n: usize, pad: usize) {
+pub(super) fn publish_n(lab: &Lab, n: usize, pad: usize) {
     let pad = "x".repeat(pad);
     let msg = format!(r#"{{"deviceId":"M1","data":{{"n":{n},"pad":"{pad}"}}}}"#);
     lab.gw
