@@ -1288,7 +1288,16 @@ fn received_realtime(gw: &Gateway) -> f64 {
     metrics_value(gw, "received", &[r#"event="realtime-update""#])
 }
 
-fn replay_case(use_header: bool) {
+/// How a resuming client names its last event.
+#[derive(Clone, Copy)]
+enum Named {
+    Header,
+    Query,
+    /// An empty `Last-Event-ID:` header (no header) and the query parameter.
+    EmptyHeaderAndQuery,
+}
+
+fn replay_case(named: Named) {
     let (redis, gw) = redis_gw(&[]);
     redis.grant("alice", &["D1"]);
     let (ticket, _) = gw.ticket_for("alice", "");
@@ -1311,10 +1320,13 @@ fn replay_case(use_header: bool) {
     assert!(wait_until(T, || received_realtime(&gw) >= 6.0));
     wait_released(&gw);
 
-    let mut s = if use_header {
-        SseStream::must_open(gw.addr(), &path, &[("Last-Event-ID", &last)])
-    } else {
-        SseStream::must_open(gw.addr(), &format!("{path}&lastEventId={last}"), &[])
+    let query = format!("{path}&lastEventId={last}");
+    let mut s = match named {
+        Named::Header => SseStream::must_open(gw.addr(), &path, &[("Last-Event-ID", &last)]),
+        Named::Query => SseStream::must_open(gw.addr(), &query, &[]),
+        Named::EmptyHeaderAndQuery => {
+            SseStream::must_open(gw.addr(), &query, &[("Last-Event-ID", "")])
+        }
     };
     let mut prev = parse_id(&last);
     for n in [4, 5] {
@@ -1334,12 +1346,17 @@ fn replay_case(use_header: bool) {
 
 #[test]
 fn last_event_id_header_replays_missed_events() {
-    replay_case(true);
+    replay_case(Named::Header);
 }
 
 #[test]
 fn last_event_id_query_parameter_replays_missed_events() {
-    replay_case(false);
+    replay_case(Named::Query);
+}
+
+#[test]
+fn an_empty_last_event_id_header_does_not_hide_the_query_parameter() {
+    replay_case(Named::EmptyHeaderAndQuery);
 }
 
 #[test]

@@ -102,9 +102,11 @@ pub(super) fn stream_request(gw: &Gateway, req: &Request, purpose: Purpose) -> A
             query::param(&head.query, "includeStatus").as_deref(),
             Some("false") | Some("0")
         );
+    // An empty header is no header: it must not hide the query parameter.
     let last_event_id = head
         .last_event_id
         .clone()
+        .filter(|s| !s.is_empty())
         .or_else(|| query::param(&head.query, "lastEventId").map(|c| c.into_owned()))
         .filter(|s| !s.is_empty());
     let request = StreamRequest {
