@@ -1377,6 +1377,98 @@ fn unknown_last_event_id_gives_a_replay_gap() {
     }
 }
 
+/// A gateway in either mode and how to publish `{"deviceId":d,"data":{"n":n}}`
+/// to it; the publish returns once the gateway has the event.
+fn either_mode(redis_mode: bool, args: &[&str]) -> (Option<Redis>, Gateway) {
+    if redis_mode {
+        let (redis, gw) = redis_gw(args);
+        redis.grant("alice", &["D1", "D2"]);
+        (Some(redis), gw)
+    } else {
+        (None, embedded_gw(args))
+    }
+}
+
+fn publish_to(redis: Option<&Redis>, gw: &Gateway, device: &str, n: u64) {
+    match redis {
+        Some(redis) => {
+            let before = received_realtime(gw);
+            publish_n(redis, device, n);
+            assert!(wait_until(T, || received_realtime(gw) > before));
+        }
+        None => {
+            let admin = gw.token("root", Some("admin"));
+            let body = json!({"channel": "mqtt:realtime:processed",
+                "message": {"deviceId": device, "data": {"n": n}}});
+            let auth = format!("Bearer {admin}");
+            let r = post(
+                gw.addr(),
+                "/sse/publish",
+                &[("Authorization", &auth)],
+                &body.to_string(),
+            );
+            assert!(r.status == 200 || r.status == 202, "{}", r.text());
+        }
+    }
+}
+
+fn too_old_id_case(redis_mode: bool) {
+    let (redis, gw) = either_mode(redis_mode, &["--replay-events", "3"]);
+    let redis = redis.as_ref();
+    let (ticket, _) = match redis {
+        Some(_) => gw.ticket_for("alice", ""),
+        None => gw.ticket_with(&gw.token("root", Some("admin")), ""),
+    };
+    let path = data_path(&ticket, &["D1"]);
+    let mut s = SseStream::must_open(gw.addr(), &path, &[]);
+    publish_to(redis, &gw, "D1", 0);
+    let first = s.expect_event("realtime-update", T).id.unwrap();
+    drop(s);
+    wait_released(&gw);
+    // The window of 3 keeps 5, D2's 99 and 6; 0 to 4 are gone.
+    for n in 1..=5 {
+        publish_to(redis, &gw, "D1", n);
+    }
+    publish_to(redis, &gw, "D2", 99);
+    publish_to(redis, &gw, "D1", 6);
+    // Each round's live event joins the window for the next: 5, 99, 6 then
+    // 99, 6, 7.
+    let rounds = [
+        ("header", first.as_str(), [5, 6], 7),
+        ("query", "0-0", [6, 7], 8),
+    ];
+    for (how, last, held, live) in rounds {
+        let mut s = match how {
+            "header" => SseStream::must_open(gw.addr(), &path, &[("Last-Event-ID", last)]),
+            _ => SseStream::must_open(gw.addr(), &format!("{path}&lastEventId={last}"), &[]),
+        };
+        let gap = s.expect_event("system", T);
+        assert!(gap.is_system("replay-gap"), "{how}: {:?}", gap.raw);
+        for n in held {
+            let f = s.expect_event("realtime-update", T);
+            assert_eq!(
+                f.json()["data"]["n"],
+                n,
+                "{how}: the window's events after the gap"
+            );
+        }
+        publish_to(redis, &gw, "D1", live);
+        s.expect_sentinel("realtime-update", T, |f| f.json()["data"]["n"] == live);
+        drop(s);
+        wait_released(&gw);
+    }
+}
+
+#[test]
+fn a_too_old_last_event_id_gets_replay_gap_then_the_windows_events_redis() {
+    too_old_id_case(true);
+}
+
+#[test]
+fn a_too_old_last_event_id_gets_replay_gap_then_the_windows_events_embedded() {
+    too_old_id_case(false);
+}
+
 // ----- 5. limits ------------------------------------------------------------------------
 
 #[test]
