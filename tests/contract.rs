@@ -1469,6 +1469,63 @@ fn a_too_old_last_event_id_gets_replay_gap_then_the_windows_events_embedded() {
     too_old_id_case(false);
 }
 
+#[test]
+fn a_last_event_id_far_ahead_of_the_log_is_a_replay_gap_at_once_in_both_modes() {
+    for redis_mode in [true, false] {
+        let (redis, gw) = either_mode(redis_mode, &[]);
+        let redis = redis.as_ref();
+        let (ticket, _) = match redis {
+            Some(_) => gw.ticket_for("alice", ""),
+            None => gw.ticket_with(&gw.token("root", Some("admin")), ""),
+        };
+        let path = data_path(&ticket, &["D1"]);
+        publish_to(redis, &gw, "D1", 0);
+        let soon = format!("{}-0", now_ms() + 4_000);
+        let ids = [
+            "99999999999999-0",
+            "18446744073709551615-18446744073709551615",
+            &soon,
+        ];
+        for (n, id) in (1..).zip(ids) {
+            let mut s = SseStream::must_open(gw.addr(), &path, &[("Last-Event-ID", id)]);
+            // Published right away, below the client's id: it must not be
+            // swallowed by a wait for an id that never comes.
+            publish_to(redis, &gw, "D1", n);
+            let gap = s.expect_event("system", T);
+            assert!(gap.is_system("replay-gap"), "{id}: {:?}", gap.raw);
+            let f = s.expect_event("realtime-update", T);
+            assert_eq!(f.json()["data"]["n"], n, "{id}: live after the gap");
+            drop(s);
+            wait_released(&gw);
+        }
+    }
+}
+
+#[test]
+fn a_wait_for_a_last_event_id_just_ahead_of_the_log_ends_in_replay_gap() {
+    let (redis, gw) = redis_gw(&[]);
+    redis.grant("alice", &["D1"]);
+    let (ticket, _) = gw.ticket_for("alice", "");
+    let path = data_path(&ticket, &["D1"]);
+    publish_n(&redis, "D1", 0);
+    assert!(wait_until(T, || received_realtime(&gw) >= 1.0));
+    // Close enough ahead to be waited for (another instance's reader may
+    // be that far ahead), but no entry ever has it or passes it.
+    let ahead = format!("{}-0", now_ms() + 900);
+    let opened = Instant::now();
+    let mut s = SseStream::must_open(gw.addr(), &path, &[("Last-Event-ID", &ahead)]);
+    publish_n(&redis, "D1", 1);
+    let gap = s.expect_event("system", T);
+    assert!(gap.is_system("replay-gap"), "{:?}", gap.raw);
+    let waited = opened.elapsed();
+    assert!(
+        waited < Duration::from_secs(3),
+        "the wait is bounded (about 2 s): {waited:?}"
+    );
+    publish_n(&redis, "D1", 2);
+    s.expect_sentinel("realtime-update", T, |f| f.json()["data"]["n"] == 2);
+}
+
 // ----- 5. limits ------------------------------------------------------------------------
 
 #[test]

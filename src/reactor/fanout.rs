@@ -234,11 +234,13 @@ impl Reactor {
         };
         let at = stall_deadline(s, self.now(), stall)
             .map_or(s.next_heartbeat, |d| d.min(s.next_heartbeat));
+        let at = self.waits_until(key).map_or(at, |w| w.min(at));
         self.arm_at(key, at);
     }
 
     pub(super) fn on_stream_timer(&mut self, key: usize) {
         let now = self.now();
+        self.end_wait_if_due(key, now);
         let stall = ms(self.gw.config.write_stall_secs);
         let next = self.next_heartbeat(now);
         let Some(Phase::Streaming(s)) = self.conns.get_mut(key).map(|c| &mut c.phase) else {

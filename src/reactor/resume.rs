@@ -8,8 +8,10 @@
 //! still come by (another instance's log reader, or another reactor, was a
 //! little ahead). A waiting stream is not in the subscription index: frames
 //! below its id are ones its client already has. The wait ends when its id
-//! comes by (it takes what follows), or when the log passes the id without
-//! showing it: `replay-gap` and live frames from there.
+//! comes by (it takes what follows), when the log passes the id without
+//! showing it, or after [`RESUME_WAIT_MS`]; the last two are `replay-gap`
+//! and live frames from there. So a bogus id costs a stream at most that
+//! long, never its events: the gap tells the client what it did not get.
 
 use std::sync::atomic::Ordering::Relaxed;
 
@@ -19,11 +21,19 @@ use crate::stream::frame::{Event, EventId, Frame, Purpose, REPLAY_GAP};
 use crate::stream::replay::Resume;
 use crate::stream::subscriptions::{wants, Filter};
 
+/// How long (ms) a resuming stream waits for its id to come by. A real id
+/// from an instance whose reader is ahead arrives within milliseconds; a
+/// reader further behind than this is better told `replay-gap` than kept
+/// silent.
+pub const RESUME_WAIT_MS: u64 = 2_000;
+
 /// A stream resuming from an id not routed here yet.
 pub(super) struct Waiting {
     pub key: usize,
     /// The client's `Last-Event-ID`.
     pub want: EventId,
+    /// Reactor clock (ms) at which it stops waiting.
+    pub until: u64,
 }
 
 impl Reactor {
@@ -43,13 +53,15 @@ impl Reactor {
             // Nothing to compare with: all the window holds follows the gap.
             None => Resume::Gap(self.gw.hub.held(self.last_routed)),
         };
+        let now = self.now();
         let Some(conn) = self.conns.get_mut(key) else {
             return false;
         };
         let frames = match (resume, id) {
             (Resume::Ahead, Some(want)) => {
                 self.gw.metrics.replays_served.fetch_add(1, Relaxed);
-                self.waiting.push(Waiting { key, want });
+                let until = now + RESUME_WAIT_MS;
+                self.waiting.push(Waiting { key, want, until });
                 return true;
             }
             (Resume::Frames(frames), _) => {
@@ -99,8 +111,26 @@ impl Reactor {
         after
     }
 
+    /// When stream `key` stops waiting for its id, if it waits.
+    pub(super) fn waits_until(&self, key: usize) -> Option<u64> {
+        self.waiting.iter().find(|w| w.key == key).map(|w| w.until)
+    }
+
     pub(super) fn is_waiting(&self, key: usize) -> bool {
-        self.waiting.iter().any(|w| w.key == key)
+        self.waits_until(key).is_some()
+    }
+
+    /// Ends stream `key`'s wait if its time is up: its id never came by
+    /// (never issued, or this reader is far behind), so what was routed
+    /// meanwhile below it is a hole to tell, and live frames follow.
+    pub(super) fn end_wait_if_due(&mut self, key: usize, now: u64) {
+        let Some(i) = self.waiting.iter().position(|w| w.key == key) else {
+            return;
+        };
+        if now >= self.waiting[i].until {
+            self.waiting.swap_remove(i);
+            self.gap_then_live(key);
+        }
     }
 
     /// Takes stream `key` out of the waiting list (it closes); false when it

@@ -10,7 +10,8 @@
 //! (for an id older than the window, all of them: what the client missed
 //! that is still here), unless it is exactly the newest one evicted (the
 //! client missed precisely what is held) or, with a cluster log, newer than
-//! anything here yet (another instance's log reader was ahead of ours: the
+//! anything here yet, by at most [`AHEAD_SLACK_MS`] past the clock or the
+//! newest id here (another instance's log reader was ahead of ours: the
 //! stream waits for it live). A resume never gives a frame at or below the id named.
 //!
 //! A frame without an id in the sequence is a break (a hole this process
@@ -21,6 +22,12 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use super::frame::{EventId, Frame};
+
+/// How far (ms) past both the newest id read here and this host's clock a
+/// resume id may be and still be waited for. Ids are the log's clock when
+/// written, so a real one is at most clock skew ahead; one further out was
+/// never issued (a bogus or far-future id) and would wait for ever.
+pub const AHEAD_SLACK_MS: u64 = 1_000;
 
 pub struct ReplayWindow {
     /// (arrival ms, frame); every frame here has an id and they hold
@@ -130,7 +137,9 @@ impl ReplayWindow {
             Ok(i) => Resume::Frames(self.held_from(i + 1, upto)),
             Err(i) if i == self.frames.len() && self.newer_may_come => {
                 let newest = self.frames.back().and_then(|(_, f)| f.id).or(self.floor);
-                if newest.is_none_or(|n| last > n) {
+                let latest_ms = newest.map_or(now_ms, |n| n.ms.max(now_ms));
+                let may_come = last.ms <= latest_ms.saturating_add(AHEAD_SLACK_MS);
+                if may_come && newest.is_none_or(|n| last > n) {
                     Resume::Ahead
                 } else {
                     Resume::Gap(Vec::new())
@@ -265,6 +274,31 @@ mod tests {
             poss(w.after_id(EventId { ms: 9, seq: 0 }, 2, 0)),
             [GAP, 1, 2]
         );
+    }
+
+    #[test]
+    fn an_id_further_ahead_than_the_slack_is_a_gap_not_a_wait() {
+        let mut w = ReplayWindow::new(3, 10_000, 0, true);
+        let ahead = |ms| EventId { ms, seq: 0 };
+        let now = 5_000;
+        // Nothing read yet: measured from the clock.
+        assert_eq!(
+            poss(w.after_id(ahead(now + AHEAD_SLACK_MS), 0, now)),
+            [AHEAD]
+        );
+        assert_eq!(
+            poss(w.after_id(ahead(now + AHEAD_SLACK_MS + 1), 0, now)),
+            [GAP]
+        );
+        // The newest id read here is later than the clock: from it.
+        w.push(frame(now + 3_000, 0, 1), now);
+        let from = now + 3_000 + AHEAD_SLACK_MS;
+        assert_eq!(poss(w.after_id(ahead(from), 1, now)), [AHEAD]);
+        assert_eq!(poss(w.after_id(ahead(from + 1), 1, now)), [GAP]);
+        for far in [u64::MAX, 99_999_999_999_999] {
+            let id = EventId { ms: far, seq: far };
+            assert_eq!(poss(w.after_id(id, 1, now)), [GAP]);
+        }
     }
 
     #[test]
