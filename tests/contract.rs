@@ -1307,7 +1307,16 @@ fn received_realtime(gw: &Gateway) -> f64 {
     metrics_value(gw, "received", &[r#"event="realtime-update""#])
 }
 
-fn replay_case(use_header: bool) {
+/// How a resuming client names its last event.
+#[derive(Clone, Copy)]
+enum Named {
+    Header,
+    Query,
+    /// An empty `Last-Event-ID:` header (no header) and the query parameter.
+    EmptyHeaderAndQuery,
+}
+
+fn replay_case(named: Named) {
     let (redis, gw) = redis_gw(&[]);
     redis.grant("alice", &["D1"]);
     let (ticket, _) = gw.ticket_for("alice", "");
@@ -1330,10 +1339,13 @@ fn replay_case(use_header: bool) {
     assert!(wait_until(T, || received_realtime(&gw) >= 6.0));
     wait_released(&gw);
 
-    let mut s = if use_header {
-        SseStream::must_open(gw.addr(), &path, &[("Last-Event-ID", &last)])
-    } else {
-        SseStream::must_open(gw.addr(), &format!("{path}&lastEventId={last}"), &[])
+    let query = format!("{path}&lastEventId={last}");
+    let mut s = match named {
+        Named::Header => SseStream::must_open(gw.addr(), &path, &[("Last-Event-ID", &last)]),
+        Named::Query => SseStream::must_open(gw.addr(), &query, &[]),
+        Named::EmptyHeaderAndQuery => {
+            SseStream::must_open(gw.addr(), &query, &[("Last-Event-ID", "")])
+        }
     };
     let mut prev = parse_id(&last);
     for n in [4, 5] {
@@ -1353,12 +1365,17 @@ fn replay_case(use_header: bool) {
 
 #[test]
 fn last_event_id_header_replays_missed_events() {
-    replay_case(true);
+    replay_case(Named::Header);
 }
 
 #[test]
 fn last_event_id_query_parameter_replays_missed_events() {
-    replay_case(false);
+    replay_case(Named::Query);
+}
+
+#[test]
+fn an_empty_last_event_id_header_does_not_hide_the_query_parameter() {
+    replay_case(Named::EmptyHeaderAndQuery);
 }
 
 #[test]
@@ -1377,6 +1394,155 @@ fn unknown_last_event_id_gives_a_replay_gap() {
         drop(s);
         wait_released(&gw);
     }
+}
+
+/// A gateway in either mode and how to publish `{"deviceId":d,"data":{"n":n}}`
+/// to it; the publish returns once the gateway has the event.
+fn either_mode(redis_mode: bool, args: &[&str]) -> (Option<Redis>, Gateway) {
+    if redis_mode {
+        let (redis, gw) = redis_gw(args);
+        redis.grant("alice", &["D1", "D2"]);
+        (Some(redis), gw)
+    } else {
+        (None, embedded_gw(args))
+    }
+}
+
+fn publish_to(redis: Option<&Redis>, gw: &Gateway, device: &str, n: u64) {
+    match redis {
+        Some(redis) => {
+            let before = received_realtime(gw);
+            publish_n(redis, device, n);
+            assert!(wait_until(T, || received_realtime(gw) > before));
+        }
+        None => {
+            let admin = gw.token("root", Some("admin"));
+            let body = json!({"channel": "mqtt:realtime:processed",
+                "message": {"deviceId": device, "data": {"n": n}}});
+            let auth = format!("Bearer {admin}");
+            let r = post(
+                gw.addr(),
+                "/sse/publish",
+                &[("Authorization", &auth)],
+                &body.to_string(),
+            );
+            assert!(r.status == 200 || r.status == 202, "{}", r.text());
+        }
+    }
+}
+
+fn too_old_id_case(redis_mode: bool) {
+    let (redis, gw) = either_mode(redis_mode, &["--replay-events", "3"]);
+    let redis = redis.as_ref();
+    let (ticket, _) = match redis {
+        Some(_) => gw.ticket_for("alice", ""),
+        None => gw.ticket_with(&gw.token("root", Some("admin")), ""),
+    };
+    let path = data_path(&ticket, &["D1"]);
+    let mut s = SseStream::must_open(gw.addr(), &path, &[]);
+    publish_to(redis, &gw, "D1", 0);
+    let first = s.expect_event("realtime-update", T).id.unwrap();
+    drop(s);
+    wait_released(&gw);
+    // The window of 3 keeps 5, D2's 99 and 6; 0 to 4 are gone.
+    for n in 1..=5 {
+        publish_to(redis, &gw, "D1", n);
+    }
+    publish_to(redis, &gw, "D2", 99);
+    publish_to(redis, &gw, "D1", 6);
+    // Each round's live event joins the window for the next: 5, 99, 6 then
+    // 99, 6, 7.
+    let rounds = [
+        ("header", first.as_str(), [5, 6], 7),
+        ("query", "0-0", [6, 7], 8),
+    ];
+    for (how, last, held, live) in rounds {
+        let mut s = match how {
+            "header" => SseStream::must_open(gw.addr(), &path, &[("Last-Event-ID", last)]),
+            _ => SseStream::must_open(gw.addr(), &format!("{path}&lastEventId={last}"), &[]),
+        };
+        let gap = s.expect_event("system", T);
+        assert!(gap.is_system("replay-gap"), "{how}: {:?}", gap.raw);
+        for n in held {
+            let f = s.expect_event("realtime-update", T);
+            assert_eq!(
+                f.json()["data"]["n"],
+                n,
+                "{how}: the window's events after the gap"
+            );
+        }
+        publish_to(redis, &gw, "D1", live);
+        s.expect_sentinel("realtime-update", T, |f| f.json()["data"]["n"] == live);
+        drop(s);
+        wait_released(&gw);
+    }
+}
+
+#[test]
+fn a_too_old_last_event_id_gets_replay_gap_then_the_windows_events_redis() {
+    too_old_id_case(true);
+}
+
+#[test]
+fn a_too_old_last_event_id_gets_replay_gap_then_the_windows_events_embedded() {
+    too_old_id_case(false);
+}
+
+#[test]
+fn a_last_event_id_far_ahead_of_the_log_is_a_replay_gap_at_once_in_both_modes() {
+    for redis_mode in [true, false] {
+        let (redis, gw) = either_mode(redis_mode, &[]);
+        let redis = redis.as_ref();
+        let (ticket, _) = match redis {
+            Some(_) => gw.ticket_for("alice", ""),
+            None => gw.ticket_with(&gw.token("root", Some("admin")), ""),
+        };
+        let path = data_path(&ticket, &["D1"]);
+        publish_to(redis, &gw, "D1", 0);
+        let soon = format!("{}-0", now_ms() + 4_000);
+        let ids = [
+            "99999999999999-0",
+            "18446744073709551615-18446744073709551615",
+            &soon,
+        ];
+        for (n, id) in (1..).zip(ids) {
+            let mut s = SseStream::must_open(gw.addr(), &path, &[("Last-Event-ID", id)]);
+            // Published right away, below the client's id: it must not be
+            // swallowed by a wait for an id that never comes.
+            publish_to(redis, &gw, "D1", n);
+            let gap = s.expect_event("system", T);
+            assert!(gap.is_system("replay-gap"), "{id}: {:?}", gap.raw);
+            let f = s.expect_event("realtime-update", T);
+            assert_eq!(f.json()["data"]["n"], n, "{id}: live after the gap");
+            drop(s);
+            wait_released(&gw);
+        }
+    }
+}
+
+#[test]
+fn a_wait_for_a_last_event_id_just_ahead_of_the_log_ends_in_replay_gap() {
+    let (redis, gw) = redis_gw(&[]);
+    redis.grant("alice", &["D1"]);
+    let (ticket, _) = gw.ticket_for("alice", "");
+    let path = data_path(&ticket, &["D1"]);
+    publish_n(&redis, "D1", 0);
+    assert!(wait_until(T, || received_realtime(&gw) >= 1.0));
+    // Close enough ahead to be waited for (another instance's reader may
+    // be that far ahead), but no entry ever has it or passes it.
+    let ahead = format!("{}-0", now_ms() + 900);
+    let opened = Instant::now();
+    let mut s = SseStream::must_open(gw.addr(), &path, &[("Last-Event-ID", &ahead)]);
+    publish_n(&redis, "D1", 1);
+    let gap = s.expect_event("system", T);
+    assert!(gap.is_system("replay-gap"), "{:?}", gap.raw);
+    let waited = opened.elapsed();
+    assert!(
+        waited < Duration::from_secs(3),
+        "the wait is bounded (about 2 s): {waited:?}"
+    );
+    publish_n(&redis, "D1", 2);
+    s.expect_sentinel("realtime-update", T, |f| f.json()["data"]["n"] == 2);
 }
 
 // ----- 5. limits ------------------------------------------------------------------------

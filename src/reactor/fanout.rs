@@ -1,8 +1,8 @@
 //! Everything that reaches open streams: bus frames routed by device (and
-//! recovered from the replay window when the mailbox overflowed), resumes
-//! (from the window, or waiting for an id this instance has not read yet),
+//! recovered from the replay window when the mailbox overflowed),
 //! heartbeats and write-stall deadlines, `system` frames, and the drain.
-//! Revocations are [`super::revocation`]'s.
+//! Resumes (`Last-Event-ID`) are [`super::resume`]'s, revocations
+//! [`super::revocation`]'s.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -15,9 +15,9 @@ use super::mailbox::Inbox;
 use super::{ms, Cause, Listening, Reactor, TIMER_DRAIN};
 
 use crate::http::response::{self, Response};
-use crate::stream::frame::{Event, EventId, Frame, REPLAY_GAP};
+use crate::stream::frame::{Event, Frame, REPLAY_GAP};
 use crate::stream::replay::Resume;
-use crate::stream::subscriptions::{wants, Filter};
+use crate::stream::subscriptions::Filter;
 use crate::stream::{Stream, UNACKED_UNKNOWN};
 
 /// Mailbox messages handled per turn before flushing, so a flood of frames
@@ -94,39 +94,6 @@ impl Reactor {
         }
     }
 
-    /// Streams waiting for `id` or an older one: a stream whose own id is
-    /// `id` takes what follows it (returned, to subscribe after this frame);
-    /// one whose id was passed without coming by named an id this cluster
-    /// never issued: `replay-gap`, and it takes this frame on.
-    fn settle(&mut self, id: EventId) -> Vec<usize> {
-        let mut after = Vec::new();
-        let mut i = 0;
-        while i < self.waiting.len() {
-            let (key, want) = self.waiting[i];
-            if id < want {
-                i += 1;
-                continue;
-            }
-            self.waiting.swap_remove(i);
-            if id == want {
-                after.push(key);
-            } else {
-                self.gw.metrics.replay_gaps.fetch_add(1, Relaxed);
-                if self.push_frame(key, &Frame::system(REPLAY_GAP)) {
-                    self.subscribe(key);
-                }
-            }
-        }
-        after
-    }
-
-    /// Puts an open stream into the index.
-    fn subscribe(&mut self, key: usize) {
-        if let Some(s) = self.conns.get(key).and_then(|c| c.stream()) {
-            self.subs.add(key, s.purpose, &s.filter);
-        }
-    }
-
     fn stream_keys(&self) -> Vec<usize> {
         self.conns
             .iter()
@@ -137,35 +104,35 @@ impl Reactor {
 
     /// The mailbox overflowed: frames after `last_routed` up to `upto` never
     /// arrived. Route them from the replay window, or, when it no longer
-    /// holds them, tell every stream here `replay-gap` at this point.
+    /// holds them, tell every stream here `replay-gap` at this point, then
+    /// route what the window still holds after the hole (as a stream
+    /// resuming from too old an id gets it).
     fn fill_gap(&mut self, upto: u64) {
-        match self.gw.hub.catch_up(self.last_routed, upto) {
+        let held = match self.gw.hub.catch_up(self.last_routed, upto) {
             Resume::Frames(frames) => {
                 for frame in frames {
                     self.last_routed = frame.pos;
                     self.route(&frame);
                 }
+                return;
             }
-            Resume::Gap | Resume::Ahead => {
-                let gap = Frame::system(REPLAY_GAP);
-                for key in self.stream_keys() {
-                    self.gw.metrics.replay_gaps.fetch_add(1, Relaxed);
-                    self.push_frame(key, &gap);
-                }
-                // Told of the hole: waiting for an id is pointless now.
-                for (key, _) in std::mem::take(&mut self.waiting) {
-                    self.subscribe(key);
-                }
-                // After the hole, what the window still holds.
-                for frame in self.gw.hub.held(upto) {
-                    if frame.pos > self.last_routed {
-                        self.last_routed = frame.pos;
-                        self.fan_out(&frame);
-                    }
-                }
-                self.last_routed = self.last_routed.max(upto);
+            Resume::Gap(held) => held,
+            // Not an answer to a position: a hole with nothing held after it.
+            Resume::Ahead => Vec::new(),
+        };
+        let gap = Frame::system(REPLAY_GAP);
+        for key in self.stream_keys() {
+            self.gw.metrics.replay_gaps.fetch_add(1, Relaxed);
+            self.push_frame(key, &gap);
+        }
+        self.end_waits();
+        for frame in held {
+            if frame.pos > self.last_routed {
+                self.last_routed = frame.pos;
+                self.fan_out(&frame);
             }
         }
+        self.last_routed = self.last_routed.max(upto);
     }
 
     /// Queues a bus frame on every stream that subscribed to its device (a
@@ -267,11 +234,13 @@ impl Reactor {
         };
         let at = stall_deadline(s, self.now(), stall)
             .map_or(s.next_heartbeat, |d| d.min(s.next_heartbeat));
+        let at = self.waits_until(key).map_or(at, |w| w.min(at));
         self.arm_at(key, at);
     }
 
     pub(super) fn on_stream_timer(&mut self, key: usize) {
         let now = self.now();
+        self.end_wait_if_due(key, now);
         let stall = ms(self.gw.config.write_stall_secs);
         let next = self.next_heartbeat(now);
         let Some(conn) = self.conns.get_mut(key) else {
@@ -348,33 +317,9 @@ impl Reactor {
         if !snapshot.is_empty() {
             conn.outbox.push_bytes(snapshot);
         }
-        let mut waits_for = None;
-        if let Some(raw) = last_event_id.as_deref() {
-            let id = EventId::parse(raw);
-            let resume = match id {
-                Some(id) => self.gw.hub.resume(id, self.last_routed),
-                None => Resume::Gap,
-            };
-            match resume {
-                Resume::Ahead => {
-                    self.gw.metrics.replays_served.fetch_add(1, Relaxed);
-                    waits_for = id;
-                }
-                Resume::Frames(frames) => {
-                    self.gw.metrics.replays_served.fetch_add(1, Relaxed);
-                    for f in frames
-                        .iter()
-                        .filter(|f| wants(stream.purpose, &stream.filter, f))
-                    {
-                        conn.outbox.push_frame(f);
-                    }
-                }
-                Resume::Gap => {
-                    self.gw.metrics.replay_gaps.fetch_add(1, Relaxed);
-                    conn.outbox.push_frame(&Frame::system(REPLAY_GAP));
-                }
-            }
-        }
+        let waits = last_event_id
+            .as_deref()
+            .is_some_and(|raw| self.resume(key, stream.purpose, &stream.filter, raw));
         info!(
             id:% = stream.id,
             user:% = stream.user,
@@ -386,13 +331,15 @@ impl Reactor {
             client = stream.client;
             "stream open"
         );
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
         if conn.counted {
             conn.counted = false;
             self.gw.peers.leave(crate::config::limit_key(conn.peer_ip));
         }
-        match waits_for {
-            Some(id) => self.waiting.push((key, id)),
-            None => self.subs.add(key, stream.purpose, &stream.filter),
+        if !waits {
+            self.subs.add(key, stream.purpose, &stream.filter);
         }
         stream.opened = tenths(now);
         stream.next_heartbeat = self.next_heartbeat(now);

@@ -129,11 +129,8 @@ impl Reactor {
         else {
             return;
         };
-        match self.waiting.iter().position(|(k, _)| *k == key) {
-            Some(i) => {
-                self.waiting.swap_remove(i);
-            }
-            None => self.subs.remove(key, stream.purpose, &stream.filter),
+        if !self.stop_waiting(key) {
+            self.subs.remove(key, stream.purpose, &stream.filter);
         }
         self.gw
             .stream_closed(&stream.user, stream.client, stream.purpose, stream.id);

@@ -25,7 +25,8 @@
 //! output (and holds busy streams' frames to coalesce them) and closes;
 //! [`exchange`] is the request exchange (request → lookup → outcome →
 //! response); [`fanout`] is everything that reaches open streams (bus
-//! frames, heartbeats, system frames, drain), [`revocation`] what closes
+//! frames, heartbeats, system frames, drain), [`resume`] what a stream
+//! opening with `Last-Event-ID` gets first, [`revocation`] what closes
 //! them when a ticket or an access is withdrawn.
 //!
 //! - [`conn`]: a connection's state machine and socket I/O.
@@ -43,6 +44,7 @@ pub mod listener;
 pub mod mailbox;
 pub mod outbox;
 pub mod peers;
+mod resume;
 mod revocation;
 pub mod timer;
 
@@ -60,7 +62,7 @@ use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
 use crate::context::Gateway;
-use crate::stream::frame::{EventId, Frame};
+use crate::stream::frame::Frame;
 use conn::{Conn, Phase};
 use mailbox::{Inboxes, Mailbox};
 use timer::TimerWheel;
@@ -134,9 +136,9 @@ pub struct Reactor {
     /// between.
     last_routed: u64,
     /// Streams resuming from an id not routed here yet (another instance's
-    /// log reader was ahead): subscribed once it comes by, in
-    /// [`fanout`]'s `settle`.
-    waiting: Vec<(usize, EventId)>,
+    /// log reader was ahead): subscribed once it comes by, or with
+    /// `replay-gap` once it cannot (see [`resume`]).
+    waiting: Vec<resume::Waiting>,
     /// The heartbeat frame of the current millisecond, shared by every stream
     /// whose heartbeat falls due in it.
     heartbeat: Option<(u64, Arc<Frame>)>,

@@ -109,6 +109,7 @@ impl Reactor {
             .map(|(k, _)| k)
             .collect();
         for key in keys {
+            let waiting = self.is_waiting(key);
             let Some(Phase::Streaming(s)) = self.conns.get_mut(key).map(|c| &mut c.phase) else {
                 continue;
             };
@@ -122,7 +123,7 @@ impl Reactor {
                     let new = Filter::Devices(owned.iter().cloned().collect());
                     // A stream still waiting for its resume id is put into
                     // the index later, with the filter it has then.
-                    if !self.waiting.iter().any(|(k, _)| *k == key) {
+                    if !waiting {
                         self.subs.remove(key, s.purpose, old);
                         self.subs.add(key, s.purpose, &new);
                     }

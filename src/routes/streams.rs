@@ -100,9 +100,11 @@ pub(super) fn stream_request(gw: &Gateway, req: &Request, purpose: Purpose) -> A
     let include_status = purpose == Purpose::Data
         && !query::param(&head.query, "includeStatus")
             .is_some_and(|v| v.eq_ignore_ascii_case("false") || &*v == "0");
+    // An empty header is no header: it must not hide the query parameter.
     let last_event_id = head
         .last_event_id
         .clone()
+        .filter(|s| !s.is_empty())
         .or_else(|| query::param(&head.query, "lastEventId").map(|c| c.into_owned()))
         .filter(|s| !s.is_empty());
     let request = StreamRequest {

@@ -6,10 +6,13 @@
 //! of positions: "did a reactor miss something we no longer hold?" is a
 //! comparison. A client names an id, not a position: ids increase with
 //! positions, so it is found by binary search. An id the window does not
-//! hold is a `replay-gap`, unless it is exactly the newest one evicted (the
+//! hold is a `replay-gap`, followed by the held frames newer than that id
+//! (for an id older than the window, all of them: what the client missed
+//! that is still here), unless it is exactly the newest one evicted (the
 //! client missed precisely what is held) or, with a cluster log, newer than
-//! anything here yet (another instance's log reader was ahead of ours: the
-//! stream waits for it live).
+//! anything here yet, by at most [`AHEAD_SLACK_MS`] past the clock or the
+//! newest id here (another instance's log reader was ahead of ours: the
+//! stream waits for it live). A resume never gives a frame at or below the id named.
 //!
 //! A frame without an id in the sequence is a break (a hole this process
 //! found in the cluster log): the window forgets everything before it, so no
@@ -19,6 +22,12 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use super::frame::{EventId, Frame};
+
+/// How far (ms) past both the newest id read here and this host's clock a
+/// resume id may be and still be waited for. Ids are the log's clock when
+/// written, so a real one is at most clock skew ahead; one further out was
+/// never issued (a bogus or far-future id) and would wait for ever.
+pub const AHEAD_SLACK_MS: u64 = 1_000;
 
 pub struct ReplayWindow {
     /// (arrival ms, frame); every frame here has an id and they hold
@@ -47,8 +56,9 @@ pub enum Resume {
     /// stream takes what follows it.
     Ahead,
     /// The id is unknown or older than the window: the client may have missed
-    /// events and should refetch history.
-    Gap,
+    /// events and should refetch history. It gets `replay-gap`, then these
+    /// held frames (the ones newer than its id), oldest first.
+    Gap(Vec<Arc<Frame>>),
 }
 
 impl ReplayWindow {
@@ -127,13 +137,16 @@ impl ReplayWindow {
             Ok(i) => Resume::Frames(self.held_from(i + 1, upto)),
             Err(i) if i == self.frames.len() && self.newer_may_come => {
                 let newest = self.frames.back().and_then(|(_, f)| f.id).or(self.floor);
-                if newest.is_none_or(|n| last > n) {
+                let latest_ms = newest.map_or(now_ms, |n| n.ms.max(now_ms));
+                let may_come = last.ms <= latest_ms.saturating_add(AHEAD_SLACK_MS);
+                if may_come && newest.is_none_or(|n| last > n) {
                     Resume::Ahead
                 } else {
-                    Resume::Gap
+                    Resume::Gap(Vec::new())
                 }
             }
-            Err(_) => Resume::Gap,
+            // Every held frame from `i` on is newer than the client's id.
+            Err(i) => Resume::Gap(self.held_from(i, upto)),
         }
     }
 
@@ -142,7 +155,7 @@ impl ReplayWindow {
     pub fn after_pos(&mut self, pos: u64, upto: u64, now_ms: u64) -> Resume {
         self.expire(now_ms);
         if pos < self.evicted_through || pos > self.last_pos {
-            return Resume::Gap;
+            return Resume::Gap(self.held_from(0, upto));
         }
         Resume::Frames(self.held_from((pos - self.evicted_through) as usize, upto))
     }
@@ -156,8 +169,8 @@ impl ReplayWindow {
     }
 
     /// Every frame still held up to and including position `upto`, oldest
-    /// first (what a reactor that lost track can still deliver after its
-    /// `replay-gap`).
+    /// first (what a stream whose id means nothing here can still get after
+    /// its `replay-gap`).
     pub fn held(&mut self, upto: u64, now_ms: u64) -> Vec<Arc<Frame>> {
         self.expire(now_ms);
         self.held_from(0, upto)
@@ -199,13 +212,23 @@ mod tests {
         Arc::new(f)
     }
 
-    fn poss(r: Resume) -> Option<Vec<u64>> {
+    /// Positions of the frames a resume gives, `GAP` first for a gap.
+    fn poss(r: Resume) -> Vec<u64> {
         match r {
-            Resume::Frames(f) => Some(f.iter().map(|f| f.pos).collect()),
-            Resume::Ahead => Some(vec![u64::MAX]),
-            Resume::Gap => None,
+            Resume::Frames(f) => f.iter().map(|f| f.pos).collect(),
+            Resume::Ahead => vec![AHEAD],
+            Resume::Gap(f) => std::iter::once(GAP)
+                .chain(f.iter().map(|f| f.pos))
+                .collect(),
         }
     }
+
+    /// Not positions (frames take positions from 1 on): what `poss` writes
+    /// for a wait, and for the `replay-gap` marker.
+    const AHEAD: u64 = u64::MAX;
+    const GAP: u64 = 0;
+    /// A resume with nothing missed.
+    const NOTHING: [u64; 0] = [];
 
     #[test]
     fn resumes_from_the_window_or_reports_a_gap() {
@@ -220,15 +243,16 @@ mod tests {
             seq: pos % 2,
         };
         let table = [
-            (id(2), 5, Some(vec![3, 4, 5])), // the newest evicted frame is the client's own: nothing missed
-            (id(3), 5, Some(vec![4, 5])),
-            (id(4), 4, Some(vec![])),
-            (id(5), 5, Some(vec![])),
-            (id(5), 4, Some(vec![u64::MAX])), // held but not routed by this reactor yet
-            (id(1), 5, None),                 // 2 was evicted: gap
-            (id(6), 5, None),                 // never issued here
-            (EventId { ms: 101, seq: 7 }, 5, None), // inside the range, not an id we hold
-            (EventId { ms: 50, seq: 4 }, 5, None), // before the window
+            (id(2), 5, vec![3, 4, 5]), // the newest evicted frame is the client's own: nothing missed
+            (id(3), 5, vec![4, 5]),
+            (id(4), 4, vec![]),
+            (id(5), 5, vec![]),
+            (id(5), 4, vec![AHEAD]), // held but not routed by this reactor yet
+            (id(1), 5, vec![GAP, 3, 4, 5]), // 2 was evicted: gap, then what is held
+            (id(1), 4, vec![GAP, 3, 4]), // ...up to what this reactor routed
+            (id(6), 5, vec![GAP]),   // never issued here
+            (EventId { ms: 101, seq: 7 }, 5, vec![GAP, 4, 5]), // inside the range, not an id we hold
+            (EventId { ms: 50, seq: 4 }, 5, vec![GAP, 3, 4, 5]), // before the window
         ];
         for (last, upto, want) in table {
             assert_eq!(
@@ -242,17 +266,39 @@ mod tests {
     #[test]
     fn with_a_cluster_log_a_newer_id_is_waited_for_not_a_gap() {
         let mut w = ReplayWindow::new(3, 10_000, 0, true);
-        assert_eq!(
-            poss(w.after_id(EventId { ms: 7, seq: 0 }, 0, 0)),
-            Some(vec![u64::MAX])
-        );
+        assert_eq!(poss(w.after_id(EventId { ms: 7, seq: 0 }, 0, 0)), [AHEAD]);
         w.push(frame(10, 0, 1), 0);
         w.push(frame(10, 1, 2), 0);
+        assert_eq!(poss(w.after_id(EventId { ms: 10, seq: 2 }, 2, 0)), [AHEAD]);
         assert_eq!(
-            poss(w.after_id(EventId { ms: 10, seq: 2 }, 2, 0)),
-            Some(vec![u64::MAX])
+            poss(w.after_id(EventId { ms: 9, seq: 0 }, 2, 0)),
+            [GAP, 1, 2]
         );
-        assert_eq!(poss(w.after_id(EventId { ms: 9, seq: 0 }, 2, 0)), None);
+    }
+
+    #[test]
+    fn an_id_further_ahead_than_the_slack_is_a_gap_not_a_wait() {
+        let mut w = ReplayWindow::new(3, 10_000, 0, true);
+        let ahead = |ms| EventId { ms, seq: 0 };
+        let now = 5_000;
+        // Nothing read yet: measured from the clock.
+        assert_eq!(
+            poss(w.after_id(ahead(now + AHEAD_SLACK_MS), 0, now)),
+            [AHEAD]
+        );
+        assert_eq!(
+            poss(w.after_id(ahead(now + AHEAD_SLACK_MS + 1), 0, now)),
+            [GAP]
+        );
+        // The newest id read here is later than the clock: from it.
+        w.push(frame(now + 3_000, 0, 1), now);
+        let from = now + 3_000 + AHEAD_SLACK_MS;
+        assert_eq!(poss(w.after_id(ahead(from), 1, now)), [AHEAD]);
+        assert_eq!(poss(w.after_id(ahead(from + 1), 1, now)), [GAP]);
+        for far in [u64::MAX, 99_999_999_999_999] {
+            let id = EventId { ms: far, seq: far };
+            assert_eq!(poss(w.after_id(id, 1, now)), [GAP]);
+        }
     }
 
     #[test]
@@ -261,13 +307,11 @@ mod tests {
         w.push(frame(10, 0, 1), 0);
         w.push(gap_frame(2), 0);
         w.push(frame(12, 0, 3), 0);
-        assert_eq!(poss(w.after_id(EventId { ms: 10, seq: 0 }, 3, 0)), None);
-        assert_eq!(poss(w.after_pos(1, 3, 0)), None);
-        assert_eq!(poss(w.after_pos(2, 3, 0)), Some(vec![3]));
-        assert_eq!(
-            poss(w.after_id(EventId { ms: 12, seq: 0 }, 3, 0)),
-            Some(vec![])
-        );
+        // Resumed across the hole: told of it, then what follows it.
+        assert_eq!(poss(w.after_id(EventId { ms: 10, seq: 0 }, 3, 0)), [GAP, 3]);
+        assert_eq!(poss(w.after_pos(1, 3, 0)), [GAP, 3]);
+        assert_eq!(poss(w.after_pos(2, 3, 0)), [3]);
+        assert_eq!(poss(w.after_id(EventId { ms: 12, seq: 0 }, 3, 0)), NOTHING);
     }
 
     #[test]
@@ -276,10 +320,10 @@ mod tests {
         w.push(frame(1, 1, 1), 0);
         w.push(frame(2, 2, 2), 500);
         let id = |ms, seq| EventId { ms, seq };
-        assert_eq!(poss(w.after_id(id(1, 1), 2, 900)), Some(vec![2]));
-        assert_eq!(poss(w.after_id(id(1, 1), 2, 1_200)), Some(vec![2]));
-        assert_eq!(poss(w.after_id(id(0, 0), 2, 1_200)), None);
-        assert_eq!(poss(w.after_id(id(2, 2), 2, 1_600)), Some(vec![]));
+        assert_eq!(poss(w.after_id(id(1, 1), 2, 900)), [2]);
+        assert_eq!(poss(w.after_id(id(1, 1), 2, 1_200)), [2]);
+        assert_eq!(poss(w.after_id(id(0, 0), 2, 1_200)), [GAP, 2]);
+        assert_eq!(poss(w.after_id(id(2, 2), 2, 1_600)), NOTHING);
         assert_eq!(w.len(), 0);
         assert_eq!(w.bytes(), 0);
     }
@@ -290,8 +334,8 @@ mod tests {
         w.push(frame(1, 1, 1), 0);
         w.push(frame(2, 2, 2), 0);
         let id = |ms, seq| EventId { ms, seq };
-        assert_eq!(poss(w.after_id(id(2, 2), 2, 0)), Some(vec![]));
-        assert_eq!(poss(w.after_id(id(1, 1), 2, 0)), None);
+        assert_eq!(poss(w.after_id(id(2, 2), 2, 0)), NOTHING);
+        assert_eq!(poss(w.after_id(id(1, 1), 2, 0)), [GAP]);
     }
 
     /// The naive model: every frame ever pushed, and which are still held.
@@ -300,22 +344,21 @@ mod tests {
         held_from: usize,
         last: EventId,
         upto: u64,
-    ) -> Option<Vec<u64>> {
+    ) -> Vec<u64> {
         let held = &pushed[held_from..];
+        let routed = |f: &&(Option<EventId>, u64)| f.1 <= upto;
         if held_from > 0 && pushed[held_from - 1].0 == Some(last) {
-            return Some(held.iter().map(|f| f.1).filter(|p| *p <= upto).collect());
+            return held.iter().filter(routed).map(|f| f.1).collect();
         }
-        let at = held.iter().position(|f| f.0 == Some(last))?;
+        let Some(at) = held.iter().position(|f| f.0 == Some(last)) else {
+            // Unknown: the gap, then every held frame newer than the id.
+            let newer = held.iter().filter(|f| f.0 > Some(last)).filter(routed);
+            return std::iter::once(GAP).chain(newer.map(|f| f.1)).collect();
+        };
         if held[at].1 > upto {
-            return Some(vec![u64::MAX]);
+            return vec![AHEAD];
         }
-        Some(
-            held[at + 1..]
-                .iter()
-                .map(|f| f.1)
-                .filter(|p| *p <= upto)
-                .collect(),
-        )
+        held[at + 1..].iter().filter(routed).map(|f| f.1).collect()
     }
 
     proptest! {
