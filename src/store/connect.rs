@@ -313,6 +313,13 @@ fn check_combinations(config: &Config) -> Result<(), String> {
     if sentinels && cluster {
         return Err("--redis-sentinels (REDIS_SENTINELS) and --redis-cluster (REDIS_CLUSTER) exclude each other".into());
     }
+    if config
+        .redis_master_name
+        .as_deref()
+        .is_some_and(|name| name.trim().is_empty())
+    {
+        return Err("--redis-master-name (REDIS_MASTER_NAME) is empty".into());
+    }
     if sentinels != config.redis_master_name.is_some() {
         return Err(if sentinels {
             "--redis-sentinels (REDIS_SENTINELS) needs --redis-master-name (REDIS_MASTER_NAME)"
@@ -383,7 +390,31 @@ fn certificates(config: &Config, tls: bool) -> Result<Option<TlsCertificates>, S
     // Parses the PEM now, on a throwaway client, to name the bad file.
     redis::Client::build_with_tls("rediss://127.0.0.1/", certs.clone())
         .map_err(|e| format!("--redis-ca-file/--redis-cert-file/--redis-key-file: {e}"))?;
+    if let Some(pair) = &certs.client_tls {
+        key_matches(pair)?;
+    }
     Ok(Some(certs))
+}
+
+/// The client key is the certificate's: redis-rs would only find out when
+/// it connects, and then keep Redis `down` with no flag named.
+fn key_matches(pair: &ClientTlsConfig) -> Result<(), String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let cert_flag = "--redis-cert-file (REDIS_CERT_FILE)";
+    let key_flag = "--redis-key-file (REDIS_KEY_FILE)";
+    let chain = CertificateDer::pem_slice_iter(&pair.client_cert)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{cert_flag}: {e}"))?;
+    if chain.is_empty() {
+        return Err(format!("{cert_flag}: no PEM certificate"));
+    }
+    let key = PrivateKeyDer::from_pem_slice(&pair.client_key)
+        .map_err(|e| format!("{key_flag}: no PEM private key ({e})"))?;
+    let provider = rustls::crypto::ring::default_provider();
+    rustls::sign::CertifiedKey::from_der(chain, key, &provider)
+        .map(drop)
+        .map_err(|e| format!("{key_flag}: not the key of the --redis-cert-file certificate ({e})"))
 }
 
 /// `host:port` entries of a list flag.
@@ -577,6 +608,53 @@ mod tests {
             "--redis-cluster",
         );
         refused(&["--demo", "--redis-cluster", "127.0.0.1:7000"], "--demo");
+    }
+
+    #[test]
+    fn an_empty_master_name_is_refused() {
+        refused(
+            &[
+                "--redis-sentinels",
+                "127.0.0.1:26379",
+                "--redis-master-name",
+                "",
+            ],
+            "--redis-master-name",
+        );
+    }
+
+    #[test]
+    fn a_client_key_that_is_not_the_certificates_is_refused() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tls/");
+        let (cert, key, other) = (
+            format!("{dir}client.pem"),
+            format!("{dir}client.key"),
+            format!("{dir}other.key"),
+        );
+        let tls = |key: &str| {
+            deployment(&[
+                "--redis-url",
+                "rediss://127.0.0.1:6390/",
+                "--redis-cert-file",
+                &cert,
+                "--redis-key-file",
+                key,
+            ])
+        };
+        assert!(matches!(tls(&key), Ok(Some(Deployment::Single(_)))));
+        refused(
+            &[
+                "--redis-url",
+                "rediss://127.0.0.1:6390/",
+                "--redis-cert-file",
+                &cert,
+                "--redis-key-file",
+                &other,
+            ],
+            "--redis-key-file",
+        );
+        let line = tls(&other).err().unwrap_or_default();
+        assert!(line.contains("not the key"), "{line}");
     }
 
     #[test]
