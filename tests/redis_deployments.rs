@@ -481,61 +481,90 @@ fn sentinel_field(sentinel: &Server, name: &str) -> i64 {
         .unwrap_or(-1)
 }
 
+/// A master, its replica and three Sentinels watching it (a failover 1 s
+/// after the master stops answering), ready for a failover.
+struct SentinelSet {
+    master: Server,
+    replica: Server,
+    sentinels: Vec<Server>,
+    /// The Sentinels as `--redis-sentinels` lists them.
+    list: String,
+    _dir: Scratch,
+}
+
+impl SentinelSet {
+    fn start(name: &str) -> SentinelSet {
+        let dir = Scratch::new(name);
+        let master = Server::plain(&[]);
+        let replica = Server::plain(&[
+            "--replicaof",
+            "127.0.0.1",
+            &master.port.to_string(),
+            "--dir",
+            &dir.path(""),
+        ]);
+        let sentinels: Vec<Server> = (0..3)
+            .map(|n| {
+                let port = free_port();
+                let conf = dir.path(&format!("sentinel-{n}.conf"));
+                std::fs::write(
+                    &conf,
+                    format!(
+                        "port {port}\nbind 127.0.0.1\ndir {}\n\
+                         sentinel monitor mymaster 127.0.0.1 {} 2\n\
+                         sentinel down-after-milliseconds mymaster 1000\n\
+                         sentinel failover-timeout mymaster 3000\n",
+                        dir.0.display(),
+                        master.port
+                    ),
+                )
+                .unwrap();
+                let args = [conf, "--sentinel".to_owned()];
+                Server::start(port, &args, &format!("redis://127.0.0.1:{port}/"))
+            })
+            .collect();
+        // Failover needs every Sentinel to know the replica and the others.
+        let ready = wait_until(Duration::from_secs(15), || {
+            sentinels.iter().all(|s| {
+                sentinel_field(s, "num-slaves") == 1
+                    && sentinel_field(s, "num-other-sentinels") == 2
+            })
+        });
+        assert!(
+            ready,
+            "sentinels did not discover each other and the replica"
+        );
+        let list = sentinels
+            .iter()
+            .map(|s| format!("127.0.0.1:{}", s.port))
+            .collect::<Vec<_>>()
+            .join(",");
+        SentinelSet {
+            master,
+            replica,
+            sentinels,
+            list,
+            _dir: dir,
+        }
+    }
+
+    fn gateway(&self) -> Gateway {
+        Gateway::builder()
+            .args(&[
+                "--redis-sentinels",
+                &self.list,
+                "--redis-master-name",
+                "mymaster",
+            ])
+            .start()
+    }
+}
+
 #[test]
 fn sentinel_failover_keeps_the_open_stream_delivering() {
-    let dir = Scratch::new("sentinel");
-    let mut master = Server::plain(&[]);
-    let replica = Server::plain(&[
-        "--replicaof",
-        "127.0.0.1",
-        &master.port.to_string(),
-        "--dir",
-        &dir.path(""),
-    ]);
-    let sentinels: Vec<Server> = (0..3)
-        .map(|n| {
-            let port = free_port();
-            let conf = dir.path(&format!("sentinel-{n}.conf"));
-            std::fs::write(
-                &conf,
-                format!(
-                    "port {port}\nbind 127.0.0.1\ndir {}\n\
-                     sentinel monitor mymaster 127.0.0.1 {} 2\n\
-                     sentinel down-after-milliseconds mymaster 1000\n\
-                     sentinel failover-timeout mymaster 3000\n",
-                    dir.0.display(),
-                    master.port
-                ),
-            )
-            .unwrap();
-            let args = [conf, "--sentinel".to_owned()];
-            Server::start(port, &args, &format!("redis://127.0.0.1:{port}/"))
-        })
-        .collect();
-    // Failover needs every Sentinel to know the replica and the others.
-    let ready = wait_until(Duration::from_secs(15), || {
-        sentinels.iter().all(|s| {
-            sentinel_field(s, "num-slaves") == 1 && sentinel_field(s, "num-other-sentinels") == 2
-        })
-    });
-    assert!(
-        ready,
-        "sentinels did not discover each other and the replica"
-    );
-    let list = sentinels
-        .iter()
-        .map(|s| format!("127.0.0.1:{}", s.port))
-        .collect::<Vec<_>>()
-        .join(",");
-    let gw = Gateway::builder()
-        .args(&[
-            "--redis-sentinels",
-            &list,
-            "--redis-master-name",
-            "mymaster",
-        ])
-        .start();
-    let mut admin = master.con();
+    let mut set = SentinelSet::start("sentinel");
+    let gw = set.gateway();
+    let mut admin = set.master.con();
     grant(&mut admin, "u1", &["D1"]);
     // The grant reaches the replica before the master goes.
     let synced: i64 = redis::cmd("WAIT")
@@ -548,15 +577,15 @@ fn sentinel_failover_keeps_the_open_stream_delivering() {
     publish(&mut admin, "D1", 1);
     expect_n(&mut s, 1, T);
 
-    master.kill();
+    set.master.kill();
     let promoted = wait_until(Duration::from_secs(20), || {
-        master_port(&sentinels[0]) == Some(replica.port)
+        master_port(&set.sentinels[0]) == Some(set.replica.port)
     });
     assert!(promoted, "the replica was not promoted");
     let since = Instant::now();
     // The same open stream gets events published on the promoted master
     // within 5 s of the promotion.
-    let mut con = replica.con();
+    let mut con = set.replica.con();
     let mut n = 100;
     let delivered = loop {
         n += 1;
@@ -580,6 +609,131 @@ fn sentinel_failover_keeps_the_open_stream_delivering() {
     publish(&mut con, "D2", 5);
     expect_n(&mut s2, 5, T);
     assert!(since.elapsed() < Duration::from_secs(10));
+}
+
+/// What a stream received, in order: realtime-update numbers and the
+/// `replay-gap` markers between them.
+#[derive(Debug, PartialEq)]
+enum Got {
+    N(u64),
+    Gap,
+}
+
+/// Reads `s` until the realtime-update numbered `last` (at most `limit`),
+/// adding to `got`; `degraded` and `recovered` are skipped.
+fn read_until(s: &mut SseStream, got: &mut Vec<Got>, last: u64, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while !got.contains(&Got::N(last)) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Some(f) = s.next_event(left) else {
+            panic!("event {last} not within {limit:?}; got {got:?}");
+        };
+        if f.is_system("replay-gap") {
+            got.push(Got::Gap);
+        } else if f.event.as_deref() == Some("realtime-update") {
+            got.push(Got::N(f.json()["data"]["n"].as_u64().expect("n")));
+        }
+    }
+}
+
+/// The no-silent-loss rule: numbers strictly increase (nothing twice,
+/// nothing out of order), and where one is skipped a `replay-gap` says so.
+fn assert_no_silent_loss(got: &[Got]) {
+    let mut last: Option<u64> = None;
+    let mut gap = false;
+    for g in got {
+        match g {
+            Got::Gap => gap = true,
+            Got::N(n) => {
+                if let Some(l) = last {
+                    assert!(*n > l, "{n} after {l}: {got:?}");
+                    assert!(*n == l + 1 || gap, "{l}..{n} silently: {got:?}");
+                }
+                last = Some(*n);
+                gap = false;
+            }
+        }
+    }
+}
+
+#[test]
+fn a_graceful_sentinel_failover_is_followed_by_every_link_within_seconds() {
+    let set = SentinelSet::start("sentinel-graceful");
+    let gw = set.gateway();
+    let mut admin = set.master.con();
+    grant(&mut admin, "u1", &["D1"]);
+    grant(&mut admin, "u2", &["D2"]);
+    let synced: i64 = redis::cmd("WAIT")
+        .arg(1)
+        .arg(5000)
+        .query(&mut admin)
+        .unwrap();
+    assert_eq!(synced, 1);
+    let mut s = stream(&gw, "u1", &["D1"]);
+    let mut got = Vec::new();
+    publish(&mut admin, "D1", 1);
+    read_until(&mut s, &mut got, 1, T);
+
+    // `SENTINEL FAILOVER` promotes the replica at once, but the old master
+    // stays up, and a master, for some ten seconds: only a gateway that
+    // follows the Sentinels (not its connections' fate) moves in time.
+    redis::cmd("SENTINEL")
+        .arg(&["FAILOVER", "mymaster"][..])
+        .query::<()>(&mut set.sentinels[0].con())
+        .expect("SENTINEL FAILOVER");
+    let promoted = wait_until(Duration::from_secs(10), || {
+        master_port(&set.sentinels[0]) == Some(set.replica.port)
+    });
+    assert!(promoted, "the replica was not promoted");
+    let since = Instant::now();
+    let mut con = set.replica.con();
+    let mut n = 100;
+    let subscribed = loop {
+        n += 1;
+        if publish(&mut con, "D1", n) > 0 {
+            break true;
+        }
+        if since.elapsed() > T {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        subscribed,
+        "the gateway did not move to the new master:\n{}",
+        gw.log()
+    );
+    for m in n + 1..=n + 5 {
+        publish(&mut con, "D1", m);
+    }
+    read_until(&mut s, &mut got, n + 5, T.saturating_sub(since.elapsed()));
+    assert_no_silent_loss(&got);
+    assert!(got.contains(&Got::N(n)), "{got:?}");
+
+    // A ticket minted now is written to the new master (on the old one it
+    // would vanish when the old master turns replica) and opens a stream.
+    let (ticket, id) = gw.ticket_for("u2", r#"{"purpose":"data"}"#);
+    let key = format!("sse:ticket:{id}");
+    let exists = |server: &Server| -> i64 {
+        redis::cmd("EXISTS")
+            .arg(&key)
+            .query(&mut server.con())
+            .unwrap()
+    };
+    assert_eq!(
+        exists(&set.replica),
+        1,
+        "the ticket is not on the new master"
+    );
+    assert_eq!(exists(&set.master), 0, "the ticket went to the old master");
+    let mut s2 = SseStream::must_open(gw.addr(), &data_path(&ticket, &["D2"]), &[]);
+    publish(&mut con, "D2", 7);
+    expect_n(&mut s2, 7, T);
+    assert!(
+        since.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        since.elapsed()
+    );
 }
 
 // ----- Cluster ---------------------------------------------------------------
@@ -651,10 +805,10 @@ fn move_slot(nodes: &[Server], key: &str, from: usize, to: usize) {
     }
 }
 
-#[test]
-fn cluster_of_three_masters_tickets_leases_streams_a_moved_slot_and_a_lost_node() {
-    let dir = Scratch::new("cluster");
-    let mut nodes: Vec<Server> = (0..3)
+/// A Redis Cluster of `count` nodes in `dir`, `replicas` per master (the
+/// masters come first), up and every replica in sync.
+fn start_cluster(dir: &Scratch, count: usize, replicas: usize) -> (Vec<Server>, Vec<String>) {
+    let nodes: Vec<Server> = (0..count)
         .map(|n| {
             let port = free_port();
             let mut args = base_args(port);
@@ -677,19 +831,33 @@ fn cluster_of_three_masters_tickets_leases_streams_a_moved_slot_and_a_lost_node(
         .iter()
         .map(|n| format!("127.0.0.1:{}", n.port))
         .collect();
+    let replicas = replicas.to_string();
     let mut create = vec!["--cluster", "create"];
     create.extend(addrs.iter().map(String::as_str));
-    create.push("--cluster-yes");
+    create.extend(["--cluster-replicas", &replicas, "--cluster-yes"]);
     run("redis-cli", &create, Duration::from_secs(20));
-    let ok = wait_until(Duration::from_secs(10), || {
+    let ok = wait_until(Duration::from_secs(15), || {
         nodes.iter().all(|n| {
-            redis::cmd("CLUSTER")
-                .arg("INFO")
-                .query::<String>(&mut n.con())
-                .is_ok_and(|i| i.contains("cluster_state:ok"))
+            let mut con = n.con();
+            let info = redis::cmd("CLUSTER").arg("INFO").query::<String>(&mut con);
+            let replication = redis::cmd("INFO")
+                .arg("replication")
+                .query::<String>(&mut con);
+            // A replica that never synced cannot take over (Redis refuses
+            // a failover to it): wait for every one.
+            info.is_ok_and(|i| i.contains("cluster_state:ok"))
+                && replication
+                    .is_ok_and(|r| r.contains("role:master") || r.contains("master_link_status:up"))
         })
     });
     assert!(ok, "the cluster did not come up");
+    (nodes, addrs)
+}
+
+#[test]
+fn cluster_of_three_masters_tickets_leases_streams_a_moved_slot_and_a_lost_node() {
+    let dir = Scratch::new("cluster");
+    let (mut nodes, addrs) = start_cluster(&dir, 3, 0);
     // A dead first seed: the gateway moves on to the next ones.
     let seeds = format!("127.0.0.1:{},{}", free_port(), addrs.join(","));
     let args = [
@@ -814,6 +982,90 @@ fn cluster_of_three_masters_tickets_leases_streams_a_moved_slot_and_a_lost_node(
         expect_n(s, 43, T);
     }
     assert!(since.elapsed() < T, "{:?}", since.elapsed());
+}
+
+#[test]
+fn a_cluster_given_one_seed_outlives_that_seed() {
+    let dir = Scratch::new("cluster-one-seed");
+    let (mut nodes, addrs) = start_cluster(&dir, 6, 1);
+    // The one seed is a master (the first three are), with a replica.
+    let gw = Gateway::builder()
+        .args(&["--redis-cluster", &addrs[0], "--heartbeat-secs", "0.5"])
+        .start();
+    let mut data =
+        redis::cluster::ClusterClient::new(nodes[1..].iter().map(|n| n.url()).collect::<Vec<_>>())
+            .unwrap()
+            .get_connection()
+            .unwrap();
+    grant(&mut data, "u1", &["D1"]);
+    grant(&mut data, "u2", &["D2"]);
+    let mut s = stream(&gw, "u1", &["D1"]);
+    let mut got = Vec::new();
+    publish(&mut nodes[1].con(), "D1", 1);
+    read_until(&mut s, &mut got, 1, T);
+
+    // The seed dies; its replica takes its slots over. The gateway goes on
+    // through the nodes the cluster named, never the seed again.
+    nodes[0].kill();
+    let seed_port = format!(":{}@", nodes[0].port);
+    let healed = wait_until(Duration::from_secs(15), || {
+        let view: String = redis::cmd("CLUSTER")
+            .arg("NODES")
+            .query(&mut nodes[1].con())
+            .unwrap_or_default();
+        // Slot 0, the seed's, served by another master.
+        view.lines().any(|line| {
+            let f: Vec<&str> = line.split(' ').collect();
+            f.len() > 8
+                && !f[1].contains(&seed_port)
+                && f[2].contains("master")
+                && !f[2].contains("fail")
+                && f[8..].iter().any(|r| r.starts_with("0-"))
+        })
+    });
+    assert!(healed, "the seed's replica did not take over");
+    let since = Instant::now();
+    let mut con = nodes[1].con();
+    let mut n = 100;
+    while !got.iter().any(|g| matches!(g, Got::N(m) if *m > 100)) {
+        n += 1;
+        assert!(
+            since.elapsed() < T,
+            "no delivery within {T:?} of the takeover; got {got:?}:\n{}",
+            gw.log()
+        );
+        publish(&mut con, "D1", n);
+        if let Some(f) = s.next_event(Duration::from_millis(100)) {
+            if f.is_system("replay-gap") {
+                got.push(Got::Gap);
+            } else if f.event.as_deref() == Some("realtime-update") {
+                got.push(Got::N(f.json()["data"]["n"].as_u64().expect("n")));
+            }
+        }
+    }
+    for m in n + 1..=n + 5 {
+        publish(&mut con, "D1", m);
+    }
+    read_until(&mut s, &mut got, n + 5, T);
+    assert_no_silent_loss(&got);
+    // Tickets and new streams work again too (each worker's link to the
+    // dead node fails once: 503, then 200).
+    let token = gw.token("u2", None);
+    let mut s2 = None;
+    let opened = wait_until(T, || {
+        let (status, v) = gw.ticket(&token, r#"{"purpose":"data"}"#);
+        let ticket = v["ticket"].as_str().unwrap_or_default();
+        s2 = (status == 200)
+            .then(|| SseStream::open(gw.addr(), &data_path(ticket, &["D2"]), &[]).ok())
+            .flatten();
+        s2.is_some()
+    });
+    assert!(opened, "no new stream within {T:?}:\n{}", gw.log());
+    let mut s2 = s2.expect("opened");
+    publish(&mut con, "D2", 7);
+    expect_n(&mut s2, 7, T);
+    let health = get(gw.addr(), "/health", &[]);
+    assert_eq!(health.status, 200, "{}", health.text());
 }
 
 /// Takes `device` away from `user` and announces it through `node`: the

@@ -5,12 +5,13 @@
 //! reactor. When Redis goes away it tells every stream `degraded`,
 //! reconnects with capped exponential backoff and jitter, resubscribes and
 //! tells them `recovered`. Where it reconnects (the server, the master the
-//! Sentinels name now, the next Cluster seed) is the [`Deployment`]'s
-//! business.
+//! Sentinels name now, the next Cluster node) is the [`Deployment`]'s
+//! business; the subscriber wakes up every second to learn whether its
+//! master is still the one the Sentinels name, and leaves it when not.
 
 use std::sync::Arc;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use log::{info, warn};
 use rand::Rng;
@@ -23,6 +24,13 @@ use crate::store::connect::{Deployment, Link};
 use crate::store::protocol::{Job, Outcome, ACCESS_CHANGED_CHANNEL, REVOKE_CHANNEL};
 use crate::store::redis::run_once_more;
 use crate::stream::frame::{Frame, CHANNELS};
+
+/// How often a quiet subscriber wakes up: to leave a master the Sentinels
+/// no longer name (a graceful failover leaves the old one up and silent).
+const WAKE: Duration = Duration::from_secs(1);
+/// How long a connection may stay silent before a PING proves it: a silent
+/// network can leave a read blocked forever.
+const PROVE_AFTER: Duration = Duration::from_secs(15);
 
 /// Starts the subscriber thread; what it hears on the ingest channels goes
 /// to the cluster log's writer (`heard`).
@@ -88,15 +96,14 @@ fn listen(
     heard: &Inlet,
     outage: &mut Outage,
 ) -> redis::RedisResult<()> {
-    let mut con = redis.pubsub()?;
+    let (mut con, tenure) = redis.pubsub()?;
     // Access changes need a set read, which a subscribed connection cannot do.
     let mut reads: Option<Link> = None;
     let mut pubsub = con.as_pubsub();
     pubsub.subscribe(&CHANNELS[..])?;
     pubsub.subscribe(&[REVOKE_CHANNEL, ACCESS_CHANGED_CHANNEL][..])?;
-    // A silent network can leave a read blocked forever: wake up now and then
-    // and prove the connection with a PING.
-    pubsub.set_read_timeout(Some(Duration::from_secs(15)))?;
+    pubsub.set_read_timeout(Some(WAKE))?;
+    let mut heard_at = Instant::now();
     if hub.redis_state() != RedisState::Up {
         info!(
             "redis subscriber connected ({}), channels: {}",
@@ -123,7 +130,15 @@ fn listen(
     outage.subscribed = true;
     heard.mark_subscribed();
     loop {
-        match pubsub.get_message() {
+        let message = pubsub.get_message();
+        if tenure.over() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                "the Sentinels name another master now",
+            )
+            .into());
+        }
+        match message {
             Ok(msg) => match msg.get_channel_name() {
                 REVOKE_CHANNEL => revoke(hub, msg.get_payload_bytes()),
                 ACCESS_CHANGED_CHANNEL => {
@@ -132,10 +147,15 @@ fn listen(
                 channel => hear(hub, heard, channel, msg.get_payload_bytes()),
             },
             Err(e) if e.is_timeout() => {
-                pubsub.ping::<redis::Value>()?;
+                if heard_at.elapsed() >= PROVE_AFTER {
+                    pubsub.ping::<redis::Value>()?;
+                    heard_at = Instant::now();
+                }
+                continue;
             }
             Err(e) => return Err(e),
         }
+        heard_at = Instant::now();
     }
 }
 

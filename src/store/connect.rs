@@ -9,65 +9,49 @@
 //! - One server: `REDIS_URL`, `rediss://` for TLS (`--redis-ca-file`, else
 //!   the system roots; `--redis-cert-file`/`--redis-key-file` for mutual TLS),
 //!   ACL user and password in the URL.
-//! - Sentinel: every new connection asks the Sentinels for the current
-//!   master (and checks with `ROLE` that it is one), so a reconnect after a
-//!   failover lands on the promoted master.
-//! - Cluster: commands go through redis-rs's cluster connection (routing by
-//!   slot, following `MOVED`/`ASK`, refreshing the slot map); Pub/Sub goes
-//!   through one node, since a `PUBLISH` on any node reaches the subscribers
-//!   of every node, and moves to the next seed when that node fails.
+//! - Sentinel ([`sentinel`]): connections go to the master the Sentinels
+//!   name, and a link whose master they no longer name fails its next
+//!   command, so every link follows a failover within a second or two.
+//! - Cluster ([`cluster`]): commands go through redis-rs's cluster
+//!   connection; Pub/Sub through one node. The seeds are where it starts;
+//!   the nodes the cluster names are remembered and tried too.
 //!
 //! In Sentinel and Cluster modes `REDIS_URL` is optional: its scheme, user,
 //! password and db apply to every node; its host and port are not used.
 
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
-use std::sync::Mutex;
-use std::time::Duration;
-
-use redis::cluster::{ClusterClient, ClusterConnection};
-use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
+use redis::cluster::ClusterConnection;
 use redis::{
-    ClientTlsConfig, ConnectionAddr, ConnectionInfo, ConnectionLike, ErrorKind, IntoConnectionInfo,
-    RedisResult, ServerErrorKind, TlsCertificates, TlsMode, Value,
+    ClientTlsConfig, ConnectionAddr, ConnectionLike, ErrorKind, IntoConnectionInfo, RedisResult,
+    ServerErrorKind, TlsCertificates, Value,
 };
 
+use super::address::{addresses, client, connection, IO_TIMEOUT};
+use super::cluster::Cluster;
+use super::sentinel::{Sentinels, Tenure};
 use crate::config::Config;
-
-/// Longest wait for a connection to be set up.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(1000);
-/// Longest wait for an answer. Longer than the reactors' 2 s lookup
-/// deadline, so that a lookup Redis answers late still comes back (and a
-/// lease it took is given back) instead of dying with its connection while
-/// Redis runs it anyway.
-pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Where Redis is and how to talk to it.
 pub enum Deployment {
-    /// One server, plain or TLS.
-    Single(redis::Client),
+    /// One server, plain or TLS. Boxed, as the cluster is: the enum stays
+    /// the size of a Sentinel handle.
+    Single(Box<redis::Client>),
     /// A master named by Sentinels.
     Sentinel(Sentinels),
     /// A Redis Cluster.
-    Cluster(Cluster),
-}
-
-pub struct Sentinels {
-    /// Asked for the master on every new connection.
-    client: Mutex<SentinelClient>,
-    master_name: String,
-}
-
-pub struct Cluster {
-    client: ClusterClient,
-    /// One client per seed node: where Pub/Sub connects.
-    seeds: Vec<redis::Client>,
-    /// The seed the subscriber tries first; moves on when one fails.
-    next_seed: AtomicUsize,
+    Cluster(Box<Cluster>),
 }
 
 /// A blocking connection for commands.
-pub enum Link {
-    Node(redis::Connection),
+pub struct Link {
+    kind: Kind,
+    /// A batch failed the way a dead connection fails: the caller makes a
+    /// fresh link even when it took the failure as an answer (a lookup's
+    /// second stage, which must not run twice).
+    spoiled: bool,
+}
+
+enum Kind {
+    Node(NodeLink),
     /// Boxed: a cluster connection is several times a node connection's size.
     Cluster(Box<ClusterConnection>),
 }
@@ -98,56 +82,53 @@ impl Deployment {
                 "--redis-sentinels (REDIS_SENTINELS)",
                 &config.redis_sentinels,
             )?;
-            return sentinel(&template, nodes, &master_name, certs).map(Some);
+            return Sentinels::new(&template, nodes, &master_name, certs)
+                .map(|s| Some(Deployment::Sentinel(s)))
+                .map_err(|e| format!("--redis-sentinels (REDIS_SENTINELS): {e}"));
         }
         if cluster {
-            let nodes = addresses("--redis-cluster (REDIS_CLUSTER)", &config.redis_cluster)?;
-            return cluster_of(&template, nodes, certs).map(Some);
+            let flag = "--redis-cluster (REDIS_CLUSTER)";
+            let nodes = addresses(flag, &config.redis_cluster)?;
+            let db = template.redis_settings().db();
+            if db != 0 {
+                return Err(format!(
+                    "{flag}: a Redis Cluster has only db 0; --redis-url (REDIS_URL) names db {db}"
+                ));
+            }
+            return Cluster::new(&template, nodes, certs)
+                .map(|c| Some(Deployment::Cluster(Box::new(c))))
+                .map_err(|e| format!("{flag}: {e}"));
         }
-        let client = match certs {
-            Some(certs) => redis::Client::build_with_tls(template, certs),
-            None => redis::Client::open(template),
-        };
-        client
-            .map(|c| Some(Deployment::Single(c)))
+        client(template, &certs)
+            .map(|c| Some(Deployment::Single(Box::new(c))))
             .map_err(|e| format!("--redis-url (REDIS_URL): {e}"))
     }
 
     /// A fresh connection for commands, with [`IO_TIMEOUT`] on every answer.
     pub fn link(&self) -> RedisResult<Link> {
         match self {
-            Deployment::Cluster(c) => Ok(Link::Cluster(Box::new(c.client.get_connection()?))),
-            other => Ok(Link::Node(other.node()?)),
+            Deployment::Cluster(c) => Ok(Link::of(Kind::Cluster(Box::new(c.link()?)))),
+            other => {
+                let (con, tenure) = other.node()?;
+                Ok(Link::of(Kind::Node(NodeLink { con, tenure })))
+            }
         }
     }
 
     /// A fresh connection to subscribe on (the caller sets its own read
-    /// timeout): the server, the current master, or one cluster node.
-    pub fn pubsub(&self) -> RedisResult<redis::Connection> {
+    /// timeout): the server, the current master, or one cluster node; with
+    /// its tenure, which the subscriber checks when it wakes up.
+    pub fn pubsub(&self) -> RedisResult<(redis::Connection, Tenure)> {
         match self {
-            Deployment::Cluster(c) => {
-                let first = c.next_seed.load(Relaxed);
-                let mut failure = None;
-                for n in 0..c.seeds.len() {
-                    let at = (first + n) % c.seeds.len();
-                    match c.seeds[at].get_connection_with_timeout(CONNECT_TIMEOUT) {
-                        Ok(con) => {
-                            c.next_seed.store(at, Relaxed);
-                            return Ok(con);
-                        }
-                        Err(e) => failure = Some(e),
-                    }
-                }
-                Err(failure.unwrap_or_else(|| (ErrorKind::Client, "no cluster seed").into()))
-            }
+            Deployment::Cluster(c) => Ok((c.pubsub()?, Tenure::default())),
             other => other.node(),
         }
     }
 
-    /// After the subscriber lost its node: start with the next seed.
+    /// After the subscriber lost its node: start with the next one.
     pub fn pubsub_failed(&self) {
         if let Deployment::Cluster(c) = self {
-            c.next_seed.fetch_add(1, Relaxed);
+            c.pubsub_failed();
         }
     }
 
@@ -155,34 +136,99 @@ impl Deployment {
     pub fn describe(&self) -> String {
         match self {
             Deployment::Single(c) => format!("redis at {}", c.get_connection_info().addr()),
-            Deployment::Sentinel(s) => format!("redis master {:?} via sentinels", s.master_name),
-            Deployment::Cluster(c) => format!("redis cluster ({} seeds)", c.seeds.len()),
+            Deployment::Sentinel(s) => format!("redis master {:?} via sentinels", s.name()),
+            Deployment::Cluster(c) => format!("redis cluster ({} seeds)", c.seed_count()),
         }
     }
 
-    fn node(&self) -> RedisResult<redis::Connection> {
-        let client = match self {
-            Deployment::Single(c) => c.clone(),
-            Deployment::Sentinel(s) => s
-                .client
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .get_client()?,
-            Deployment::Cluster(c) => c.seeds[c.next_seed.load(Relaxed) % c.seeds.len()].clone(),
-        };
-        let con = client.get_connection_with_timeout(CONNECT_TIMEOUT)?;
-        con.set_read_timeout(Some(IO_TIMEOUT))?;
-        con.set_write_timeout(Some(IO_TIMEOUT))?;
-        Ok(con)
+    /// A connection to the one server or the Sentinels' master.
+    fn node(&self) -> RedisResult<(redis::Connection, Tenure)> {
+        match self {
+            Deployment::Single(c) => Ok((connection(c, IO_TIMEOUT)?, Tenure::default())),
+            Deployment::Sentinel(s) => s.master(IO_TIMEOUT),
+            Deployment::Cluster(_) => Err((ErrorKind::Client, "a cluster has no one node").into()),
+        }
+    }
+}
+
+/// A connection to one server, and whether that server is still the
+/// master (Sentinel mode): once it is not, every command fails as a lost
+/// connection would, so the caller makes a fresh link (to the new master).
+pub struct NodeLink {
+    con: redis::Connection,
+    tenure: Tenure,
+}
+
+impl NodeLink {
+    fn current(&self) -> RedisResult<()> {
+        if self.tenure.over() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                "the Sentinels name another master now",
+            )
+            .into());
+        }
+        Ok(())
+    }
+}
+
+impl ConnectionLike for NodeLink {
+    fn req_packed_command(&mut self, cmd: &[u8]) -> RedisResult<Value> {
+        self.current()?;
+        self.con.req_packed_command(cmd)
+    }
+
+    fn req_packed_commands(
+        &mut self,
+        cmd: &[u8],
+        offset: usize,
+        count: usize,
+    ) -> RedisResult<Vec<Value>> {
+        self.current()?;
+        self.con.req_packed_commands(cmd, offset, count)
+    }
+
+    fn get_db(&self) -> i64 {
+        self.con.get_db()
+    }
+
+    fn check_connection(&mut self) -> bool {
+        !self.tenure.over() && self.con.check_connection()
+    }
+
+    fn is_open(&self) -> bool {
+        !self.tenure.over() && self.con.is_open()
+    }
+}
+
+impl From<redis::Connection> for Link {
+    /// A link on a connection made elsewhere (to one server, always current).
+    fn from(con: redis::Connection) -> Link {
+        Link::of(Kind::Node(NodeLink {
+            con,
+            tenure: Tenure::default(),
+        }))
     }
 }
 
 impl Link {
+    fn of(kind: Kind) -> Link {
+        Link {
+            kind,
+            spoiled: false,
+        }
+    }
+
+    /// A batch on it failed as on a dead connection: make a fresh one.
+    pub fn spoiled(&self) -> bool {
+        self.spoiled
+    }
+
     /// The connection for one command or script.
     pub fn con(&mut self) -> &mut dyn ConnectionLike {
-        match self {
-            Link::Node(c) => c,
-            Link::Cluster(c) => c.as_mut(),
+        match &mut self.kind {
+            Kind::Node(c) => c,
+            Kind::Cluster(c) => c.as_mut(),
         }
     }
 
@@ -213,15 +259,15 @@ impl Link {
     }
 
     fn pipe(&self, cmds: Vec<redis::Cmd>) -> Pipe {
-        match self {
-            Link::Node(_) => {
+        match self.kind {
+            Kind::Node(_) => {
                 let mut pipe = redis::Pipeline::with_capacity(cmds.len());
                 cmds.into_iter().for_each(|cmd| {
                     pipe.add_command(cmd);
                 });
                 Pipe::Node(pipe)
             }
-            Link::Cluster(_) => {
+            Kind::Cluster(_) => {
                 let mut pipe = redis::cluster::cluster_pipe();
                 cmds.into_iter().for_each(|cmd| {
                     pipe.add_command(cmd);
@@ -232,23 +278,31 @@ impl Link {
     }
 
     fn run(&mut self, pipe: &Pipe) -> RedisResult<Vec<Value>> {
-        match (self, pipe) {
-            (Link::Node(c), Pipe::Node(p)) => p.query(c),
-            (Link::Cluster(c), Pipe::Cluster(p)) => p.query(c),
+        let result = match (&mut self.kind, pipe) {
+            (Kind::Node(c), Pipe::Node(p)) => p.query(c),
+            (Kind::Cluster(c), Pipe::Cluster(p)) => p.query(c.as_mut()),
             // `pipe` made them alike; a mismatch is a bug, answered as an error.
             _ => Err((
                 redis::ErrorKind::Client,
                 "a pipeline for another kind of link",
             )
                 .into()),
+        };
+        self.note(result)
+    }
+
+    fn note<T>(&mut self, result: RedisResult<T>) -> RedisResult<T> {
+        if let Err(e) = &result {
+            self.spoiled |= worth_a_fresh_link(e);
         }
+        result
     }
 
     /// `cmds` all or nothing (MULTI/EXEC) on a single server. In a Cluster,
     /// where one transaction cannot span nodes, they run in order one by one.
     pub fn transaction(&mut self, cmds: Vec<redis::Cmd>) -> RedisResult<Vec<Value>> {
-        match self {
-            Link::Node(c) => {
+        let result = match &mut self.kind {
+            Kind::Node(c) => {
                 let mut pipe = redis::pipe();
                 pipe.atomic();
                 cmds.into_iter().for_each(|cmd| {
@@ -256,8 +310,9 @@ impl Link {
                 });
                 pipe.query(c)
             }
-            Link::Cluster(c) => cmds.iter().map(|cmd| cmd.query(c)).collect(),
-        }
+            Kind::Cluster(c) => cmds.iter().map(|cmd| cmd.query(c.as_mut())).collect(),
+        };
+        self.note(result)
     }
 }
 
@@ -312,6 +367,13 @@ fn check_combinations(config: &Config) -> Result<(), String> {
     }
     if sentinels && cluster {
         return Err("--redis-sentinels (REDIS_SENTINELS) and --redis-cluster (REDIS_CLUSTER) exclude each other".into());
+    }
+    if config
+        .redis_master_name
+        .as_deref()
+        .is_some_and(|name| name.trim().is_empty())
+    {
+        return Err("--redis-master-name (REDIS_MASTER_NAME) is empty".into());
     }
     if sentinels != config.redis_master_name.is_some() {
         return Err(if sentinels {
@@ -383,117 +445,31 @@ fn certificates(config: &Config, tls: bool) -> Result<Option<TlsCertificates>, S
     // Parses the PEM now, on a throwaway client, to name the bad file.
     redis::Client::build_with_tls("rediss://127.0.0.1/", certs.clone())
         .map_err(|e| format!("--redis-ca-file/--redis-cert-file/--redis-key-file: {e}"))?;
+    if let Some(pair) = &certs.client_tls {
+        key_matches(pair)?;
+    }
     Ok(Some(certs))
 }
 
-/// `host:port` entries of a list flag.
-fn addresses(flag: &str, entries: &[String]) -> Result<Vec<(String, u16)>, String> {
-    entries
-        .iter()
-        .map(|entry| {
-            let entry = entry.trim();
-            entry
-                .rsplit_once(':')
-                .and_then(|(host, port)| {
-                    let host = host.trim_start_matches('[').trim_end_matches(']');
-                    let port = port.parse::<u16>().ok().filter(|p| *p > 0)?;
-                    (!host.is_empty()).then(|| (host.to_owned(), port))
-                })
-                .ok_or_else(|| format!("{flag}: `{entry}` is not host:port"))
-        })
-        .collect()
-}
-
-/// `template` (scheme, user, password, db) pointed at `host:port`.
-fn at(template: &ConnectionInfo, (host, port): (String, u16)) -> ConnectionInfo {
-    let addr = match template.addr() {
-        ConnectionAddr::TcpTls { .. } => ConnectionAddr::TcpTls {
-            host,
-            port,
-            insecure: false,
-            tls_params: None,
-        },
-        _ => ConnectionAddr::Tcp(host, port),
-    };
-    template.clone().set_addr(addr)
-}
-
-fn sentinel(
-    template: &ConnectionInfo,
-    nodes: Vec<(String, u16)>,
-    master_name: &str,
-    certs: Option<TlsCertificates>,
-) -> Result<Deployment, String> {
-    let flag = "--redis-sentinels (REDIS_SENTINELS)";
-    let addrs = nodes.into_iter().map(|n| at(template, n).addr().clone());
-    let settings = template.redis_settings();
-    let mut builder = SentinelClientBuilder::new(addrs, master_name, SentinelServerType::Master)
-        .map_err(|e| format!("{flag}: {e}"))?
-        .set_client_to_redis_db(settings.db())
-        // redis-rs asks Sentinels without a read timeout: a Sentinel host
-        // that vanished fails the question after this, not minutes later.
-        .set_client_to_sentinel_tcp_settings(
-            redis::io::tcp::TcpSettings::default().set_user_timeout(IO_TIMEOUT),
-        );
-    if let Some(user) = settings.username() {
-        builder = builder.set_client_to_redis_username(user);
+/// The client key is the certificate's: redis-rs would only find out when
+/// it connects, and then keep Redis `down` with no flag named.
+fn key_matches(pair: &ClientTlsConfig) -> Result<(), String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let cert_flag = "--redis-cert-file (REDIS_CERT_FILE)";
+    let key_flag = "--redis-key-file (REDIS_KEY_FILE)";
+    let chain = CertificateDer::pem_slice_iter(&pair.client_cert)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{cert_flag}: {e}"))?;
+    if chain.is_empty() {
+        return Err(format!("{cert_flag}: no PEM certificate"));
     }
-    if let Some(password) = settings.password() {
-        builder = builder.set_client_to_redis_password(password);
-    }
-    if matches!(template.addr(), ConnectionAddr::TcpTls { .. }) {
-        builder = builder
-            .set_client_to_redis_tls_mode(TlsMode::Secure)
-            .set_client_to_sentinel_tls_mode(TlsMode::Secure);
-        if let Some(certs) = certs {
-            builder = builder
-                .set_client_to_redis_certificates(certs.clone())
-                .set_client_to_sentinel_certificates(certs);
-        }
-    }
-    let client = builder.build().map_err(|e| format!("{flag}: {e}"))?;
-    Ok(Deployment::Sentinel(Sentinels {
-        client: Mutex::new(client),
-        master_name: master_name.to_owned(),
-    }))
-}
-
-fn cluster_of(
-    template: &ConnectionInfo,
-    nodes: Vec<(String, u16)>,
-    certs: Option<TlsCertificates>,
-) -> Result<Deployment, String> {
-    let flag = "--redis-cluster (REDIS_CLUSTER)";
-    if template.redis_settings().db() != 0 {
-        return Err(format!(
-            "{flag}: a Redis Cluster has only db 0; --redis-url (REDIS_URL) names db {}",
-            template.redis_settings().db()
-        ));
-    }
-    let infos: Vec<ConnectionInfo> = nodes.into_iter().map(|n| at(template, n)).collect();
-    let seeds = infos
-        .iter()
-        .map(|info| match &certs {
-            Some(certs) => redis::Client::build_with_tls(info.clone(), certs.clone()),
-            None => redis::Client::open(info.clone()),
-        })
-        .collect::<RedisResult<Vec<_>>>()
-        .map_err(|e| format!("{flag}: {e}"))?;
-    let mut builder = ClusterClient::builder(infos)
-        .connection_timeout(CONNECT_TIMEOUT)
-        .response_timeout(IO_TIMEOUT);
-    if matches!(template.addr(), ConnectionAddr::TcpTls { .. }) {
-        builder = builder.tls(TlsMode::Secure);
-        if let Some(certs) = certs {
-            builder = builder.certs(certs);
-        }
-    }
-    let client = builder.build().map_err(|e| format!("{flag}: {e}"))?;
-    Ok(Deployment::Cluster(Cluster {
-        client,
-        seeds,
-        next_seed: AtomicUsize::new(0),
-    }))
+    let key = PrivateKeyDer::from_pem_slice(&pair.client_key)
+        .map_err(|e| format!("{key_flag}: no PEM private key ({e})"))?;
+    let provider = rustls::crypto::ring::default_provider();
+    rustls::sign::CertifiedKey::from_der(chain, key, &provider)
+        .map(drop)
+        .map_err(|e| format!("{key_flag}: not the key of the --redis-cert-file certificate ({e})"))
 }
 
 #[cfg(test)]
@@ -580,12 +556,59 @@ mod tests {
     }
 
     #[test]
+    fn an_empty_master_name_is_refused() {
+        refused(
+            &[
+                "--redis-sentinels",
+                "127.0.0.1:26379",
+                "--redis-master-name",
+                "",
+            ],
+            "--redis-master-name",
+        );
+    }
+
+    #[test]
+    fn a_client_key_that_is_not_the_certificates_is_refused() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tls/");
+        let (cert, key, other) = (
+            format!("{dir}client.pem"),
+            format!("{dir}client.key"),
+            format!("{dir}other.key"),
+        );
+        let tls = |key: &str| {
+            deployment(&[
+                "--redis-url",
+                "rediss://127.0.0.1:6390/",
+                "--redis-cert-file",
+                &cert,
+                "--redis-key-file",
+                key,
+            ])
+        };
+        assert!(matches!(tls(&key), Ok(Some(Deployment::Single(_)))));
+        refused(
+            &[
+                "--redis-url",
+                "rediss://127.0.0.1:6390/",
+                "--redis-cert-file",
+                &cert,
+                "--redis-key-file",
+                &other,
+            ],
+            "--redis-key-file",
+        );
+        let line = tls(&other).err().unwrap_or_default();
+        assert!(line.contains("not the key"), "{line}");
+    }
+
+    #[test]
     fn good_flags_make_their_deployment() {
         assert!(deployment(&[]).unwrap().is_none());
         let single = deployment(&["--redis-url", "redis://u:p@127.0.0.1:6390/2"]).unwrap();
         assert!(matches!(single, Some(Deployment::Single(_))));
         let cluster = deployment(&["--redis-cluster", "127.0.0.1:7000,[::1]:7001"]).unwrap();
-        assert!(matches!(cluster, Some(Deployment::Cluster(ref c)) if c.seeds.len() == 2));
+        assert!(matches!(cluster, Some(Deployment::Cluster(ref c)) if c.seed_count() == 2));
         let sentinel = deployment(&[
             "--redis-sentinels",
             "127.0.0.1:26379,127.0.0.1:26380",

@@ -382,7 +382,7 @@ mod tests {
     }
 
     fn link(redis: &Redis) -> Link {
-        let mut link = Link::Node(redis.con());
+        let mut link = Link::from(redis.con());
         for script in [ACQUIRE, RELEASE] {
             let _: String = redis::cmd("SCRIPT")
                 .arg("LOAD")

@@ -13,14 +13,20 @@
 //! - [`redis`]: the Redis worker pool.
 //! - [`pipeline`]: stream lookups and ticket writes, grouped into shared round trips.
 //! - [`connect`]: where Redis is (one server, Sentinel, Cluster) and how to connect.
+//! - [`address`]: node addresses and the timeouts of every connection.
+//! - [`sentinel`]: the master the Sentinels name, followed through failovers.
+//! - [`cluster`]: a Cluster's seeds and the nodes it names.
 //! - [`lease`]: cluster-wide per-user limits.
 
+pub mod address;
+pub mod cluster;
 pub mod connect;
 pub mod lease;
 pub mod memory;
 pub mod pipeline;
 pub mod protocol;
 pub mod redis;
+pub mod sentinel;
 
 use std::sync::Arc;
 

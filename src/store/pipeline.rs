@@ -413,7 +413,7 @@ mod tests {
             .query::<()>(&mut con)
             .expect("set");
         let client = redis::Client::open(redis.url()).expect("client");
-        let mut link = Link::Node(client.get_connection().expect("connection"));
+        let mut link = Link::from(client.get_connection().expect("connection"));
         let leases = lease::Leases::new(std::time::Duration::from_secs(5));
         let jobs = [
             stream_job(&leases, "ann", "t1", "M1"),

@@ -133,7 +133,9 @@ fn once_more<T>(
             None => con.insert(redis.link()?),
         };
         let result = work(c);
-        if result.is_err() {
+        // A link whose batch failed as a dead connection fails goes too,
+        // even when the failure was taken as an answer.
+        if result.is_err() || c.spoiled() {
             *con = None;
         }
         result
