@@ -2099,19 +2099,9 @@ fn embedded_limits_and_status_match_redis_mode() {
 fn embedded_last_event_id_replay() {
     let gw = embedded_gw(&[]);
     let admin = gw.token("root", Some("admin"));
-    let auth = format!("Bearer {admin}");
     let (t, _) = gw.ticket_with(&admin, "");
     let path = data_path(&t, &["E1"]);
-    let publish = |n: u64| {
-        let body = json!({"channel": "mqtt:realtime:processed", "message": {"deviceId": "E1", "data": {"n": n}}});
-        let r = post(
-            gw.addr(),
-            "/sse/publish",
-            &[("Authorization", &auth)],
-            &body.to_string(),
-        );
-        assert!(r.status == 200 || r.status == 202, "{}", r.text());
-    };
+    let publish = |n: u64| publish_to(None, &gw, "E1", n);
     let mut s = SseStream::must_open(gw.addr(), &path, &[]);
     publish(1);
     let last = s.expect_event("realtime-update", T).id.unwrap();

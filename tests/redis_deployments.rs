@@ -278,6 +278,22 @@ fn publish(con: &mut redis::Connection, device: &str, n: u64) -> u64 {
         .expect("PUBLISH")
 }
 
+/// Publishes events numbered from 101 on `con` (a promoted master), one
+/// every 50 ms, until a subscriber hears one: its number, or None when none
+/// was heard within `T` of `since`.
+fn publish_until_heard(con: &mut redis::Connection, since: Instant) -> Option<u64> {
+    for n in 101.. {
+        if publish(con, "D1", n) > 0 {
+            return Some(n);
+        }
+        if since.elapsed() > T {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
 /// Reads `s` until the realtime-update numbered `n` arrives (skipping
 /// earlier ones and `degraded`/`recovered`/`replay-gap`: what the failover
 /// lost is said, not hidden); panics after `limit` or on any other event.
@@ -586,22 +602,13 @@ fn sentinel_failover_keeps_the_open_stream_delivering() {
     // The same open stream gets events published on the promoted master
     // within 5 s of the promotion.
     let mut con = set.replica.con();
-    let mut n = 100;
-    let delivered = loop {
-        n += 1;
-        if publish(&mut con, "D1", n) > 0 {
-            break true;
-        }
-        if since.elapsed() > T {
-            break false;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let n = publish_until_heard(&mut con, since);
     assert!(
-        delivered,
+        n.is_some(),
         "the gateway did not subscribe to the new master:\n{}",
         gw.log()
     );
+    let n = n.unwrap_or_default();
     expect_n(&mut s, n, T.saturating_sub(since.elapsed()));
     // Requests reach the new master too: a ticket, a second stream.
     grant(&mut con, "u2", &["D2"]);
@@ -687,22 +694,13 @@ fn a_graceful_sentinel_failover_is_followed_by_every_link_within_seconds() {
     assert!(promoted, "the replica was not promoted");
     let since = Instant::now();
     let mut con = set.replica.con();
-    let mut n = 100;
-    let subscribed = loop {
-        n += 1;
-        if publish(&mut con, "D1", n) > 0 {
-            break true;
-        }
-        if since.elapsed() > T {
-            break false;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let n = publish_until_heard(&mut con, since);
     assert!(
-        subscribed,
+        n.is_some(),
         "the gateway did not move to the new master:\n{}",
         gw.log()
     );
+    let n = n.unwrap_or_default();
     for m in n + 1..=n + 5 {
         publish(&mut con, "D1", m);
     }
