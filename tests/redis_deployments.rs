@@ -278,22 +278,6 @@ fn publish(con: &mut redis::Connection, device: &str, n: u64) -> u64 {
         .expect("PUBLISH")
 }
 
-/// Publishes events numbered from 101 on `con` (a promoted master), one
-/// every 50 ms, until a subscriber hears one: its number, or None when none
-/// was heard within `T` of `since`.
-fn publish_until_heard(con: &mut redis::Connection, since: Instant) -> Option<u64> {
-    for n in 101.. {
-        if publish(con, "D1", n) > 0 {
-            return Some(n);
-        }
-        if since.elapsed() > T {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    None
-}
-
 /// Reads `s` until the realtime-update numbered `n` arrives (skipping
 /// earlier ones and `degraded`/`recovered`/`replay-gap`: what the failover
 /// lost is said, not hidden); panics after `limit` or on any other event.
@@ -576,6 +560,42 @@ impl SentinelSet {
     }
 }
 
+/// Waits until what was written on `master` reached its one replica.
+fn wait_replicated(master: &mut redis::Connection) {
+    let synced: i64 = redis::cmd("WAIT").arg(1).arg(5000).query(master).unwrap();
+    assert_eq!(synced, 1, "the replica did not catch up");
+}
+
+/// Waits (up to `promote_within`) for the Sentinels to name the replica
+/// master, then publishes events numbered from 101 on it, one every 50 ms,
+/// until the gateway's subscriber hears one (within `T`). Returns a
+/// connection to the new master, the number heard, and when the promotion
+/// was seen.
+fn follow_promotion(
+    set: &SentinelSet,
+    gw: &Gateway,
+    promote_within: Duration,
+) -> (redis::Connection, u64, Instant) {
+    let promoted = wait_until(promote_within, || {
+        master_port(&set.sentinels[0]) == Some(set.replica.port)
+    });
+    assert!(promoted, "the replica was not promoted");
+    let since = Instant::now();
+    let mut con = set.replica.con();
+    for n in 101.. {
+        if publish(&mut con, "D1", n) > 0 {
+            return (con, n, since);
+        }
+        assert!(
+            since.elapsed() <= T,
+            "the gateway did not move to the new master:\n{}",
+            gw.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    unreachable!("u64 numbers ran out")
+}
+
 #[test]
 fn sentinel_failover_keeps_the_open_stream_delivering() {
     let mut set = SentinelSet::start("sentinel");
@@ -583,32 +603,15 @@ fn sentinel_failover_keeps_the_open_stream_delivering() {
     let mut admin = set.master.con();
     grant(&mut admin, "u1", &["D1"]);
     // The grant reaches the replica before the master goes.
-    let synced: i64 = redis::cmd("WAIT")
-        .arg(1)
-        .arg(5000)
-        .query(&mut admin)
-        .unwrap();
-    assert_eq!(synced, 1);
+    wait_replicated(&mut admin);
     let mut s = stream(&gw, "u1", &["D1"]);
     publish(&mut admin, "D1", 1);
     expect_n(&mut s, 1, T);
 
     set.master.kill();
-    let promoted = wait_until(Duration::from_secs(20), || {
-        master_port(&set.sentinels[0]) == Some(set.replica.port)
-    });
-    assert!(promoted, "the replica was not promoted");
-    let since = Instant::now();
     // The same open stream gets events published on the promoted master
     // within 5 s of the promotion.
-    let mut con = set.replica.con();
-    let n = publish_until_heard(&mut con, since);
-    assert!(
-        n.is_some(),
-        "the gateway did not subscribe to the new master:\n{}",
-        gw.log()
-    );
-    let n = n.unwrap_or_default();
+    let (mut con, n, since) = follow_promotion(&set, &gw, Duration::from_secs(20));
     expect_n(&mut s, n, T.saturating_sub(since.elapsed()));
     // Requests reach the new master too: a ticket, a second stream.
     grant(&mut con, "u2", &["D2"]);
@@ -670,12 +673,7 @@ fn a_graceful_sentinel_failover_is_followed_by_every_link_within_seconds() {
     let mut admin = set.master.con();
     grant(&mut admin, "u1", &["D1"]);
     grant(&mut admin, "u2", &["D2"]);
-    let synced: i64 = redis::cmd("WAIT")
-        .arg(1)
-        .arg(5000)
-        .query(&mut admin)
-        .unwrap();
-    assert_eq!(synced, 1);
+    wait_replicated(&mut admin);
     let mut s = stream(&gw, "u1", &["D1"]);
     let mut got = Vec::new();
     publish(&mut admin, "D1", 1);
@@ -688,19 +686,7 @@ fn a_graceful_sentinel_failover_is_followed_by_every_link_within_seconds() {
         .arg(&["FAILOVER", "mymaster"][..])
         .query::<()>(&mut set.sentinels[0].con())
         .expect("SENTINEL FAILOVER");
-    let promoted = wait_until(Duration::from_secs(10), || {
-        master_port(&set.sentinels[0]) == Some(set.replica.port)
-    });
-    assert!(promoted, "the replica was not promoted");
-    let since = Instant::now();
-    let mut con = set.replica.con();
-    let n = publish_until_heard(&mut con, since);
-    assert!(
-        n.is_some(),
-        "the gateway did not move to the new master:\n{}",
-        gw.log()
-    );
-    let n = n.unwrap_or_default();
+    let (mut con, n, since) = follow_promotion(&set, &gw, Duration::from_secs(10));
     for m in n + 1..=n + 5 {
         publish(&mut con, "D1", m);
     }
